@@ -1,0 +1,55 @@
+"""Stage 2: checks across entries, on the records the loader produced.
+
+The schema (catalog/schema.py) judges each entry alone; this module judges the catalog as a whole:
+the same id or the same paper listed twice, papers without a metadata record, and `impl` links to
+reference implementations that do not exist (a warning, or an error with strict_impl).
+"""
+
+import re
+import unicodedata
+from collections.abc import Iterable
+
+from catalog.load import LoadedCatalog, Problem
+from catalog.schema import Entry
+
+IDENTIFIER_NAMES = {"arxiv": "arXiv id", "acl": "ACL Anthology id", "doi": "DOI", "s2": "Semantic Scholar id"}
+
+
+def normalise_title(title: str) -> str:
+    """Titles compare equal if they differ only in case, accents, punctuation and spacing."""
+    text = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode().lower()
+    return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
+
+
+def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], available_impls: Iterable[str],
+             strict_impl: bool = False) -> list[Problem]:
+    """All problems of the catalog: the loader's, then the cross-entry ones, in file order."""
+    stored_ids, available_impls = set(stored_ids), set(available_impls)
+    problems = list(catalog.problems)
+    at = lambda entry, field, message, severity="error": problems.append(
+        Problem(catalog.path, entry.line_of(field), message, entry.id, field, severity))
+
+    first_seen: dict[tuple[str, str], Entry] = {}  # (what, normalised value) -> first entry with it
+    for entry in catalog.entries:
+        keys = [("id", "id", entry.id), ("title", "title", normalise_title(entry.title))]
+        # DOIs are case-insensitive; the other identifiers are compared as written.
+        keys += [(name, name, value.lower() if name == "doi" else value) for name, value in entry.identifiers.items()]
+        for field, what, value in keys:
+            earlier = first_seen.setdefault((what, value), entry)
+            if earlier is entry:
+                continue
+            if what == "id":
+                at(entry, field, f"duplicate id: already used by the entry at {catalog.path}:{earlier.line}")
+            else:
+                label = IDENTIFIER_NAMES.get(what, "title")
+                at(entry, field, f"same paper as entry {earlier.id!r} ({catalog.path}:{earlier.line}): same {label}")
+
+        if entry.paper and entry.id not in stored_ids:
+            at(entry, "id", "no metadata record in the store; run `catalog enrich` (or add it with `catalog add`)")
+
+        for slug in entry.impl:
+            if slug not in available_impls:
+                at(entry, "impl", f"reference implementation {slug!r} does not exist (no reference_impls/"
+                   f"{slug.replace('.', '/')}.py)", "error" if strict_impl else "warning")
+
+    return sorted(problems, key=lambda problem: problem.line)
