@@ -1,20 +1,30 @@
 """The `catalog` command: the pipeline's stages, one subcommand each.
 
     catalog check     validate papers.yaml and the metadata store (exit 1 on any error)
+    catalog render    write the site's Markdown sources into mkdocs.yml's docs_dir (build/docs)
+    catalog build     render, then build the static site with MkDocs (build/site)
 
 Paths default to the files of the repository in the current directory.
 """
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
+
+import yaml
 
 from catalog.impls import find_impls
 from catalog.load import load_catalog
+from catalog.render import SiteInfo, render_docs
 from catalog.store import StoreError, load_store
 from catalog.validate import validate
+from catalog.views import impl_views, paper_views
 
 DEFAULT_PAPERS = "papers.yaml"
 DEFAULT_STORE = "catalog/metadata.json"
+MKDOCS_CONFIG = "mkdocs.yml"
+SITE_SOURCES = "site"
 
 
 def cmd_check(args) -> int:
@@ -33,6 +43,46 @@ def cmd_check(args) -> int:
     return 1 if errors else 0
 
 
+def _load_checked(args):
+    """Load and validate; print the problems. Returns (catalog, store), or None if there are errors."""
+    catalog = load_catalog(args.papers)
+    try:
+        store = load_store(args.store)
+    except StoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+    problems = validate(catalog, store.records, find_impls())
+    errors = [problem for problem in problems if problem.severity == "error"]
+    for problem in errors:
+        print(problem, file=sys.stderr)
+    return None if errors else (catalog, store)
+
+
+def cmd_render(args) -> int:
+    loaded = _load_checked(args)
+    if loaded is None:
+        print("not rendering: fix the errors above (catalog check lists them all)", file=sys.stderr)
+        return 1
+    catalog, store = loaded
+    config = yaml.safe_load(Path(MKDOCS_CONFIG).read_text(encoding="utf-8"))
+    site = SiteInfo(config["site_name"], config["site_url"].rstrip("/") + "/", config["repo_url"])
+    impls = impl_views(find_impls(), Path.cwd(), catalog.entries)
+    papers = paper_views(catalog.entries, store, impls, site.repo_url, args.papers)
+    written = render_docs(papers, impls, Path(SITE_SOURCES), Path(config["docs_dir"]), site)
+    print(f"rendered {len(papers)} entries, {len(impls)} implementations: {written} files in {config['docs_dir']}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    status = cmd_render(args)
+    if status:
+        return status
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", MKDOCS_CONFIG]
+    if args.out:
+        command += ["--site-dir", str(Path(args.out).resolve())]
+    return subprocess.run(command).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="catalog", description="Awesome Adapters catalog tools.")
     parser.add_argument("--papers", default=DEFAULT_PAPERS, help="the index (default: %(default)s)")
@@ -43,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--strict-impl", action="store_true",
                        help="an impl naming a module that does not exist is an error, not a warning")
     check.set_defaults(run=cmd_check)
+
+    render = commands.add_parser("render", help="write the site's sources into build/docs")
+    render.set_defaults(run=cmd_render)
+    build = commands.add_parser("build", help="render, then build the site with MkDocs (--strict)")
+    build.add_argument("--out", help="site folder (default: mkdocs.yml's site_dir, build/site)")
+    build.set_defaults(run=cmd_build)
     return parser
 
 

@@ -1,0 +1,163 @@
+"""Stage 3a: join each entry with its metadata record into the typed view the pages show.
+
+A `PaperView` holds everything a page needs, already decided: which title and authors to show
+(papers.yaml corrections win over the API), which links exist (only http(s) ones), the BibTeX. The
+templates only lay it out; they make no decisions about data.
+"""
+
+import ast
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from catalog.schema import Entry, check_link
+from catalog.store import MetadataStore
+from catalog.vocabulary import SECTION_BY_NAME
+
+
+@dataclass(frozen=True)
+class Link:
+    label: str
+    url: str
+
+
+@dataclass(frozen=True)
+class ImplView:
+    slug: str
+    source_path: str  # relative to the repository root, e.g. reference_impls/lora.py
+    summary: str  # the module docstring's first paragraph
+    docstring: str
+    demo_command: str
+    test_path: str | None  # tests/test_<name>.py where it exists
+    papers: tuple[str, ...] = ()  # ids of the entries that link to it
+
+    @property
+    def url(self) -> str:
+        return f"impls/{self.slug}/"
+
+
+@dataclass(frozen=True)
+class PaperView:
+    entry: Entry
+    title: str
+    authors: tuple[str, ...]
+    venue: str
+    year: int | None
+    citations: int | None
+    tldr: str
+    abstract: str
+    bibtex: str
+    links: tuple[Link, ...]
+    impls: tuple[ImplView, ...]  # the entry's impl slugs that exist
+    missing_impls: tuple[str, ...]  # the ones that do not exist yet
+    edit_url: str
+
+    @property
+    def id(self) -> str:
+        return self.entry.id
+
+    @property
+    def url(self) -> str:
+        return f"papers/{self.entry.id}/"
+
+    @property
+    def section(self):
+        return SECTION_BY_NAME[self.entry.section]
+
+
+def impl_views(found: dict[str, Path], repo_root: Path, entries: list[Entry]) -> dict[str, ImplView]:
+    """Describe each reference implementation from its source, without importing it (no torch needed)."""
+    views = {}
+    for slug, path in found.items():
+        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        test = repo_root / "tests" / f"test_{slug.replace('.', '_')}.py"
+        views[slug] = ImplView(
+            slug=slug,
+            source_path=path.relative_to(repo_root).as_posix(),
+            summary=docstring.split("\n\n")[0].replace("\n", " ").strip(),
+            docstring=docstring,
+            demo_command=f"python -m reference_impls.{slug}",
+            test_path=test.relative_to(repo_root).as_posix() if test.exists() else None,
+            papers=tuple(entry.id for entry in entries if slug in entry.impl),
+        )
+    return views
+
+
+def paper_views(entries: list[Entry], store: MetadataStore, impls: dict[str, ImplView], repo_url: str,
+                papers_file: str = "papers.yaml") -> list[PaperView]:
+    views = []
+    for entry in entries:
+        record = store.get(entry.id)
+        paper = record.paper if record else {}
+        authors = tuple(entry.authors) if entry.authors is not None else tuple(
+            author["name"] for author in paper.get("authors") or [] if author.get("name"))
+        views.append(PaperView(
+            entry=entry,
+            title=entry.title,
+            authors=authors,
+            venue=entry.venue or _venue(paper),
+            year=paper.get("year"),
+            citations=paper.get("citationCount"),
+            tldr=(paper.get("tldr") or {}).get("text") or "",
+            abstract=paper.get("abstract") or "",
+            bibtex=((paper.get("citationStyles") or {}).get("bibtex") or "").strip() or _bibtex(entry, paper, authors),
+            links=tuple(_links(entry, paper)),
+            impls=tuple(impls[slug] for slug in entry.impl if slug in impls),
+            missing_impls=tuple(slug for slug in entry.impl if slug not in impls),
+            edit_url=f"{repo_url.rstrip('/')}/blob/main/{papers_file}#L{entry.line}",
+        ))
+    return views
+
+
+def _venue(paper: dict) -> str:
+    return paper.get("venue") or (paper.get("publicationVenue") or {}).get("name") or ""
+
+
+def _safe(url) -> str | None:
+    """Links from the API are used only if they are plain http(s) links."""
+    try:
+        return check_link(url) if isinstance(url, str) else None
+    except ValueError:
+        return None
+
+
+def _links(entry: Entry, paper: dict):
+    pdf = _safe((paper.get("openAccessPdf") or {}).get("url"))
+    if not pdf and entry.arxiv:
+        pdf = f"https://arxiv.org/pdf/{entry.arxiv}"
+    if not pdf and entry.acl:
+        pdf = f"https://aclanthology.org/{entry.acl}.pdf"
+    candidates = [
+        ("PDF", pdf),
+        ("arXiv", entry.arxiv and f"https://arxiv.org/abs/{entry.arxiv}"),
+        ("ACL Anthology", entry.acl and f"https://aclanthology.org/{entry.acl}/"),
+        ("DOI", entry.doi and f"https://doi.org/{entry.doi}"),
+        ("Semantic Scholar", (entry.s2 or paper.get("paperId")) and
+         f"https://www.semanticscholar.org/paper/{entry.s2 or paper['paperId']}"),
+        ("Code", entry.code),
+        ("Website", entry.website),
+    ]
+    for label, url in candidates:
+        if url and _safe(url):
+            yield Link(label, url)
+
+
+def _bibtex(entry: Entry, paper: dict, authors: tuple[str, ...]) -> str:
+    """A BibTeX record from what we know, for records without the API's citationStyles."""
+    if not entry.paper:
+        return ""
+    surname = re.sub(r"[^a-z]", "", (authors[0].split()[-1] if authors else entry.id).lower()) or "anon"
+    year = paper.get("year") or ""
+    first_word = re.sub(r"[^a-z]", "", entry.title.split()[0].lower()) if entry.title.split() else ""
+    venue = entry.venue or _venue(paper)
+    kind = "article" if not venue or "arxiv" in venue.lower() else "inproceedings"
+    fields = [("title", "{" + _bib_text(entry.title) + "}"), ("author", " and ".join(map(_bib_text, authors)))]
+    fields.append(("journal" if kind == "article" else "booktitle", _bib_text(venue or "arXiv preprint")))
+    fields += [("year", str(year)), ("eprint", entry.arxiv), ("archivePrefix", entry.arxiv and "arXiv"),
+               ("doi", entry.doi), ("url", (next(_links(entry, paper), None) or Link("", "")).url)]
+    body = ",\n".join(f"  {name} = {{{value}}}" for name, value in fields if value)
+    return f"@{kind}{{{surname}{year}{first_word},\n{body}\n}}"
+
+
+def _bib_text(text: str) -> str:
+    return re.sub(r"([{}\\])", r"\\\1", text)

@@ -1,0 +1,92 @@
+// The all-papers table: loads the rows from papers-data.js, then filters and sorts in the browser.
+// Every value is written with textContent, never innerHTML, so text from the catalog stays text.
+(function () {
+  function setUp(root) {
+    if (!root || root.dataset.ready) return;
+    root.dataset.ready = "1";
+    if (window.CATALOG_PAPERS) return build(root, window.CATALOG_PAPERS);
+    var script = document.createElement("script");
+    script.src = root.dataset.data;  // a script, not fetch(): it also works when the site is opened from disk
+    script.onload = function () { build(root, window.CATALOG_PAPERS || []); };
+    document.head.appendChild(script);
+  }
+
+  function build(root, rows) {
+    var form = root.querySelector("form"), body = root.querySelector("tbody");
+    var count = root.querySelector(".aa-table-count"), base = root.dataset.base;
+    var sortKey = "year", descending = true;
+
+    fillOptions(form.year, unique(rows.map(function (r) { return r.year; })).sort().reverse());
+    fillOptions(form.venue, unique(rows.map(function (r) { return r.venue; })).sort());
+    fillOptions(form.section, unique(rows.map(function (r) { return r.section; })));
+    fillOptions(form.kind, unique(rows.map(function (r) { return r.kind; })).sort());
+    fillOptions(form.tag, unique([].concat.apply([], rows.map(function (r) { return r.tags; }))).sort());
+
+    function matches(r) {
+      var q = form.q.value.trim().toLowerCase();
+      return (!q || r.title.toLowerCase().indexOf(q) >= 0) &&
+        (!form.year.value || String(r.year) === form.year.value) &&
+        (!form.venue.value || r.venue === form.venue.value) &&
+        (!form.section.value || r.section === form.section.value) &&
+        (!form.kind.value || r.kind === form.kind.value) &&
+        (!form.tag.value || r.tags.indexOf(form.tag.value) >= 0) &&
+        (!form.impl.checked || r.impl) &&
+        ((r.citations || 0) >= (Number(form.citations.value) || 0));
+    }
+
+    function compare(a, b) {
+      var x = a[sortKey], y = b[sortKey];
+      if (Array.isArray(x)) { x = x.join(", "); y = y.join(", "); }
+      if (x === null || x === undefined) x = "";
+      if (y === null || y === undefined) y = "";
+      var order = (typeof x === "number" && typeof y === "number") ? x - y : String(x).localeCompare(String(y));
+      return descending ? -order : order;
+    }
+
+    function cell(tr, text) { var td = tr.insertCell(); td.textContent = text; return td; }
+
+    function draw() {
+      var shown = rows.filter(matches).sort(compare);
+      var fragment = document.createDocumentFragment();
+      shown.forEach(function (r) {
+        var tr = document.createElement("tr");
+        var link = document.createElement("a");
+        link.href = base + r.url;
+        link.textContent = r.title;
+        tr.insertCell().appendChild(link);
+        cell(tr, r.year || ""); cell(tr, r.venue || ""); cell(tr, r.section); cell(tr, r.kind);
+        cell(tr, r.tags.join(", ")); cell(tr, r.impl ? "yes" : ""); cell(tr, r.citations === null ? "" : r.citations);
+        fragment.appendChild(tr);
+      });
+      body.replaceChildren(fragment);
+      count.textContent = shown.length + " of " + rows.length + " entries";
+      root.querySelectorAll("th[data-key]").forEach(function (th) {
+        th.setAttribute("aria-sort", th.dataset.key === sortKey ? (descending ? "descending" : "ascending") : "none");
+      });
+    }
+
+    root.querySelectorAll("th[data-key]").forEach(function (th) {
+      th.addEventListener("click", function () {
+        descending = th.dataset.key === sortKey ? !descending : false;
+        sortKey = th.dataset.key;
+        draw();
+      });
+    });
+    form.addEventListener("input", draw);
+    form.addEventListener("change", draw);
+    draw();
+  }
+
+  function unique(values) {
+    return values.filter(function (v, i) { return v !== null && v !== "" && values.indexOf(v) === i; });
+  }
+
+  function fillOptions(select, values) {
+    values.forEach(function (v) { var o = document.createElement("option"); o.value = o.textContent = v; select.appendChild(o); });
+  }
+
+  // Material's instant navigation swaps pages without reloading scripts; document$ fires on each page.
+  function onPage() { setUp(document.querySelector(".aa-table")); }
+  if (window.document$) window.document$.subscribe(onPage);
+  else document.addEventListener("DOMContentLoaded", onPage);
+})();
