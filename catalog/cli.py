@@ -3,6 +3,7 @@
     catalog check     validate papers.yaml and the metadata store (exit 1 on any error)
     catalog render    write the site's Markdown sources into mkdocs.yml's docs_dir (build/docs)
     catalog build     render, then build the static site with MkDocs (build/site)
+    catalog readme    rewrite the list in README.md (--check: exit 1 if it is out of date)
 
 Paths default to the files of the repository in the current directory.
 """
@@ -16,7 +17,9 @@ import yaml
 
 from catalog.impls import find_impls
 from catalog.load import load_catalog
+from catalog.readme import README, ReadmeError, render_list, replace_list
 from catalog.render import SiteInfo, render_docs
+from catalog.store import write_atomically
 from catalog.store import StoreError, load_store
 from catalog.validate import validate
 from catalog.views import impl_views, paper_views
@@ -58,16 +61,25 @@ def _load_checked(args):
     return None if errors else (catalog, store)
 
 
-def cmd_render(args) -> int:
+def _views(args):
+    """The checked catalog as views for the pages, or None (errors printed)."""
     loaded = _load_checked(args)
     if loaded is None:
         print("not rendering: fix the errors above (catalog check lists them all)", file=sys.stderr)
-        return 1
+        return None
     catalog, store = loaded
     config = yaml.safe_load(Path(MKDOCS_CONFIG).read_text(encoding="utf-8"))
     site = SiteInfo(config["site_name"], config["site_url"].rstrip("/") + "/", config["repo_url"])
     impls = impl_views(find_impls(), Path.cwd(), catalog.entries)
     papers = paper_views(catalog.entries, store, impls, site.repo_url, args.papers)
+    return config, site, impls, papers
+
+
+def cmd_render(args) -> int:
+    views = _views(args)
+    if views is None:
+        return 1
+    config, site, impls, papers = views
     written = render_docs(papers, impls, Path(SITE_SOURCES), Path(config["docs_dir"]), site)
     print(f"rendered {len(papers)} entries, {len(impls)} implementations: {written} files in {config['docs_dir']}")
     return 0
@@ -81,6 +93,30 @@ def cmd_build(args) -> int:
     if args.out:
         command += ["--site-dir", str(Path(args.out).resolve())]
     return subprocess.run(command).returncode
+
+
+def cmd_readme(args) -> int:
+    views = _views(args)
+    if views is None:
+        return 1
+    _, site, _, papers = views
+    readme = Path(README)
+    current = readme.read_text(encoding="utf-8")
+    try:
+        updated = replace_list(current, render_list(papers, site))
+    except ReadmeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if args.check:
+        if updated != current:
+            print("README.md's list is out of date with papers.yaml: run `catalog readme`", file=sys.stderr)
+            return 1
+        print("README.md's list is up to date")
+        return 0
+    if updated != current:
+        write_atomically(readme, updated)
+    print(f"README.md: list of {len(papers)} entries {'rewritten' if updated != current else 'unchanged'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = commands.add_parser("build", help="render, then build the site with MkDocs (--strict)")
     build.add_argument("--out", help="site folder (default: mkdocs.yml's site_dir, build/site)")
     build.set_defaults(run=cmd_build)
+
+    readme = commands.add_parser("readme", help="rewrite the list in README.md from papers.yaml")
+    readme.add_argument("--check", action="store_true", help="change nothing; exit 1 if the list is out of date")
+    readme.set_defaults(run=cmd_readme)
     return parser
 
 
