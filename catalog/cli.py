@@ -9,6 +9,7 @@ Paths default to the files of the repository in the current directory.
 """
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,9 @@ def cmd_build(args) -> int:
     command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", MKDOCS_CONFIG]
     if args.out:
         command += ["--site-dir", str(Path(args.out).resolve())]
-    return subprocess.run(command).returncode
+    # Material prints an end-of-life banner on every build; the README's "Moving to Zensical" covers it.
+    environment = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    return subprocess.run(command, env=environment).returncode
 
 
 def cmd_readme(args) -> int:

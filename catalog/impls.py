@@ -6,13 +6,11 @@ A slug is the module path below the package, with dots: `lora` is reference_impl
 
 from pathlib import Path
 
-import reference_impls
 
-PACKAGE_DIR = Path(reference_impls.__file__).parent
-
-
-def find_impls(package_dir: Path = PACKAGE_DIR) -> dict[str, Path]:
+def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, Path]:
+    """Slug -> absolute path of every implementation module below package_dir."""
     found = {}
+    package_dir = package_dir.resolve()
     for path in sorted(package_dir.rglob("*.py")):
         relative = path.relative_to(package_dir).with_suffix("")
         if any(part.startswith("_") for part in relative.parts):

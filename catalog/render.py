@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from feedgen.feed import FeedGenerator
-from jinja2 import Environment, PackageLoader, StrictUndefined
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
 from catalog.views import ImplView, PaperView
 from catalog.vocabulary import KINDS, SECTIONS, TAGS
 
+TEMPLATES = Path(__file__).parent / "templates"
 PAGE_SIZE = 25  # cards per section or tag page
 LATEST = 10  # additions shown on the home page and kept in the feed's first page
 FEED_SIZE = 50
@@ -48,7 +49,7 @@ def front_matter_string(value: str) -> Markup:
 
 
 def make_environment() -> Environment:
-    env = Environment(loader=PackageLoader("catalog", "templates"), autoescape=True,
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters.update(slug=slug, front_matter=front_matter_string)
     env.globals.update(SECTIONS=SECTIONS, TAGS=TAGS, KINDS=KINDS)

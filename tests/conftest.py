@@ -8,11 +8,25 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+# What `catalog` reads from the working directory: enough to check, render and build the site.
+REPO_INPUTS = ["papers.yaml", "catalog/metadata.json", "mkdocs.yml", "README.md", "CONTRIBUTING.md", "site",
+               "reference_impls"]
+
+
+def copy_repo_inputs(target: Path) -> Path:
+    for name in REPO_INPUTS:
+        source, destination = REPO / name, target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, destination)
+    return target
+
+
 @pytest.fixture
 def repo_copy(tmp_path, monkeypatch):
-    """A scratch copy of papers.yaml and the metadata store; the cwd is its root."""
-    (tmp_path / "catalog").mkdir()
-    shutil.copy(REPO / "papers.yaml", tmp_path / "papers.yaml")
-    shutil.copy(REPO / "catalog" / "metadata.json", tmp_path / "catalog" / "metadata.json")
+    """A scratch copy of the catalog's inputs; the cwd is its root, so the real files stay untouched."""
+    copy_repo_inputs(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path

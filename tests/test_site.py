@@ -1,0 +1,163 @@
+"""The website: a strict build of the real catalog, every internal link resolves, data is escaped."""
+
+import json
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ElementTree
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urldefrag, urlsplit
+
+import pytest
+import yaml
+
+from catalog.readme import markdown_text
+from catalog.vocabulary import SECTIONS
+from conftest import REPO, copy_repo_inputs
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from synthetic_catalog import write_synthetic  # noqa: E402
+
+HOSTILE = '<script>alert("x")</script> ](javascript:alert(1)) {{ 7*7 }} | $x$ & <b>bold</b>'
+
+
+def build(root: Path) -> Path:
+    result = subprocess.run([sys.executable, "-m", "catalog.cli", "build", "--out", "out"], cwd=root,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING  -" not in result.stderr, result.stderr
+    return root / "out"
+
+
+@pytest.fixture(scope="module")
+def real_site(tmp_path_factory):
+    return build(copy_repo_inputs(tmp_path_factory.mktemp("real")))
+
+
+class LinkCollector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.links = []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in ("href", "src") and value:
+                self.links.append(value)
+
+
+def broken_internal_links(site: Path) -> list[str]:
+    broken = []
+    for page in site.rglob("*.html"):
+        if page.name == "404.html":
+            continue  # served at any depth, so it links from the site root, by design
+        collector = LinkCollector()
+        collector.feed(page.read_text(encoding="utf-8"))
+        for link in collector.links:
+            parts = urlsplit(link)
+            if parts.scheme or link.startswith(("#", "mailto:", "//")):
+                continue
+            target = (page.parent / urldefrag(parts.path)[0]).resolve()
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.exists():
+                broken.append(f"{page.relative_to(site)} -> {link}")
+    return broken
+
+
+def test_real_site_has_every_page_and_no_broken_link(real_site):
+    assert broken_internal_links(real_site) == []
+    for section in SECTIONS:
+        assert (real_site / "sections" / section.slug / "index.html").exists()
+    assert len(list((real_site / "papers").glob("*/index.html"))) == 67
+    for page in ("index.html", "papers/index.html", "tags/index.html", "impls/index.html", "contributing/index.html",
+                 "404.html", "feed.xml", "assets/papers-per-year.svg", "assets/papers-data.js", "search/search_index.json"):
+        assert (real_site / page).exists(), page
+
+
+def test_paper_page_shows_record_corrections_and_edit_link(real_site):
+    page = (real_site / "papers" / "compacter" / "index.html").read_text()
+    assert "Rabeeh Karimi Mahabadi, James Henderson, Sebastian Ruder" in page
+    assert "Joe Davison" not in page  # the API's wrong author list is overridden by papers.yaml
+    assert "sum of Kronecker products" in page  # the abstract
+    assert "@inproceedings{mahabadi2021compacter" in page
+    line = next(number for number, text in enumerate((REPO / "papers.yaml").read_text().splitlines(), 1)
+                if text == "- id: compacter")
+    assert f"papers.yaml#L{line}" in page and f"line {line})" in page
+    assert "https://arxiv.org/abs/2106.04647" in page and "https://github.com/rabeehk/compacter" in page
+
+
+def test_home_page_counts_and_feed(real_site):
+    home = (real_site / "index.html").read_text()
+    assert re.search(r"<strong>67</strong> papers and tools", home)
+    assert 'type="application/atom+xml"' in home and "feed.xml" in home
+    feed = ElementTree.parse(real_site / "feed.xml").getroot()
+    atom = "{http://www.w3.org/2005/Atom}"
+    entries = feed.findall(f"{atom}entry")
+    assert len(entries) == 50
+    assert all(entry.find(f"{atom}link").get("href").startswith("https://") for entry in entries)
+    svg = ElementTree.parse(real_site / "assets" / "papers-per-year.svg").getroot()
+    assert len(svg.findall("{http://www.w3.org/2000/svg}rect")) > 10
+
+
+def test_table_data_lists_every_entry(real_site):
+    script = (real_site / "assets" / "papers-data.js").read_text()
+    rows = json.loads(script.removeprefix("window.CATALOG_PAPERS = ").rstrip().rstrip(";"))
+    assert len(rows) == 67
+    lora = next(row for row in rows if row["id"] == "lora")
+    assert lora["year"] == 2021 and lora["tags"] == ["LoRA"] and lora["url"] == "papers/lora/"
+
+
+def test_hostile_text_from_yaml_and_api_shows_as_text(tmp_path):
+    root = copy_repo_inputs(tmp_path)
+    papers = root / "papers.yaml"
+    text = papers.read_text().replace('"LoRA: Low-Rank Adaptation of Large Language Models"', json.dumps(HOSTILE))
+    # Make it the newest entry, so that it is in the feed too.
+    text = re.sub(r"(- id: lora\n(?:  .*\n)*?  added: )2026-11-23", r"\g<1>2026-12-01", text)
+    papers.write_text(text)
+    store_path = root / "catalog" / "metadata.json"
+    store = json.loads(store_path.read_text())
+    paper = store["records"]["lora"]["paper"]
+    paper["tldr"]["text"] = HOSTILE
+    paper["abstract"] = HOSTILE
+    paper["authors"] = [{"name": HOSTILE}]
+    paper["openAccessPdf"] = {"url": "javascript:alert(2)"}
+    store_path.write_text(json.dumps(store))
+    site = build(root)
+
+    for page in [site / "papers" / "lora" / "index.html", site / "sections" / "nlp-methods" / "index.html",
+                 site / "tags" / "lora" / "index.html"]:
+        text = page.read_text()
+        assert "<script>alert" not in text and "<b>bold</b>" not in text, page
+        assert "&lt;script&gt;alert" in text, page
+        assert not re.search(r"""(href|src)=["']?\s*javascript:""", text, re.I), page
+        assert "{{ 7*7 }}" in text, page  # shown as written, not evaluated by any template engine
+    feed = (site / "feed.xml").read_text()
+    assert "<script>" not in feed and "&lt;script&gt;" in feed
+    # In the README list, Markdown syntax in the title is escaped too.
+    escaped = markdown_text(HOSTILE)
+    assert "<script>" not in escaped and r"\](javascript:" in escaped and r"\|" in escaped and r"\$x\$" in escaped
+
+
+def test_long_sections_are_paginated_and_pages_stay_small(tmp_path):
+    root = copy_repo_inputs(tmp_path)
+    write_synthetic(root, 600)  # 60 per section: three pages each
+    site = build(root)
+    assert (site / "sections" / "nlp-methods" / "3" / "index.html").exists()
+    assert not (site / "sections" / "nlp-methods" / "4").exists()
+    assert broken_internal_links(site) == []
+    largest = max(page.stat().st_size for page in site.rglob("*.html"))
+    assert largest < 100_000
+
+
+def test_navigation_lists_the_sections_of_the_vocabulary():
+    config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
+    nav_sections = next(item["Sections"] for item in config["nav"] if "Sections" in item)
+    assert nav_sections == [f"sections/{section.slug}/index.md" for section in SECTIONS]
+    assert not set(config.get("plugins", [])) - {"search"}  # nothing that needs the network at build time
+
+
+def test_readme_list_is_up_to_date():
+    result = subprocess.run([sys.executable, "-m", "catalog.cli", "readme", "--check"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
