@@ -19,7 +19,7 @@ import yaml
 from catalog.impls import find_impls
 from catalog.load import load_catalog
 from catalog.readme import README, ReadmeError, render_list, replace_list
-from catalog.render import SiteInfo, render_docs
+from catalog.render import SiteInfo, fill_shells, render_docs
 from catalog.store import write_atomically
 from catalog.store import StoreError, load_store
 from catalog.validate import validate
@@ -76,26 +76,37 @@ def _views(args):
     return config, site, impls, papers
 
 
-def cmd_render(args) -> int:
+def _render(args, use_shells: bool):
     views = _views(args)
     if views is None:
-        return 1
+        return None
     config, site, impls, papers = views
-    written = render_docs(papers, impls, Path(SITE_SOURCES), Path(config["docs_dir"]), site)
-    print(f"rendered {len(papers)} entries, {len(impls)} implementations: {written} files in {config['docs_dir']}")
-    return 0
+    written, filled = render_docs(papers, impls, Path(SITE_SOURCES), Path(config["docs_dir"]), site, use_shells)
+    print(f"rendered {len(papers)} entries, {len(impls)} implementations: {written} files in {config['docs_dir']}"
+          + (f", {len(filled)} pages to fill after the build" if use_shells else ""))
+    return config, site, filled
+
+
+def cmd_render(args) -> int:
+    """Every page as Markdown, so that `mkdocs serve` previews the whole site."""
+    return 0 if _render(args, use_shells=False) else 1
 
 
 def cmd_build(args) -> int:
-    status = cmd_render(args)
-    if status:
-        return status
-    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", MKDOCS_CONFIG]
-    if args.out:
-        command += ["--site-dir", str(Path(args.out).resolve())]
+    rendered = _render(args, use_shells=True)
+    if rendered is None:
+        return 1
+    config, site, filled = rendered
+    site_dir = Path(args.out or config["site_dir"]).resolve()
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", MKDOCS_CONFIG,
+               "--site-dir", str(site_dir)]
     # Material prints an end-of-life banner on every build; the README's "Moving to Zensical" covers it.
     environment = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    return subprocess.run(command, env=environment).returncode
+    status = subprocess.run(command, env=environment).returncode
+    if status == 0:
+        fill_shells(site_dir, filled, site)
+        print(f"filled {len(filled)} pages; the site is in {site_dir}")
+    return status
 
 
 def cmd_readme(args) -> int:

@@ -56,19 +56,45 @@ def make_environment() -> Environment:
     return env
 
 
+@dataclass(frozen=True)
+class FilledPage:
+    """A generated page that skips MkDocs: its body is poured into a shell page after the build."""
+
+    url: str  # e.g. "papers/lora/"
+    title: str
+    description: str
+    body: str  # HTML, already escaped
+    searchable: bool
+
+
+# MkDocs renders one shell page per URL depth; `fill_shells` copies it once per FilledPage. All
+# pages of one depth share the same relative links (header, navigation, assets), so only the title,
+# description, canonical URL and body differ. A page costs MkDocs ~9 ms; a filled copy ~0.1 ms.
+SHELL_TOKEN = "CATALOGSHELLTOKEN"
+SHELLS = {2: "catalog-shell/depth2", 3: "catalog-shell/depth2/depth3"}  # URL (without the slash) per depth
+
+
 class DocsWriter:
     """Writes pages below docs_dir; `base` gives each page the relative path back to the site root."""
 
-    def __init__(self, docs_dir: Path, env: Environment, site: SiteInfo):
-        self.docs_dir, self.env, self.site = docs_dir, env, site
+    def __init__(self, docs_dir: Path, env: Environment, site: SiteInfo, use_shells: bool):
+        self.docs_dir, self.env, self.site, self.use_shells = docs_dir, env, site, use_shells
         self.written = 0
+        self.filled: list[FilledPage] = []
 
     def page(self, path: str, template: str, **context) -> None:
-        # With directory URLs, a/b.md is served at a/b/ and a/index.md at a/: count the URL's depth.
-        parts = Path(path).with_suffix("").parts
-        depth = len(parts) - (1 if parts[-1] == "index" else 0)
-        text = self.env.get_template(template).render(base="../" * depth, site=self.site, **context)
-        self.file(path, text)
+        """A Markdown page that MkDocs renders (templates that mix Markdown and HTML)."""
+        self.file(path, self.env.get_template(template).render(base=_base(path), site=self.site, **context))
+
+    def html_page(self, path: str, template: str, page_title: str, summary: str, in_shell: bool,
+                  searchable: bool = False, **context) -> None:
+        """A page whose body is pure HTML: through a shell when allowed, else wrapped as Markdown."""
+        body = Markup(self.env.get_template(template).render(base=_base(path), site=self.site, **context))
+        if self.use_shells and in_shell:
+            url = Path(path).with_suffix("").as_posix().removesuffix("index").rstrip("/") + "/"
+            self.filled.append(FilledPage(url, page_title, summary, str(body), searchable))
+        else:
+            self.page(path, "page.md.j2", title=page_title, description=summary, body=body)
 
     def file(self, path: str, text: str) -> None:
         target = self.docs_dir / path
@@ -77,17 +103,24 @@ class DocsWriter:
         self.written += 1
 
 
+def _base(path: str) -> str:
+    # With directory URLs, a/b.md is served at a/b/ and a/index.md at a/: count the URL's depth.
+    parts = Path(path).with_suffix("").parts
+    return "../" * (len(parts) - (1 if parts[-1] == "index" else 0))
+
+
 def paginate(items: list, size: int = PAGE_SIZE) -> list[list]:
     return [items[start:start + size] for start in range(0, len(items), size)] or [[]]
 
 
 def render_docs(papers: list[PaperView], impls: dict[str, ImplView], site_src: Path, docs_dir: Path,
-                site: SiteInfo) -> int:
-    """Write the whole docs folder afresh; returns the number of files written."""
+                site: SiteInfo, use_shells: bool = False) -> tuple[int, list[FilledPage]]:
+    """Write the docs folder afresh. Returns the number of files written and, with use_shells, the
+    pages left for `fill_shells` (paper pages, tag pages and later pages of long sections)."""
     if docs_dir.exists():
         shutil.rmtree(docs_dir)
     shutil.copytree(site_src, docs_dir, ignore=shutil.ignore_patterns("overrides"))
-    out = DocsWriter(docs_dir, make_environment(), site)
+    out = DocsWriter(docs_dir, make_environment(), site, use_shells)
 
     by_section = {section.name: [p for p in papers if p.entry.section == section.name] for section in SECTIONS}
     by_tag = {tag: [p for p in papers if tag in p.entry.tags] for tag in TAGS}
@@ -96,28 +129,80 @@ def render_docs(papers: list[PaperView], impls: dict[str, ImplView], site_src: P
     out.page("index.md", "home.md.j2", papers=papers, impls=impls, by_section=by_section, latest=latest[:LATEST],
              kernels=[slug for slug in impls if slug.startswith("kernels.")])
     out.file("assets/papers-per-year.svg", papers_per_year_svg(out.env, papers))
-    for section in SECTIONS:
-        _paged(out, f"sections/{section.slug}", "list.md.j2", by_section[section.name],
-               heading=section.title, description=None)
+    for section in SECTIONS:  # the first page of a section is in the navigation, so MkDocs renders it
+        _paged(out, f"sections/{section.slug}", by_section[section.name], section.title, None, first_in_shell=False)
     for tag, tagged in by_tag.items():
-        _paged(out, f"tags/{slug(tag)}", "list.md.j2", tagged, heading=tag, description=TAGS[tag])
+        _paged(out, f"tags/{slug(tag)}", tagged, tag, TAGS[tag], first_in_shell=True)
     out.page("tags/index.md", "tags.md.j2", by_tag=by_tag)
     for paper in papers:
-        out.page(f"papers/{paper.id}.md", "paper.md.j2", p=paper)
+        out.html_page(f"papers/{paper.id}.md", "paper.html.j2", paper.title, paper.tldr or paper.title,
+                      in_shell=True, searchable=True, p=paper)
     out.page("papers/index.md", "table.md.j2", count=len(papers))
     out.file("assets/papers-data.js", papers_data_js(papers))
     out.page("impls/index.md", "impls.md.j2", impls=impls, papers={p.id: p for p in papers})
     for impl in impls.values():
         out.page(f"impls/{impl.slug}.md", "impl.md.j2", impl=impl, papers={p.id: p for p in papers})
     out.file("feed.xml", atom_feed(latest[:FEED_SIZE], site))
-    return out.written
+    if use_shells:
+        for depth, url in SHELLS.items():
+            out.file(f"{url}.md" if depth == 3 else f"{url}/index.md",
+                     out.env.get_template("shell.md.j2").render(token=SHELL_TOKEN))
+    return out.written, out.filled
 
 
-def _paged(out: DocsWriter, folder: str, template: str, items: list[PaperView], **context) -> None:
+def _paged(out: DocsWriter, folder: str, items: list[PaperView], heading: str, description: str | None,
+           first_in_shell: bool) -> None:
     chunks = paginate(items)
     for number, chunk in enumerate(chunks, start=1):
         path = f"{folder}/index.md" if number == 1 else f"{folder}/{number}.md"
-        out.page(path, template, papers=chunk, page=number, pages=len(chunks), total=len(items), **context)
+        title = heading if number == 1 else f"{heading} (page {number})"
+        out.html_page(path, "list.html.j2", title, description or heading, in_shell=first_in_shell or number > 1,
+                      papers=chunk, page=number, pages=len(chunks), total=len(items), heading=heading,
+                      description=description)
+
+
+def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None:
+    """After `mkdocs build`: write each FilledPage from its depth's shell, then drop the shells and
+    list the new pages in the search index and the sitemap."""
+    # Material indents its HTML deeply; at 10,000 pages the indentation alone is ~40 MB. The shells
+    # hold no <pre> or <textarea>, so leading white space can go (bodies are poured in afterwards).
+    shells = {depth: re.sub(r"\n\s+", "\n", (site_dir / url / "index.html").read_text(encoding="utf-8"))
+              for depth, url in SHELLS.items()}
+    for page in pages:
+        depth = page.url.count("/")
+        shell, shell_url = shells[depth], SHELLS[depth] + "/"
+        shell = shell.replace(site.site_url + shell_url, site.site_url + page.url)
+        shell = re.sub(r'<div class="catalog-shell">.*?</div>', lambda _: page.body, shell, count=1, flags=re.S)
+        # The title token stands in <title>, the header and meta tags; description only in its meta tag.
+        shell = shell.replace(f'content="{SHELL_TOKEN}"', f'content="{html.escape(page.description)}"', 1)
+        shell = shell.replace(SHELL_TOKEN, html.escape(page.title))
+        target = site_dir / page.url / "index.html"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(shell, encoding="utf-8")
+    shutil.rmtree(site_dir / SHELLS[2].split("/")[0])
+
+    index_path = site_dir / "search" / "search_index.json"
+    index = json.loads(index_path.read_text(encoding="utf-8"))
+    index["docs"] = [doc for doc in index["docs"] if not doc["location"].startswith("catalog-shell/")]
+    index["docs"] += [{"location": page.url, "title": html.escape(page.title), "text": _search_text(page.body)}
+                      for page in pages if page.searchable]
+    index_path.write_text(json.dumps(index, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+
+    sitemap_path = site_dir / "sitemap.xml"
+    sitemap = re.sub(r"\s*<url>\s*<loc>[^<]*catalog-shell/[^<]*</loc>.*?</url>", "",
+                     sitemap_path.read_text(encoding="utf-8"), flags=re.S)
+    today = datetime.date.today().isoformat()
+    extra = "".join(f"\n    <url>\n         <loc>{html.escape(site.site_url + page.url)}</loc>\n"
+                    f"         <lastmod>{today}</lastmod>\n    </url>" for page in pages)
+    sitemap_path.write_text(sitemap.replace("</urlset>", extra.lstrip("\n") + "\n</urlset>"), encoding="utf-8")
+    (site_dir / "sitemap.xml.gz").unlink(missing_ok=True)  # stale now; the plain sitemap is complete
+
+
+def _search_text(body: str) -> str:
+    """What search matches for a page: its text without the facts table and BibTeX (labels and
+    markup that every page shares), as escaped HTML."""
+    text = re.sub(r'<table class="aa-facts">.*?</table>|<div class="highlight">.*?</div>', " ", body, flags=re.S)
+    return "<p>" + html.escape(" ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split())) + "</p>"
 
 
 def papers_data_js(papers: list[PaperView]) -> str:

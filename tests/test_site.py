@@ -75,6 +75,29 @@ def test_real_site_has_every_page_and_no_broken_link(real_site):
         assert (real_site / page).exists(), page
 
 
+def test_filled_pages_are_complete_pages(real_site):
+    page = (real_site / "papers" / "lora" / "index.html").read_text()
+    assert "<title>LoRA: Low-Rank Adaptation of Large Language Models - Awesome Adapters</title>" in page
+    assert 'href="https://awesome-adapters.github.io/awesome-adapters/papers/lora/"' in page  # canonical
+    assert 'class="md-header' in page and 'class="md-search' in page  # Material's header and search box
+    for path in real_site.rglob("*"):
+        if path.is_file() and path.suffix in (".html", ".json", ".xml"):
+            text = path.read_text()
+            assert "CATALOGSHELLTOKEN" not in text and "catalog-shell" not in text, path
+    index = json.loads((real_site / "search" / "search_index.json").read_text())
+    lora = next(doc for doc in index["docs"] if doc["location"] == "papers/lora/")
+    assert lora["title"].startswith("LoRA") and "rank decomposition matrices" in lora["text"]
+    assert "papers/lora/</loc>" in (real_site / "sitemap.xml").read_text()
+
+
+def test_render_alone_writes_every_page_as_markdown_for_mkdocs_serve(repo_copy):
+    from catalog.cli import main
+    assert main(["render"]) == 0
+    docs = repo_copy / "build" / "docs"
+    assert (docs / "papers" / "lora.md").exists() and (docs / "tags" / "lora" / "index.md").exists()
+    assert not (docs / "catalog-shell").exists()
+
+
 def test_paper_page_shows_record_corrections_and_edit_link(real_site):
     page = (real_site / "papers" / "compacter" / "index.html").read_text()
     assert "Rabeeh Karimi Mahabadi, James Henderson, Sebastian Ruder" in page
