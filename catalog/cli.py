@@ -4,26 +4,34 @@
     catalog render    write the site's Markdown sources into mkdocs.yml's docs_dir (build/docs)
     catalog build     render, then build the static site with MkDocs (build/site)
     catalog readme    rewrite the list in README.md (--check: exit 1 if it is out of date)
+    catalog enrich    fill the metadata store from the Semantic Scholar API (exit 2 without a network)
+    catalog add ID    look a paper up and append it to papers.yaml with its record
 
 Paths default to the files of the repository in the current directory.
 """
 
 import argparse
+import datetime
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from tqdm import tqdm
 
+from catalog.add import AddError, entry_block, find_duplicate, identifiers_from_record, insert_entry, suggest_id
+from catalog.enrich import enrich, plan
 from catalog.impls import find_impls
-from catalog.load import load_catalog
+from catalog.load import load_catalog, parse_catalog
+from catalog.s2 import DEFAULT_API_URL, RetryPolicy, S2Client, S2Error, S2Unreachable
 from catalog.readme import README, ReadmeError, render_list, replace_list
 from catalog.render import SiteInfo, fill_shells, render_docs
 from catalog.store import write_atomically
-from catalog.store import StoreError, load_store
+from catalog.store import MetadataStore, StoredRecord, StoreError, load_store, save_store
 from catalog.validate import validate
 from catalog.views import impl_views, paper_views
+from catalog.vocabulary import SECTION_BY_NAME
 
 DEFAULT_PAPERS = "papers.yaml"
 DEFAULT_STORE = "catalog/metadata.json"
@@ -133,6 +141,140 @@ def cmd_readme(args) -> int:
     return 0
 
 
+def _client(args) -> S2Client:
+    policy = RetryPolicy(attempts=args.retries + 1, base_seconds=args.backoff, total_seconds=args.retry_budget)
+    return S2Client(args.api_url, args.api_key or None, timeout=args.timeout, policy=policy)
+
+
+def cmd_enrich(args) -> int:
+    catalog = load_catalog(args.papers)
+    errors = [problem for problem in catalog.problems if problem.severity == "error"]
+    if errors:
+        for problem in errors:
+            print(problem, file=sys.stderr)
+        return 1
+    try:
+        store = load_store(args.store)
+    except StoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    now = datetime.datetime.now(datetime.timezone.utc)
+    todo = plan(catalog.entries, store, now, args.max_age, args.refresh)
+    if not todo:
+        print("every paper has a record; nothing to fetch (use --refresh or --max-age DAYS)")
+        return 0
+    client = _client(args)
+    progress = tqdm(total=len(todo), unit="paper", disable=not sys.stderr.isatty())
+
+    def save(updated: MetadataStore, done: int, total: int) -> None:
+        save_store(updated, args.store)  # atomically, after every batch: a rerun resumes from here
+        progress.update(min(len(todo), done * 500) - progress.n)
+        if progress.disable:
+            print(f"batch {done}/{total} stored", flush=True)
+
+    try:
+        _, report = enrich(todo, store, client, on_batch=save)
+    except S2Unreachable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except S2Error as error:
+        print(f"error: {error}; gave up after the retries. Finished batches are stored; "
+              f"rerun to resume.", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+    for entry, asked in report.not_found:
+        print(f"{args.papers}:{entry.line}: entry {entry.id!r}: not found by Semantic Scholar ({asked}); "
+              f"kept its existing record", file=sys.stderr)
+    print(f"fetched {len(report.fetched)} of {len(todo)} papers in {client.requests} request(s); "
+          f"{len(report.not_found)} not found")
+    return 0
+
+
+def _parse_lookup(text: str) -> tuple[str, str]:
+    """('id', API id) for ARXIV:/ACL:/DOI:/S2 ids, else ('title', text)."""
+    prefix, _, value = text.partition(":")
+    if prefix.upper() in ("ARXIV", "ACL", "DOI") and value:
+        return "id", f"{prefix.upper()}:{value}"
+    if len(text) == 40 and all(c in "0123456789abcdef" for c in text):
+        return "id", text
+    return "title", text
+
+
+def cmd_add(args) -> int:
+    catalog = load_catalog(args.papers)
+    errors = [problem for problem in catalog.problems if problem.severity == "error"]
+    if errors:
+        print("papers.yaml has errors; fix them first:", file=sys.stderr)
+        for problem in errors:
+            print(problem, file=sys.stderr)
+        return 1
+    store = load_store(args.store)
+    how, lookup = _parse_lookup(args.paper)
+    client = _client(args)
+    try:
+        paper = client.get_paper(lookup) if how == "id" else client.match_title(lookup)
+    except S2Unreachable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except S2Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if paper is None:
+        print(f"error: Semantic Scholar has no paper {'with id' if how == 'id' else 'titled'} {lookup!r}",
+              file=sys.stderr)
+        return 1
+
+    identifiers = identifiers_from_record(paper)
+    title = paper.get("title") or lookup
+    duplicate = find_duplicate(catalog, title, identifiers)
+    if duplicate is not None:
+        print(f"error: already in the catalog: {args.papers}:{duplicate.line}: entry {duplicate.id!r} "
+              f"({duplicate.title})", file=sys.stderr)
+        return 1
+    entry_id = args.id or suggest_id(title, {entry.id for entry in catalog.entries})
+    tags = [tag.strip() for value in args.tags for tag in value.split(",") if tag.strip()]
+    impl = [slug.strip() for value in args.impl for slug in value.split(",") if slug.strip()]
+    fields = {"id": entry_id, "title": title, "kind": args.kind, "section": args.section,
+              **{name: identifiers.get(name) for name in ("arxiv", "acl", "doi", "s2")},
+              "code": args.code, "website": args.website, "tags": tags, "impl": impl,
+              "added": datetime.date.today()}
+    if args.section not in SECTION_BY_NAME:
+        print(f"error: unknown section {args.section!r}; sections are: {', '.join(SECTION_BY_NAME)}", file=sys.stderr)
+        return 1
+    text = insert_entry(catalog, args.section, entry_block(fields))
+
+    # Check the result before writing anything: a bad option must not leave a broken papers.yaml.
+    updated_store = MetadataStore({**store.records, entry_id: StoredRecord(
+        paper, client.api_url, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))})
+    problems = [problem for problem in validate(parse_catalog(text, args.papers), updated_store.records,
+                                                find_impls()) if problem.severity == "error"]
+    if problems:
+        print("error: the new entry would not pass `catalog check`; nothing was written:", file=sys.stderr)
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return 1
+    save_store(updated_store, args.store)
+    write_atomically(Path(args.papers), text)
+    print(f"added {entry_id!r} ({title}) to {args.papers} under {args.section}; stored its record")
+    return cmd_check(argparse.Namespace(papers=args.papers, store=args.store, strict_impl=False))
+
+
+def _add_api_options(parser) -> None:
+    parser.add_argument("--api-url", default=os.environ.get("S2_API_URL", DEFAULT_API_URL),
+                        help="Graph API base URL (env S2_API_URL; default %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("S2_API_KEY"),
+                        help="API key, sent as x-api-key (env S2_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
+    parser.add_argument("--retries", type=int, default=5,
+                        help="retries of a failed request on 429, 5xx and timeouts (default %(default)s)")
+    parser.add_argument("--backoff", type=float, default=2.0,
+                        help="first wait before a retry, doubling each time, unless the server sends "
+                             "Retry-After (default %(default)s s)")
+    parser.add_argument("--retry-budget", type=float, default=300.0,
+                        help="most seconds spent retrying one request (default %(default)s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="catalog", description="Awesome Adapters catalog tools.")
     parser.add_argument("--papers", default=DEFAULT_PAPERS, help="the index (default: %(default)s)")
@@ -153,6 +295,24 @@ def build_parser() -> argparse.ArgumentParser:
     readme = commands.add_parser("readme", help="rewrite the list in README.md from papers.yaml")
     readme.add_argument("--check", action="store_true", help="change nothing; exit 1 if the list is out of date")
     readme.set_defaults(run=cmd_readme)
+
+    enrich_parser = commands.add_parser("enrich", help="fetch missing or old records from Semantic Scholar")
+    _add_api_options(enrich_parser)
+    enrich_parser.add_argument("--max-age", type=float, metavar="DAYS", help="also refetch records older than this")
+    enrich_parser.add_argument("--refresh", action="store_true", help="refetch every record")
+    enrich_parser.set_defaults(run=cmd_enrich)
+
+    add = commands.add_parser("add", help="look a paper up and add it to papers.yaml")
+    add.add_argument("paper", metavar="ID", help="ARXIV:2106.09685, ACL:..., DOI:..., an S2 paper id, or a title")
+    add.add_argument("--section", required=True, help='e.g. "NLP / Methods" (see catalog/vocabulary.py)')
+    add.add_argument("--kind", required=True, help="method, system, framework, survey or study")
+    add.add_argument("--tags", action="append", default=[], help="comma-separated tags; repeatable")
+    add.add_argument("--impl", action="append", default=[], help="reference implementation module(s)")
+    add.add_argument("--id", help="the entry's slug (default: made from the title)")
+    add.add_argument("--code", help="official code link")
+    add.add_argument("--website", help="project website")
+    _add_api_options(add)
+    add.set_defaults(run=cmd_add)
     return parser
 
 

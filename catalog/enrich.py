@@ -1,0 +1,92 @@
+"""Stage 2b: fill the metadata store from Semantic Scholar, in batches of at most 500 ids.
+
+`plan` decides which entries need a record (missing, too old, or all with refresh); `enrich` fetches
+them batch by batch and hands the updated store to a callback after every batch, so the caller can
+save it at once and an interrupted run loses nothing. Records are matched back to entries by the
+identifier that was asked for, never by position: the client drops the API's null slots.
+"""
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from catalog.s2 import BATCH_SIZE, S2Client
+from catalog.schema import Entry
+from catalog.store import MetadataStore, StoredRecord
+
+
+def lookup_id(entry: Entry) -> str:
+    """The id we ask the API for: the exact S2 id if known, else arXiv, ACL, DOI (the API's prefixes)."""
+    if entry.s2:
+        return entry.s2
+    for name, prefix in (("arxiv", "ARXIV"), ("acl", "ACL"), ("doi", "DOI")):
+        if getattr(entry, name):
+            return f"{prefix}:{getattr(entry, name)}"
+    raise ValueError(f"entry {entry.id!r} has no paper identifier")
+
+
+def answers(asked: str, paper: dict) -> bool:
+    """Whether the record is the paper that `asked` names."""
+    prefix, _, value = asked.rpartition(":")
+    external = paper.get("externalIds") or {}
+    if not prefix:
+        return paper.get("paperId") == value
+    key = {"ARXIV": "ArXiv", "ACL": "ACL", "DOI": "DOI"}[prefix]
+    found = str(external.get(key) or "")
+    return found.lower() == value.lower() if key == "DOI" else found == value
+
+
+def plan(entries: list[Entry], store: MetadataStore, now: datetime, max_age_days: float | None = None,
+         refresh: bool = False) -> list[Entry]:
+    """The paper entries whose record is missing, older than max_age_days, or (refresh) all of them."""
+    todo = []
+    for entry in entries:
+        if not entry.paper:
+            continue
+        record = store.get(entry.id)
+        if refresh or record is None:
+            todo.append(entry)
+        elif max_age_days is not None:
+            retrieved = datetime.fromisoformat(record.retrieved)
+            if now - retrieved > timedelta(days=max_age_days):
+                todo.append(entry)
+    return todo
+
+
+@dataclass
+class EnrichReport:
+    fetched: list[str] = field(default_factory=list)  # entry ids updated
+    not_found: list[tuple[Entry, str]] = field(default_factory=list)  # entry, id asked for
+    batches: int = 0
+
+
+def batches(entries: list[Entry], size: int = BATCH_SIZE) -> Iterator[list[Entry]]:
+    for start in range(0, len(entries), size):
+        yield entries[start:start + size]
+
+
+def enrich(todo: list[Entry], store: MetadataStore, client: S2Client,
+           on_batch: Callable[[MetadataStore, int, int], None] = lambda store, done, total: None,
+           now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> tuple[MetadataStore, EnrichReport]:
+    """Fetch records for `todo`; returns the new store (the input is not changed) and a report.
+
+    A failure after the retries propagates (S2Error); the stores already passed to on_batch hold
+    every batch finished before it.
+    """
+    store = MetadataStore(dict(store.records))
+    report = EnrichReport()
+    chunks = list(batches(todo))
+    for number, chunk in enumerate(chunks, start=1):
+        asked = [lookup_id(entry) for entry in chunk]
+        papers = client.get_papers(asked)
+        retrieved = now().isoformat(timespec="seconds")
+        for entry, wanted in zip(chunk, asked):
+            paper = next((paper for paper in papers if answers(wanted, paper)), None)
+            if paper is None:
+                report.not_found.append((entry, wanted))  # keep whatever record we had
+                continue
+            store.records[entry.id] = StoredRecord(paper, client.api_url, retrieved)
+            report.fetched.append(entry.id)
+        report.batches = number
+        on_batch(store, number, len(chunks))
+    return store, report
