@@ -272,12 +272,13 @@ def test_add_inserts_a_valid_entry_and_keeps_every_line(repo_copy, fake_with_new
     changes = difflib.SequenceMatcher(a=before.splitlines(), b=after.splitlines(), autojunk=False).get_opcodes()
     edits = [change for change in changes if change[0] != "equal"]
     assert len(edits) == 1 and edits[0][0] == "insert"
-    added = after.splitlines()[edits[0][3]:edits[0][4]]
+    catalog = load_catalog("papers.yaml")
+    new = next(entry for entry in catalog.entries if entry.id == "mora")
+    added = after.splitlines()[new.line - 1:new.line - 1 + edits[0][4] - edits[0][3]]
+    assert added[-1] == ""  # the block and the blank line that separates it
     assert added[:5] == ["- id: mora", '  title: "MoRA: A Made-up Adapter for Tests"', "  kind: method",
                          "  section: NLP / Methods", '  arxiv: "2401.00001"']
     assert "  tags: [LoRA]" in added and "  impl: [lora]" in added
-    catalog = load_catalog("papers.yaml")
-    new = next(entry for entry in catalog.entries if entry.id == "mora")
     last_methods = [entry for entry in catalog.entries if entry.section == "NLP / Methods"]
     assert last_methods[-1] is new  # right after the section's last entry
     assert load_store(STORE).records["mora"].paper["title"] == NEW_PAPER["title"]
