@@ -9,6 +9,7 @@ TLDR and abstract, so page sizes and build times resemble a real catalog of that
 import datetime
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,10 +50,14 @@ def synthetic_entries(count: int, seed: int = 0) -> tuple[str, MetadataStore]:
 
 
 def write_synthetic(target: Path, count: int) -> None:
-    """Overwrite target's papers.yaml and catalog/metadata.json with a synthetic catalog."""
+    """Overwrite target's papers.yaml and catalog/metadata.json with a synthetic catalog. Its
+    reference_impls/ is emptied too: the real modules name real entries, which are not there."""
     text, store = synthetic_entries(count)
     (target / "papers.yaml").write_text(text, encoding="utf-8")
     save_store(store, target / "catalog" / "metadata.json")
+    if (target / "reference_impls").exists():
+        shutil.rmtree(target / "reference_impls")
+        (target / "reference_impls").mkdir()
 
 
 if __name__ == "__main__":

@@ -1,19 +1,40 @@
-"""Which reference implementations exist: the modules under reference_impls/, by slug.
+"""Which reference implementations exist, and which papers.yaml entries each one implements.
 
-A slug is the module path below the package, with dots: `lora` is reference_impls/lora.py and
+A slug is the module path below reference_impls/, with dots: `lora` is reference_impls/lora.py and
 `kernels.nf4` is reference_impls/kernels/nf4.py. Files starting with an underscore are plumbing.
+Each module declares the entries it implements as data, `IMPLEMENTS = ("lora", ...)`; it is read
+from the source without importing it, so the catalog never needs torch.
 """
 
+import ast
+from dataclasses import dataclass
 from pathlib import Path
 
 
-def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, Path]:
-    """Slug -> absolute path of every implementation module below package_dir."""
+@dataclass(frozen=True)
+class ImplModule:
+    slug: str
+    path: Path  # absolute
+    docstring: str
+    implements: tuple[str, ...]  # entry ids, from the module's IMPLEMENTS
+
+
+def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplModule]:
     found = {}
     package_dir = package_dir.resolve()
     for path in sorted(package_dir.rglob("*.py")):
         relative = path.relative_to(package_dir).with_suffix("")
         if any(part.startswith("_") for part in relative.parts):
             continue
-        found[".".join(relative.parts)] = path
+        slug = ".".join(relative.parts)
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        found[slug] = ImplModule(slug, path, ast.get_docstring(tree) or "", _implements(tree))
     return found
+
+
+def _implements(tree: ast.Module) -> tuple[str, ...]:
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "IMPLEMENTS" for t in node.targets):
+            value = ast.literal_eval(node.value)
+            return tuple(value)
+    return ()

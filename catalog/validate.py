@@ -9,6 +9,7 @@ import re
 import unicodedata
 from collections.abc import Iterable
 
+from catalog.impls import ImplModule
 from catalog.load import LoadedCatalog, Problem
 from catalog.schema import Entry
 
@@ -21,10 +22,10 @@ def normalise_title(title: str) -> str:
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
 
 
-def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], available_impls: Iterable[str],
+def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], impls: dict[str, ImplModule],
              strict_impl: bool = False) -> list[Problem]:
     """All problems of the catalog: the loader's, then the cross-entry ones, in file order."""
-    stored_ids, available_impls = set(stored_ids), set(available_impls)
+    stored_ids = set(stored_ids)
     problems = list(catalog.problems)
     at = lambda entry, field, message, severity="error": problems.append(
         Problem(catalog.path, entry.line_of(field), message, entry.id, field, severity))
@@ -48,8 +49,24 @@ def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], available_impls:
             at(entry, "id", "no metadata record in the store; run `catalog enrich` (or add it with `catalog add`)")
 
         for slug in entry.impl:
-            if slug not in available_impls:
+            if slug not in impls:
                 at(entry, "impl", f"reference implementation {slug!r} does not exist (no reference_impls/"
                    f"{slug.replace('.', '/')}.py)", "error" if strict_impl else "warning")
+            elif entry.id not in impls[slug].implements:
+                at(entry, "impl", f"reference_impls/{slug.replace('.', '/')}.py does not implement this entry yet "
+                   f"(its IMPLEMENTS lists: {', '.join(impls[slug].implements) or 'nothing'})",
+                   "error" if strict_impl else "warning")
+
+    # The other direction: a module may only claim entries that exist and link back to it.
+    by_id = {entry.id: entry for entry in catalog.entries}
+    broken = {problem.entry_id for problem in catalog.problems}  # already reported; do not cascade
+    for slug, module in impls.items():
+        for entry_id in module.implements:
+            entry = by_id.get(entry_id)
+            if entry is None and entry_id not in broken:
+                problems.append(Problem(str(module.path), 0, f"IMPLEMENTS names {entry_id!r}, which is not an entry "
+                                                            f"of {catalog.path}"))
+            elif entry is not None and slug not in entry.impl:
+                at(entry, "impl", f"reference_impls/{slug.replace('.', '/')}.py implements this entry; add {slug!r}")
 
     return sorted(problems, key=lambda problem: problem.line)

@@ -5,11 +5,11 @@ A `PaperView` holds everything a page needs, already decided: which title and au
 templates only lay it out; they make no decisions about data.
 """
 
-import ast
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from catalog.impls import ImplModule
 from catalog.schema import Entry, check_link
 from catalog.store import MetadataStore
 from catalog.vocabulary import SECTION_BY_NAME
@@ -29,7 +29,7 @@ class ImplView:
     docstring: str
     demo_command: str
     test_path: str | None  # tests/test_<name>.py where it exists
-    papers: tuple[str, ...] = ()  # ids of the entries that link to it
+    papers: tuple[str, ...] = ()  # ids of the entries it implements (its IMPLEMENTS)
 
     @property
     def url(self) -> str:
@@ -65,20 +65,20 @@ class PaperView:
         return SECTION_BY_NAME[self.entry.section]
 
 
-def impl_views(found: dict[str, Path], repo_root: Path, entries: list[Entry]) -> dict[str, ImplView]:
-    """Describe each reference implementation from its source, without importing it (no torch needed)."""
+def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entry]) -> dict[str, ImplView]:
+    """Describe each reference implementation from its source (read, not imported: no torch needed)."""
+    known = {entry.id for entry in entries}
     views = {}
-    for slug, path in found.items():
-        docstring = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+    for slug, module in found.items():
         test = repo_root / "tests" / f"test_{slug.replace('.', '_')}.py"
         views[slug] = ImplView(
             slug=slug,
-            source_path=path.relative_to(repo_root).as_posix(),
-            summary=docstring.split("\n\n")[0].replace("\n", " ").strip(),
-            docstring=docstring,
+            source_path=module.path.relative_to(repo_root).as_posix(),
+            summary=module.docstring.split("\n\n")[0].replace("\n", " ").strip(),
+            docstring=module.docstring,
             demo_command=f"python -m reference_impls.{slug}",
             test_path=test.relative_to(repo_root).as_posix() if test.exists() else None,
-            papers=tuple(entry.id for entry in entries if slug in entry.impl),
+            papers=tuple(entry_id for entry_id in module.implements if entry_id in known),
         )
     return views
 
@@ -102,8 +102,9 @@ def paper_views(entries: list[Entry], store: MetadataStore, impls: dict[str, Imp
             abstract=paper.get("abstract") or "",
             bibtex=((paper.get("citationStyles") or {}).get("bibtex") or "").strip() or _bibtex(entry, paper, authors),
             links=tuple(_links(entry, paper)),
-            impls=tuple(impls[slug] for slug in entry.impl if slug in impls),
-            missing_impls=tuple(slug for slug in entry.impl if slug not in impls),
+            # A link counts only where the module says it implements this entry.
+            impls=tuple(impls[slug] for slug in entry.impl if slug in impls and entry.id in impls[slug].papers),
+            missing_impls=tuple(slug for slug in entry.impl if slug not in impls or entry.id not in impls[slug].papers),
             edit_url=f"{repo_url.rstrip('/')}/blob/main/{papers_file}#L{entry.line}",
         ))
     return views

@@ -2,12 +2,14 @@
 
 import json
 import re
+from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 
 from catalog.cli import main
+from catalog.impls import ImplModule
 from catalog.load import parse_catalog
 from catalog.validate import normalise_title, validate
 
@@ -33,8 +35,14 @@ GOOD = """\
 """
 
 
-def check(text, stored=("lora", "prefix-tuning"), impls=("lora",), strict=False):
+def modules(*specs):
+    """ImplModule records: ("lora", ("lora",)) is reference_impls/lora.py implementing entry 'lora'."""
+    return {slug: ImplModule(slug, Path(f"reference_impls/{slug}.py"), "", tuple(ids)) for slug, ids in specs}
+
+
+def check(text, stored=("lora", "prefix-tuning"), impls=None, strict=False):
     catalog = parse_catalog(text, "papers.yaml")
+    impls = modules(("lora", ("lora",))) if impls is None else impls
     return catalog, validate(catalog, stored, impls, strict_impl=strict)
 
 
@@ -112,11 +120,21 @@ def test_all_problems_are_reported_at_once():
     assert [problem.line for problem in problems] == sorted(problem.line for problem in problems)
 
 
+def test_impl_declared_by_the_module_but_not_for_this_entry_warns():
+    _, problems = check(GOOD, impls=modules(("lora", ("prefix-tuning",))))
+    found = [str(problem) for problem in problems]
+    assert "papers.yaml:8: entry 'lora': impl: warning: reference_impls/lora.py does not implement this entry yet " \
+           "(its IMPLEMENTS lists: prefix-tuning)" in found
+    assert "papers.yaml:17: entry 'prefix-tuning': impl: reference_impls/lora.py implements this entry; add 'lora'" in found
+    _, problems = check(GOOD, impls=modules(("lora", ("lora", "ghost"))))
+    assert messages(problems) == ["reference_impls/lora.py:0: IMPLEMENTS names 'ghost', which is not an entry of papers.yaml"]
+
+
 def test_missing_impl_warns_and_strict_impl_fails():
-    _, problems = check(GOOD, impls=())
+    _, problems = check(GOOD, impls={})
     assert [problem.severity for problem in problems] == ["warning"]
     assert "reference implementation 'lora' does not exist" in str(problems[0])
-    _, problems = check(GOOD, impls=(), strict=True)
+    _, problems = check(GOOD, impls={}, strict=True)
     assert [problem.severity for problem in problems] == ["error"]
 
 

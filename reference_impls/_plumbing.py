@@ -1,0 +1,85 @@
+"""Shared plumbing of the reference implementations: finding target modules, swapping them,
+freezing the rest, counting parameters, and the toy task every demo trains on.
+
+Kept out of the method modules so that each of those reads like its paper.
+"""
+
+import torch
+from torch import nn
+
+
+def find_targets(model: nn.Module, target_names: list[str], kind: type = nn.Linear) -> list[str]:
+    """Full names of the `kind` submodules whose own name, or full name, is in target_names.
+
+    `["q", "v"]` matches `layers.0.attn.q` and `layers.3.attn.v`; a full name matches only itself.
+    """
+    wanted = set(target_names)
+    found = [name for name, module in model.named_modules()
+             if isinstance(module, kind) and (name in wanted or name.rsplit(".", 1)[-1] in wanted)]
+    if not found:
+        raise ValueError(f"no {kind.__name__} module of the model is named any of {sorted(wanted)}")
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def freeze_all_but(model: nn.Module, trainable: type | tuple[type, ...], attribute_names: tuple[str, ...]) -> None:
+    """Freeze every parameter except the named attributes of the method's own modules."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, trainable):
+            for attribute in attribute_names:
+                getattr(module, attribute).requires_grad_(True)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    total = sum(parameter.numel() for parameter in model.parameters())
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    return trainable, total
+
+
+# ---- the demos' toy task ----------------------------------------------------------------------
+
+def toy_model(width: int = 64, depth: int = 3, seed: int = 0) -> nn.Sequential:
+    """A small MLP standing in for a pre-trained network; its Linear layers are named "0", "2", ..."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for _ in range(depth - 1):
+        layers += [nn.Linear(width, width), nn.GELU()]
+    layers.append(nn.Linear(width, width))
+    return nn.Sequential(*layers)
+
+
+def toy_task(width: int = 64, samples: int = 512, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A new task for the frozen model: map x to a fixed random low-rank transform of it."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, width, generator=generator)
+    shift = torch.randn(width, 4, generator=generator) @ torch.randn(4, width, generator=generator) / width ** 0.5
+    return x, x @ shift.T + 0.1 * torch.tanh(x)
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300, lr: float = 1e-2) -> tuple[float, float]:
+    """Full-batch Adam on the trainable parameters; returns the loss before and after."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    loss_fn = nn.MSELoss()
+    with torch.no_grad():
+        before = loss_fn(model(x), y).item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = loss_fn(model(x), y).item()
+    return before, after
+
+
+def report(name: str, model: nn.Module, before: float, after: float) -> None:
+    trainable, total = count_parameters(model)
+    print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    print(f"loss on the new task: {before:.4f} before, {after:.4f} after training")
