@@ -201,7 +201,9 @@ def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None
 def _search_text(body: str) -> str:
     """What search matches for a page: its text without the facts table and BibTeX (labels and
     markup that every page shares), as escaped HTML."""
-    text = re.sub(r'<table class="aa-facts">.*?</table>|<div class="highlight">.*?</div>', " ", body, flags=re.S)
+    shared = (r'<h1>.*?</h1>|<h2[^>]*>.*?</h2>|<table class="aa-facts">.*?</table>|<div class="highlight">.*?</div>'
+              r'|<div class="admonition example aa-impl-box">.*?</div>|<p class="aa-edit">.*?</p>')
+    text = re.sub(shared, " ", body, flags=re.S)
     return "<p>" + html.escape(" ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split())) + "</p>"
 
 
