@@ -54,8 +54,24 @@ def browser(tmp_path_factory):
 
 
 def wait_for(browser, condition, timeout=20):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
-    return WebDriverWait(browser, timeout).until(condition)
+    # Material redraws the search results as its worker catches up with each typed letter, so an
+    # element found a moment ago may be gone: look again rather than fail.
+    return WebDriverWait(browser, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
+
+
+def click(browser, css: str) -> None:
+    """Click the element once it is there and clickable, finding it afresh on every try."""
+    from selenium.webdriver.common.by import By
+
+    def attempt(driver):
+        element = driver.find_element(By.CSS_SELECTOR, css)
+        if not (element.is_displayed() and element.is_enabled()):
+            return False
+        element.click()
+        return True
+    wait_for(browser, attempt)
 
 
 def test_search_lora_open_its_page_and_follow_the_implementation_link(browser, site_url):
@@ -64,13 +80,12 @@ def test_search_lora_open_its_page_and_follow_the_implementation_link(browser, s
 
     browser.get(site_url)
     assert "Awesome Adapters" in browser.title
-    browser.find_element(By.CSS_SELECTOR, "label.md-search__icon, .md-search__input").click()
+    click(browser, "label.md-search__icon, .md-search__input")
     box = wait_for(browser, seen.element_to_be_clickable((By.CSS_SELECTOR, "input.md-search__input")))
     box.send_keys("LoRA")
-    result = wait_for(browser, seen.element_to_be_clickable(
-        (By.CSS_SELECTOR, ".md-search-result__list a[href*='papers/lora/']")))
+    wait_for(browser, seen.element_to_be_clickable((By.CSS_SELECTOR, ".md-search-result__list a[href*='papers/lora/']")))
     browser.save_screenshot(str(ARTIFACTS / "1-search-lora.png"))
-    result.click()
+    click(browser, ".md-search-result__list a[href*='papers/lora/']")
 
     heading = wait_for(browser, seen.visibility_of_element_located((By.CSS_SELECTOR, ".aa-paper h1")))
     assert heading.text == "LoRA: Low-Rank Adaptation of Large Language Models"
@@ -79,9 +94,9 @@ def test_search_lora_open_its_page_and_follow_the_implementation_link(browser, s
     assert "BibTeX" in page and "Edit this entry" in page
     browser.save_screenshot(str(ARTIFACTS / "2-lora-paper.png"))
 
-    browser.find_element(By.CSS_SELECTOR, ".aa-impl-box a.aa-impl").click()
-    title = wait_for(browser, seen.visibility_of_element_located((By.CSS_SELECTOR, "article h1")))
-    assert title.text == "Reference implementation: lora"
+    click(browser, ".aa-impl-box a.aa-impl")
+    wait_for(browser, seen.text_to_be_present_in_element((By.CSS_SELECTOR, "article h1"), "Reference implementation: lora"))
+    assert browser.find_element(By.CSS_SELECTOR, "article h1").text == "Reference implementation: lora"
     code = browser.find_element(By.CSS_SELECTOR, "article .highlight code").text
     assert "class LoRALinear(nn.Module):" in code and "def merge(self)" in code
     # The real file, whole (the browser's text drops blank lines, so compare the others).
