@@ -1,8 +1,8 @@
-"""LoRA: low-rank adaptation of a frozen linear layer.
+"""LoRA and its family: low-rank updates of frozen linear layers (LoRA, rsLoRA, DoRA, VeRA, AdaLoRA).
 
-Hu, Shen, Wallis, Allen-Zhu, Li, Wang, Wang, Chen. "LoRA: Low-Rank Adaptation of Large Language
-Models." ICLR 2022. arXiv:2106.09685. Scaling of rank-stabilised LoRA (rsLoRA): Kalajdzievski,
-"A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023, arXiv:2312.03732.
+LoRA: Hu, Shen, Wallis, Allen-Zhu, Li, Wang, Wang, Chen. "LoRA: Low-Rank Adaptation of Large
+Language Models." ICLR 2022. arXiv:2106.09685. rsLoRA scaling: Kalajdzievski, "A Rank
+Stabilization Scaling Factor for Fine-Tuning with LoRA", 2023, arXiv:2312.03732.
 
 A pre-trained weight W₀ ∈ ℝ^{d_out×d_in} stays frozen; the update is a product of two small
 trainable matrices, B ∈ ℝ^{d_out×r} and A ∈ ℝ^{r×d_in}, with rank r ≪ min(d_in, d_out):
@@ -16,6 +16,35 @@ is tuned). After training, the update can be folded into the weight, so inferenc
     merge:    W ← W₀ + s · B A          unmerge:   W₀ ← W − s · B A
 
 Trainable parameters per adapted d_in → d_out layer: r · (d_in + d_out).
+
+DoRA: Liu, Wang, Yin, Molchanov, Wang, Cheng, Chen. "DoRA: Weight-Decomposed Low-Rank
+Adaptation." ICML 2024. arXiv:2402.09353. The weight is split into a magnitude m (one number per
+output feature) and a direction; LoRA updates the direction, m is trained directly:
+
+    W' = m · (W₀ + s·BA) / ‖W₀ + s·BA‖        (norm per output feature, m initialised to ‖W₀‖)
+
+and ‖W₀ + s·BA‖ is treated as a constant in the backward pass (the paper's section 4.3).
+Trainable parameters: r · (d_in + d_out) + d_out.
+
+VeRA: Kopiczko, Blankevoort, Asano. "VeRA: Vector-based Random Matrix Adaptation." ICLR 2024.
+arXiv:2310.11454. One pair of random matrices A ∈ ℝ^{r×d_in}, B ∈ ℝ^{d_out×r}, frozen and shared by
+every adapted layer (cut to each layer's size), and two trainable vectors per layer:
+
+    h = W₀ x + b + Λ_b B Λ_d A x,     Λ_b = diag(b) starts at 0, Λ_d = diag(d) starts at d_initial
+
+Trainable parameters per layer: r + d_out (the shared A, B are regenerated from a seed).
+
+AdaLoRA: Zhang, Chen, Bukharin, Karampatziakis, He, Cheng, Chen, Zhao. "Adaptive Budget
+Allocation for Parameter-Efficient Fine-Tuning." ICLR 2023. arXiv:2303.10512. The update has the
+form of an SVD, and the rank budget moves to where it matters during training:
+
+    h = W₀ x + b + (α / r) · P Λ Q x,     P ∈ ℝ^{d_out×r}, Λ = diag(λ), Q ∈ ℝ^{r×d_in}
+
+with λ = 0 at the start and the penalty ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F keeping P, Q near orthogonal.
+The importance of triplet i is S_i = s(λ_i) + mean_k s(P_ki) + mean_k s(Q_ik), where s(w) is the
+smoothed sensitivity |w·∂L/∂w| times its uncertainty; a cubic schedule lowers the total budget from
+r per layer to target_r per layer by zeroing the λ_i of the least important triplets.
+Trainable parameters per layer: r · (d_in + d_out + 1).
 """
 
 import math
@@ -26,7 +55,7 @@ from torch import nn
 from reference_impls._plumbing import count_parameters, find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
 
 # The papers.yaml entries this module implements (the site and `catalog check --strict-impl` read it).
-IMPLEMENTS = ("lora",)
+IMPLEMENTS = ("lora", "dora", "vera", "adalora")
 
 
 class LoRALinear(nn.Module):
@@ -72,40 +101,253 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
+class DoRALinear(LoRALinear):
+    """LoRA for the direction, a trained magnitude m per output feature."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__(base, r, alpha, dropout, use_rslora)
+        self.m = nn.Parameter(self.column_norm().detach())  # so that W' = W₀ at the start
+
+    def column_norm(self) -> torch.Tensor:
+        """‖W₀ + s·BA‖ per output feature (the paper's column norm; rows of nn.Linear's weight)."""
+        weight = self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+        return torch.linalg.norm(weight, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base(x)
+        factor = (self.m / self.column_norm().detach()).to(x.dtype)  # m / ‖W₀ + s·BA‖, norm as a constant
+        h_without_bias = nn.functional.linear(x, self.base.weight)
+        update = (self.dropout(x).to(self.A.dtype) @ self.A.T) @ self.B.T
+        h = factor * (h_without_bias + (self.scale * update).to(x.dtype))
+        return h if self.base.bias is None else h + self.base.bias
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self._norm_at_merge = self.column_norm()
+            weight = self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+            self.base.weight.copy_((self.m / self._norm_at_merge).unsqueeze(1) * weight)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            weight = self.base.weight * (self._norm_at_merge / self.m).unsqueeze(1)
+            self.base.weight.copy_(weight - self.delta_weight().to(weight.dtype))
+            self.merged = False
+
+
+def vera_projections(r: int, d_in: int, d_out: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared frozen A (r × d_in) and B (d_out × r): Kaiming-uniform from a seeded generator,
+    so that storing the seed is enough to restore them."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def kaiming_uniform(shape):
+        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])  # gain √2, fan_in = shape[1]
+        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+    return kaiming_uniform((r, d_in)), kaiming_uniform((d_out, r))
+
+
+class VeRALinear(nn.Module):
+    """A frozen nn.Linear plus Λ_b B Λ_d A x, with A and B shared between layers."""
+
+    def __init__(self, base: nn.Linear, shared: "VeRAShared", d_initial: float = 0.1, dropout: float = 0.0,
+                 owns_shared: bool = False):
+        super().__init__()
+        self.base = base
+        self.shared = [shared]  # a plain list: the matrices are registered (and saved) by one layer only
+        if owns_shared:
+            self.shared_projections = shared
+        r = shared.A.shape[0]
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lambda_d = nn.Parameter(torch.full((r,), d_initial, **factory))
+        self.lambda_b = nn.Parameter(torch.zeros(base.out_features, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        shared = self.shared[0]
+        return shared.A[:, :self.base.in_features], shared.B[:self.base.out_features, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        if self.merged:
+            return h
+        A, B = self.projections()
+        x = self.dropout(x).to(self.lambda_d.dtype)
+        return h + (self.lambda_b * ((self.lambda_d * (x @ A.T.to(x.dtype))) @ B.T.to(x.dtype))).to(h.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        A, B = self.projections()
+        return self.lambda_b.unsqueeze(1) * (B.to(self.lambda_b.dtype) * self.lambda_d) @ A.to(self.lambda_b.dtype)
+
+    merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
+
+
+class VeRAShared(nn.Module):
+    """The shared projections, registered once on the model (as buffers: they are never trained)."""
+
+    def __init__(self, r: int, d_in: int, d_out: int, seed: int = 0):
+        super().__init__()
+        A, B = vera_projections(r, d_in, d_out, seed)
+        self.register_buffer("A", A)
+        self.register_buffer("B", B)
+
+
+class SVDLinear(nn.Module):
+    """AdaLoRA's layer: a frozen nn.Linear plus (α/r) · P diag(λ) Q, with λ maskable by rank."""
+
+    def __init__(self, base: nn.Linear, r: int = 12, alpha: float = 32.0, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.r, self.scale = base, r, alpha / r
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.Q = nn.Parameter(torch.randn(r, base.in_features, **factory) * 0.02)  # right singular vectors
+        self.P = nn.Parameter(torch.randn(base.out_features, r, **factory) * 0.02)  # left singular vectors
+        self.lambda_ = nn.Parameter(torch.zeros(r, 1, **factory))  # singular values; 0 → identity at start
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        if self.merged:
+            return h
+        update = (self.dropout(x).to(self.Q.dtype) @ (self.Q * self.lambda_).T) @ self.P.T
+        return h + (self.scale * update).to(h.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * self.P @ (self.Q * self.lambda_)
+
+    merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
+
+
+def orthogonal_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ over AdaLoRA layers of ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F; add it to the loss with a small weight."""
+    terms = []
+    for module in model.modules():
+        if isinstance(module, SVDLinear):
+            eye = torch.eye(module.r, device=module.P.device, dtype=module.P.dtype)
+            terms.append(((module.P.T @ module.P - eye) ** 2).sum() + ((module.Q @ module.Q.T - eye) ** 2).sum())
+    return torch.stack(terms).sum()
+
+
+class RankAllocator:
+    """AdaLoRA's budget: after each backward, score every triplet (P_:i, λ_i, Q_i:) and, on the
+    schedule, zero the λ of the least important ones until `budget` triplets remain in all."""
+
+    def __init__(self, model: nn.Module, target_r: int, total_steps: int, warmup_steps: int = 0,
+                 final_steps: int = 0, mask_every: int = 1, beta1: float = 0.85, beta2: float = 0.85):
+        self.layers = [module for module in model.modules() if isinstance(module, SVDLinear)]
+        self.initial_budget = sum(layer.r for layer in self.layers)
+        self.target_budget = target_r * len(self.layers)
+        self.total, self.warmup, self.final, self.every = total_steps, warmup_steps, final_steps, mask_every
+        self.beta1, self.beta2 = beta1, beta2
+        self.sensitivity: dict[int, torch.Tensor] = {}  # smoothed |w·∂L/∂w|, per parameter
+        self.uncertainty: dict[int, torch.Tensor] = {}
+
+    def budget(self, step: int) -> tuple[int, bool]:
+        """(triplets to keep, whether to mask at this step): warm-up, cubic decrease, then fixed."""
+        if step <= self.warmup:
+            return self.initial_budget, False
+        if step > self.total - self.final:
+            return self.target_budget, True
+        remaining = 1 - (step - self.warmup) / (self.total - self.final - self.warmup)
+        budget = int((self.initial_budget - self.target_budget) * remaining ** 3 + self.target_budget)
+        return budget, step % self.every == 0
+
+    @torch.no_grad()
+    def score(self, parameter: torch.Tensor) -> torch.Tensor:
+        """s(w) = smoothed sensitivity × uncertainty; updated from the current gradient."""
+        key = id(parameter)
+        importance = (parameter * parameter.grad).abs()
+        previous = self.sensitivity.get(key, torch.zeros_like(importance))
+        self.sensitivity[key] = self.beta1 * previous + (1 - self.beta1) * importance
+        previous_uncertainty = self.uncertainty.get(key, torch.zeros_like(importance))
+        self.uncertainty[key] = (self.beta2 * previous_uncertainty
+                                 + (1 - self.beta2) * (importance - self.sensitivity[key]).abs())
+        return self.sensitivity[key] * self.uncertainty[key]
+
+    @torch.no_grad()
+    def step(self, step: int) -> int:
+        """Call after loss.backward(); returns the budget in force."""
+        scores = [(self.score(layer.lambda_).view(-1) + self.score(layer.P).mean(dim=0)
+                   + self.score(layer.Q).mean(dim=1)) for layer in self.layers]
+        budget, mask_now = self.budget(step)
+        if mask_now and budget < self.initial_budget:
+            threshold = torch.kthvalue(torch.cat(scores), self.initial_budget - budget).values
+            for layer, layer_scores in zip(self.layers, scores):
+                layer.lambda_.masked_fill_((layer_scores <= threshold).unsqueeze(1), 0.0)
+        return budget
+
+
 def inject_lora(model: nn.Module, target_names: list[str], r: int = 8, alpha: float = 16.0,
-                dropout: float = 0.0, use_rslora: bool = False) -> list[str]:
-    """Wrap every nn.Linear named in target_names with LoRA and freeze all else; returns their names."""
+                dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False) -> list[str]:
+    """Wrap every nn.Linear named in target_names with LoRA (or DoRA) and freeze all else."""
+    layer = DoRALinear if use_dora else LoRALinear
     targets = find_targets(model, target_names)
     for name in targets:
-        replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora))
-    freeze_all_but(model, LoRALinear, ("A", "B"))
+        replace_module(model, name, layer(model.get_submodule(name), r, alpha, dropout, use_rslora))
+    freeze_all_but(model, layer, ("A", "B", "m") if use_dora else ("A", "B"))
     return targets
 
 
+def inject_vera(model: nn.Module, target_names: list[str], r: int = 256, d_initial: float = 0.1,
+                seed: int = 0, dropout: float = 0.0) -> list[str]:
+    """VeRA on the named layers: one shared pair of projections, sized for the largest layer."""
+    targets = find_targets(model, target_names)
+    layers = [model.get_submodule(name) for name in targets]
+    shared = VeRAShared(r, max(l.in_features for l in layers), max(l.out_features for l in layers), seed)
+    for index, (name, base) in enumerate(zip(targets, layers)):
+        replace_module(model, name, VeRALinear(base, shared, d_initial, dropout, owns_shared=index == 0))
+    freeze_all_but(model, VeRALinear, ("lambda_d", "lambda_b"))
+    return targets
+
+
+def inject_adalora(model: nn.Module, target_names: list[str], r: int = 12, alpha: float = 32.0,
+                   dropout: float = 0.0) -> list[str]:
+    targets = find_targets(model, target_names)
+    for name in targets:
+        replace_module(model, name, SVDLinear(model.get_submodule(name), r, alpha, dropout))
+    freeze_all_but(model, SVDLinear, ("P", "lambda_", "Q"))
+    return targets
+
+
+ADAPTED = (LoRALinear, VeRALinear, SVDLinear)  # DoRALinear is a LoRALinear
+
+
 def merge_lora(model: nn.Module) -> None:
+    """Fold every LoRA-family update into its base weight (any of the four methods)."""
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, ADAPTED):
             module.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, LoRALinear):
+        if isinstance(module, ADAPTED):
             module.unmerge()
 
 
 def demo() -> None:
-    """Adapt a frozen MLP to a new task with rank-4 LoRA on every layer, then merge."""
-    model = toy_model()
+    """Adapt the same frozen MLP to a new task with each method, then merge."""
     x, y = toy_task()
-    inject_lora(model, ["0", "2", "4"], r=4, alpha=8)
-    before, after = train(model, x, y)
-    report("LoRA r=4 on 3 layers", model, before, after)
-    with torch.no_grad():
-        unmerged = model(x)
-        merge_lora(model)
-        print(f"merged into the weights: max output change {(model(x) - unmerged).abs().max().item():.2e}")
-    assert count_parameters(model)[0] == 3 * 4 * (64 + 64)
+    layers = ["0", "2", "4"]
+    # VeRA trains far fewer numbers per rank, so it uses the large ranks and learning rate of its paper.
+    for name, inject, lr in [("LoRA r=4", lambda m: inject_lora(m, layers, r=4, alpha=8), 1e-2),
+                             ("DoRA r=4", lambda m: inject_lora(m, layers, r=4, alpha=8, use_dora=True), 3e-2),
+                             ("VeRA r=256", lambda m: inject_vera(m, layers, r=256, d_initial=1.0), 1e-1),
+                             ("AdaLoRA r=4", lambda m: inject_adalora(m, layers, r=4, alpha=4), 3e-2)]:
+        model = toy_model()
+        inject(model)
+        before, after = train(model, x, y, lr=lr)
+        report(name, model, before, after)
+        with torch.no_grad():
+            unmerged = model(x)
+            merge_lora(model)
+            print(f"  merged into the weights: max output change {(model(x) - unmerged).abs().max().item():.2e}")
+    assert count_parameters(model)[0] == 3 * 4 * (64 + 64 + 1)  # AdaLoRA: r (d_in + d_out + 1) per layer
 
 
 if __name__ == "__main__":

@@ -110,10 +110,156 @@ def test_only_named_linear_layers_are_wrapped():
         inject_lora(Tiny(), ["nope"])
 
 
-def test_demo_runs_and_learns(capsys):
+def test_demo_runs_and_every_method_learns(capsys):
+    import re
     from reference_impls.lora import demo
     demo()
-    out = capsys.readouterr().out
-    before, after = (float(value) for value in out.split("loss on the new task: ")[1].split(" before, ")[0:1]
-                     + [out.split(" before, ")[1].split(" after")[0]])
-    assert after < before / 10
+    losses = re.findall(r"loss on the new task: ([\d.]+) before, ([\d.]+) after", capsys.readouterr().out)
+    assert len(losses) == 4
+    assert all(float(after) < float(before) / 4 for before, after in losses), losses
+
+
+# ---- DoRA, VeRA, AdaLoRA -------------------------------------------------------------------------
+
+from peft import AdaLoraConfig, VeraConfig, get_peft_model  # noqa: E402
+
+from reference_impls.lora import (DoRALinear, RankAllocator, SVDLinear, VeRALinear, inject_adalora,  # noqa: E402
+                                  inject_vera, orthogonal_penalty)
+
+
+def randomise_all(model: nn.Module) -> None:
+    """Non-zero values for every trainable tensor, so that comparisons test something."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_()
+
+
+@pytest.mark.parametrize("method", ["dora", "vera", "adalora"])
+def test_variants_are_identity_at_initialisation_and_count_parameters(method):
+    model = Tiny()
+    reference = copy.deepcopy(model)
+    if method == "dora":
+        inject_lora(model, ["up", "down"], r=3, use_dora=True)
+        expected = 3 * (13 + 29) + 29 + 3 * (29 + 7) + 7  # r (d_in + d_out) + d_out per layer
+    elif method == "vera":
+        inject_vera(model, ["up", "down"], r=5)
+        expected = (5 + 29) + (5 + 7)  # r + d_out per layer
+    else:
+        inject_adalora(model, ["up", "down"], r=3)
+        expected = 3 * (13 + 29 + 1) + 3 * (29 + 7 + 1)  # r (d_in + d_out + 1) per layer
+    x = torch.randn(4, 13)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-6, atol=1e-6)
+    assert count_parameters(model)[0] == expected
+
+
+@pytest.mark.parametrize("method", ["dora", "vera", "adalora"])
+def test_variants_merge_unmerge_round_trip(method):
+    model = Tiny()
+    {"dora": lambda: inject_lora(model, ["up", "down"], r=3, use_dora=True),
+     "vera": lambda: inject_vera(model, ["up", "down"], r=5),
+     "adalora": lambda: inject_adalora(model, ["up", "down"], r=3)}[method]()
+    randomise_all(model)
+    if method == "dora":
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, DoRALinear):
+                    module.m.abs_().add_(0.5)  # magnitudes are positive
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    x = torch.randn(3, 13)
+    unmerged = model(x)
+    merge_lora(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-4, atol=1e-4)
+    unmerge_lora(model)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, weights[name], rtol=1e-4, atol=1e-5)
+
+
+def test_dora_gradients_skip_the_norm_and_reach_m_A_B():
+    model = Tiny()
+    inject_lora(model, ["up"], r=2, use_dora=True)
+    randomise_all(model)
+    model(torch.randn(5, 13)).sum().backward()
+    assert all(p.grad is not None for p in (model.up.A, model.up.B, model.up.m))
+    assert model.up.base.weight.grad is None and model.down.weight.grad is None
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_dora_equals_peft(dtype, tolerance):
+    base = Tiny()
+    ours = copy.deepcopy(base)
+    inject_lora(ours, ["up", "down"], r=3, alpha=5, use_dora=True)
+    theirs = inject_adapter_in_model(LoraConfig(r=3, lora_alpha=5, target_modules=["up", "down"], use_dora=True),
+                                     copy.deepcopy(base))
+    with torch.no_grad():
+        for name in ("up", "down"):
+            layer, mine = getattr(theirs, name), getattr(ours, name)
+            layer.lora_A["default"].weight.normal_()
+            layer.lora_B["default"].weight.normal_()
+            layer.lora_magnitude_vector["default"].weight.uniform_(0.5, 2.0)
+            mine.A.copy_(layer.lora_A["default"].weight)
+            mine.B.copy_(layer.lora_B["default"].weight)
+            mine.m.copy_(layer.lora_magnitude_vector["default"].weight)
+    ours, theirs = ours.to(dtype), theirs.to(dtype)
+    x = torch.randn(2, 9, 13, dtype=dtype)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=tolerance, atol=tolerance)
+
+
+def test_vera_equals_peft_including_the_seeded_projections():
+    base = Tiny()
+    ours = copy.deepcopy(base)
+    inject_vera(ours, ["up", "down"], r=6, seed=1234)
+    # PEFT keeps VeRA's shared projections on its tuner, so it needs get_peft_model, not inject_adapter_in_model.
+    peft_model = get_peft_model(copy.deepcopy(base), VeraConfig(r=6, target_modules=["up", "down"],
+                                                                projection_prng_key=1234))
+    theirs = peft_model.base_model.model
+    # Same seed, same generator: the shared projections agree without copying them.
+    torch.testing.assert_close(ours.up.shared[0].A, theirs.up.vera_A["default"])
+    torch.testing.assert_close(ours.up.shared[0].B, theirs.up.vera_B["default"])
+    with torch.no_grad():
+        for name in ("up", "down"):
+            layer, mine = getattr(theirs, name), getattr(ours, name)
+            layer.vera_lambda_b["default"].normal_()
+            layer.vera_lambda_d["default"].normal_()
+            mine.lambda_b.copy_(layer.vera_lambda_b["default"])
+            mine.lambda_d.copy_(layer.vera_lambda_d["default"])
+    x = torch.randn(3, 4, 13)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_adalora_equals_peft():
+    base = Tiny()
+    ours = copy.deepcopy(base)
+    inject_adalora(ours, ["up", "down"], r=4, alpha=8)
+    theirs = inject_adapter_in_model(AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=100,
+                                                   target_modules=["up", "down"]), copy.deepcopy(base))
+    with torch.no_grad():
+        for name in ("up", "down"):
+            layer, mine = getattr(theirs, name), getattr(ours, name)
+            for tensor in (layer.lora_A["default"], layer.lora_B["default"], layer.lora_E["default"]):
+                tensor.normal_()
+            mine.Q.copy_(layer.lora_A["default"])
+            mine.P.copy_(layer.lora_B["default"])
+            mine.lambda_.copy_(layer.lora_E["default"])
+    x = torch.randn(5, 13)
+    # PEFT divides by r + 1e-5 where the paper divides by r: a relative difference of 1e-5 / r.
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_adalora_budget_schedule_and_masking():
+    model = Tiny()
+    inject_adalora(model, ["up", "down"], r=6)
+    allocator = RankAllocator(model, target_r=2, total_steps=100, warmup_steps=10, final_steps=20, mask_every=5)
+    assert allocator.budget(5) == (12, False)
+    assert allocator.budget(95) == (4, True)
+    budgets = [allocator.budget(step)[0] for step in range(11, 81)]
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] <= 12 and budgets[-1] >= 4
+    randomise_all(model)
+    for step in (1, 2, 95):
+        model.zero_grad()
+        (model(torch.randn(16, 13)) ** 2).mean().backward()
+        kept = allocator.step(step)
+    alive = sum(int((layer.lambda_ != 0).sum()) for layer in model.modules() if isinstance(layer, SVDLinear))
+    assert kept == 4 and alive == 4  # the 8 least important triplets of 12 were zeroed
+    penalty = orthogonal_penalty(model)
+    assert penalty.item() > 0 and penalty.requires_grad
