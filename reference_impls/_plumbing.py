@@ -82,4 +82,4 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300, 
 def report(name: str, model: nn.Module, before: float, after: float) -> None:
     trainable, total = count_parameters(model)
     print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    print(f"loss on the new task: {before:.4f} before, {after:.4f} after training")
+    print(f"loss on the new task: {before:.4g} before, {after:.4g} after training")

@@ -114,7 +114,7 @@ def test_demo_runs_and_every_method_learns(capsys):
     import re
     from reference_impls.lora import demo
     demo()
-    losses = re.findall(r"loss on the new task: ([\d.]+) before, ([\d.]+) after", capsys.readouterr().out)
+    losses = re.findall(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out)
     assert len(losses) == 4
     assert all(float(after) < float(before) / 4 for before, after in losses), losses
 
