@@ -1,0 +1,158 @@
+"""Load adapters saved by HF PEFT (`save_pretrained`) into our reference modules.
+
+    model = AutoModelForCausalLM.from_config(config)      # or any nn.Module with the same names
+    load_peft_adapter(model, "path/to/adapter")            # adapter_config.json + adapter_model.safetensors
+    model(...)                                             # computes what the PEFT model computes
+
+PEFT saves one tensor per adapted module and name, under the module's path inside the PEFT wrapper
+(`base_model.model.<path>.lora_A.weight`). We strip the wrapper's prefix, group the tensors by
+module, wrap each module with the matching reference layer and copy the tensors in. Ranks are read
+from the tensors' shapes, so `rank_pattern` needs no parsing; `alpha_pattern` is matched the way
+PEFT matches it (the pattern must match the end of the module's path). Fields of the config that
+would change what the model computes and that we do not implement raise `UnsupportedAdapter`,
+naming the field.
+
+Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
+(`use_dora`), VeRA, (IA)³ and AdaLoRA.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from reference_impls._plumbing import replace_module
+from reference_impls.ia3 import IA3Linear
+from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
+
+WRAPPER_PREFIX = "base_model.model."
+
+
+class UnsupportedAdapter(ValueError):
+    pass
+
+
+# Fields we read, or whose value cannot change what the loaded model computes: bookkeeping,
+# training-time settings, and settings whose effect is already in the saved tensors (targets,
+# ranks, initialisation). Any other field is accepted only at a neutral value (None, False, 0,
+# empty, "none"), so a PEFT feature we do not implement fails loudly instead of silently.
+HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+           "peft_version", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+           "init_lora_weights", "init_weights", "init_ia3_weights", "r", "lora_alpha", "alpha_pattern",
+           "rank_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "feedforward_modules", "lora_dropout",
+           "vera_dropout", "d_initial", "projection_prng_key", "save_projection", "megatron_core",
+           "qalora_group_size", "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+           "orth_reg_weight", "total_step"}
+
+
+def _neutral(value) -> bool:
+    return value is None or value is False or value == 0 or value in ("none", "") or value == [] or value == {}
+
+
+SUPPORTED_TYPES = ("LORA", "VERA", "IA3", "ADALORA")
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    peft_type = config.get("peft_type")
+    if peft_type not in SUPPORTED_TYPES:
+        raise UnsupportedAdapter(f"peft_type {peft_type!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+    for field, value in config.items():
+        if field not in HANDLED and not _neutral(value):
+            raise UnsupportedAdapter(f"adapter_config.json field {field!r} = {value!r} is not supported")
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    shared = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("base_model.vera_")]}
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        path = key.removeprefix(WRAPPER_PREFIX)
+        match = re.fullmatch(r"(.+?)\.((?:lora|vera|ia3)_[A-Za-z_]+?)(?:\.weight)?", path)
+        if not match:
+            raise UnsupportedAdapter(f"unexpected tensor {key!r} in adapter_model.safetensors")
+        by_module.setdefault(match.group(1), {})[match.group(2)] = tensor
+    loader = {"LORA": _load_lora, "VERA": _load_vera, "IA3": _load_ia3, "ADALORA": _load_adalora}[peft_type]
+    with torch.no_grad():
+        loader(model, config, by_module, shared)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def _base_linear(model: nn.Module, path: str, fan_in_fan_out: bool) -> nn.Linear:
+    """The module at path as an nn.Linear. GPT-2's Conv1D (fan_in_fan_out) stores Wᵀ: transpose it."""
+    module = model.get_submodule(path)
+    if isinstance(module, nn.Linear):
+        return module
+    if type(module).__name__ == "Conv1D" and fan_in_fan_out:
+        d_in, d_out = module.weight.shape
+        linear = nn.Linear(d_in, d_out, bias=module.bias is not None, device=module.weight.device,
+                           dtype=module.weight.dtype)
+        linear.weight.copy_(module.weight.T)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+        return linear
+    raise UnsupportedAdapter(f"module {path!r} is a {type(module).__name__}; only nn.Linear (and GPT-2's Conv1D "
+                             f"with fan_in_fan_out) are supported")
+
+
+def _pattern_value(patterns: dict, path: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+def _load_lora(model, config, by_module, shared):
+    for path, found in by_module.items():
+        base = _base_linear(model, path, config.get("fan_in_fan_out", False))
+        r = found["lora_A"].shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
+        layer_type = DoRALinear if config.get("use_dora") else LoRALinear
+        layer = layer_type(base, r=r, alpha=alpha, use_rslora=config.get("use_rslora", False))
+        layer.A.copy_(found["lora_A"])
+        layer.B.copy_(found["lora_B"])
+        if config.get("use_dora"):
+            layer.m.copy_(found["lora_magnitude_vector"].flatten())
+        replace_module(model, path, layer)
+
+
+def _load_vera(model, config, by_module, shared):
+    if "base_model.vera_A" not in shared:
+        raise UnsupportedAdapter("VeRA adapter saved with save_projection=False: the projections are not in the file")
+    projections = VeRAShared(config["r"], 1, 1)
+    projections.A, projections.B = shared["base_model.vera_A"], shared["base_model.vera_B"]
+    for index, (path, found) in enumerate(by_module.items()):
+        base = _base_linear(model, path, config.get("fan_in_fan_out", False))
+        layer = VeRALinear(base, projections, owns_shared=index == 0)
+        layer.lambda_b.copy_(found["vera_lambda_b"])
+        layer.lambda_d.copy_(found["vera_lambda_d"])
+        replace_module(model, path, layer)
+
+
+def _load_ia3(model, config, by_module, shared):
+    feedforward = config.get("feedforward_modules") or []
+    for path, found in by_module.items():
+        base = _base_linear(model, path, config.get("fan_in_fan_out", False))
+        vector = found["ia3_l"].flatten()
+        # As PEFT decides: a string is a regex over the whole path, a list names path endings.
+        if isinstance(feedforward, str):
+            scale_input = re.fullmatch(feedforward, path) is not None
+        else:
+            scale_input = any(path == name or path.endswith("." + name) for name in feedforward)
+        layer = IA3Linear(base, scale_input=scale_input)
+        layer.l.copy_(vector)
+        replace_module(model, path, layer)
+
+
+def _load_adalora(model, config, by_module, shared):
+    for path, found in by_module.items():
+        base = _base_linear(model, path, config.get("fan_in_fan_out", False))
+        r = found["lora_A"].shape[0]
+        layer = SVDLinear(base, r=r, alpha=config["lora_alpha"] if config.get("lora_alpha", 0) > 0 else r)
+        layer.Q.copy_(found["lora_A"])
+        layer.P.copy_(found["lora_B"])
+        layer.lambda_.copy_(found["lora_E"])
+        replace_module(model, path, layer)

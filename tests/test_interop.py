@@ -1,0 +1,83 @@
+"""Adapters saved by HF PEFT from tiny transformers models load into our modules and give the same logits."""
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, VeraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from reference_impls.interop import UnsupportedAdapter, load_peft_adapter
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+
+
+CASES = {
+    "lora": (tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "rslora": (tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True)),
+    "rank_and_alpha_pattern": (tiny_llama, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+        rank_pattern={"layers.0.self_attn.q_proj": 2, "up_proj": 6}, alpha_pattern={"v_proj": 3, "layers.1.mlp.up_proj": 12})),
+    "lora_gpt2_fan_in_fan_out": (tiny_gpt2, LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj"],
+                                                       fan_in_fan_out=True)),
+    "dora": (tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], use_dora=True)),
+    "vera": (tiny_llama, VeraConfig(r=8, target_modules=["q_proj", "v_proj"], projection_prng_key=7)),
+    "ia3": (tiny_llama, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "adalora": (tiny_llama, AdaLoraConfig(init_r=6, target_r=2, lora_alpha=8, total_step=10,
+                                          target_modules=["q_proj", "v_proj"])),
+}
+
+
+def save_with_nonzero_weights(make_model, config, directory):
+    base = make_model()
+    fresh = copy.deepcopy(base)
+    peft_model = get_peft_model(base, copy.deepcopy(config)).eval()
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if parameter.requires_grad:  # the adapter's own tensors: give them non-zero values
+                parameter.uniform_(0.5, 1.5) if ("magnitude" in name or "ia3" in name) else parameter.normal_(0, 0.3)
+    peft_model.save_pretrained(directory)
+    return peft_model, fresh
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_peft_checkpoint_loads_and_gives_the_same_logits(case, tmp_path):
+    make_model, config = CASES[case]
+    peft_model, fresh = save_with_nonzero_weights(make_model, config, tmp_path)
+    ours = load_peft_adapter(fresh, tmp_path)
+    input_ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        expected = peft_model(input_ids=input_ids).logits
+        got = ours(input_ids=input_ids).logits
+        untouched = make_model()(input_ids=input_ids).logits
+    assert (expected - untouched).abs().max() > 1e-2  # the adapter really changes the output
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert relative <= 1e-5, f"{case}: relative error {relative:.2e}"
+
+
+def test_unsupported_types_and_fields_are_named(tmp_path):
+    peft_model = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    peft_model.save_pretrained(tmp_path / "prefix")
+    with pytest.raises(UnsupportedAdapter, match="peft_type 'PREFIX_TUNING' is not supported"):
+        load_peft_adapter(tiny_llama(), tmp_path / "prefix")
+
+    save_with_nonzero_weights(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora")
+    config_path = tmp_path / "lora" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "bias": "all"}))
+    with pytest.raises(UnsupportedAdapter, match="field 'bias' = 'all' is not supported"):
+        load_peft_adapter(tiny_llama(), tmp_path / "lora")
+    config_path.write_text(json.dumps({**config, "brand_new_option": 1}))
+    with pytest.raises(UnsupportedAdapter, match="field 'brand_new_option' = 1 is not supported"):
+        load_peft_adapter(tiny_llama(), tmp_path / "lora")
