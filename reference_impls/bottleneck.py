@@ -1,0 +1,154 @@
+"""Bottleneck adapters: small down-project, nonlinearity, up-project modules added to a frozen network.
+
+Houlsby, Giurgiu, Jastrzebski, Morrone, de Laroussilhe, Gesmundo, Attariyan, Gelly. "Parameter-
+Efficient Transfer Learning for NLP." ICML 2019. arXiv:1902.00751. The adapter, for a hidden size d
+and a bottleneck size m ≪ d, with its own skip connection:
+
+    A(h) = s · (W_up f(W_down h + b_down) + b_up),     W_down ∈ ℝ^{m×d}, W_up ∈ ℝ^{d×m}
+
+Placements (the module a layer wraps is its "sublayer" F, with input x and output F(x)):
+
+    sequential:   F(x) + A(F(x))    Houlsby: after the attention and the FFN output projections,
+                                    before the residual add; Pfeiffer et al. (AdapterFusion, EACL
+                                    2021, arXiv:2005.00247): after the FFN only.
+    parallel:     F(x) + A(x)       He, Zhou, Ma, Berg-Kirkpatrick, Neubig, "Towards a Unified View of
+                                    Parameter-Efficient Transfer Learning", ICLR 2022, arXiv:2110.04366:
+                                    beside the FFN, with s = 1 or s = 4 ("scaled parallel"); their
+                                    MAM adapter adds prefix tuning on attention (see prompts.py).
+                                    Chen et al., "AdaptFormer", NeurIPS 2022, arXiv:2205.13535: beside a
+                                    ViT's MLP, f = ReLU, s = 0.1.
+
+Bapna & Firat ("Simple, Scalable Adaptation for Neural Machine Translation", EMNLP 2019,
+arXiv:1909.08478) normalise the adapter's input: A(h) = W_up ReLU(W_down LN(h)) (+ biases).
+Vidoni, Vulić, Glavaš ("Orthogonal Language and Task Adapters in Zero-Shot Cross-Lingual
+Transfer", 2020, arXiv:2012.06460) add a penalty that keeps what the adapter adds orthogonal to
+what the frozen layer computes: Σ ‖A(h)ᵀ h‖²_F, summed over adapters (`orthogonality_penalty`).
+
+W_up (and b_up) start at zero, so every adapter starts as the identity. Trainable parameters per
+adapter: 2·d·m + d + m (+ 2·d for the LayerNorm of Bapna & Firat). The nonlinearity keeps adapters
+from being folded into the weights: there is no merge.
+"""
+
+import torch
+from torch import nn
+
+from reference_impls._plumbing import find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
+
+# The methods above, and the entries whose contribution uses plain bottleneck adapters (studies,
+# NMT, speech and vision-language applications).
+IMPLEMENTS = ("houlsby-adapter", "unified-view-peft", "adaptformer", "nmt-adapters", "orthoadapters",
+              "adapters-commonsense-knowledge", "adapter-tuning-effectiveness", "robust-adapter-transfer",
+              "intermediate-task-selection", "monolingual-nmt-adapters", "made", "nmt-language-domain-adapters",
+              "denoising-adapters", "speech-translation-adapters", "wav2vec2-asr-adapters", "vl-adapter")
+
+ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class Adapter(nn.Module):
+    """A(h) = s · (W_up f(W_down [LN] h + b_down) + b_up)."""
+
+    def __init__(self, d: int, m: int, activation: str = "relu", scale: float = 1.0, layer_norm: bool = False,
+                 device=None, dtype=None):
+        super().__init__()
+        self.norm = nn.LayerNorm(d, device=device, dtype=dtype) if layer_norm else nn.Identity()
+        self.down = nn.Linear(d, m, device=device, dtype=dtype)
+        self.f = ACTIVATIONS[activation]()
+        self.up = nn.Linear(m, d, device=device, dtype=dtype)
+        self.scale = scale
+        nn.init.zeros_(self.up.weight)  # identity at the start
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(self.f(self.down(self.norm(h))))
+
+
+class SequentialAdapter(nn.Module):
+    """F(x) + A(F(x)): the adapter reads and corrects the sublayer's output."""
+
+    def __init__(self, sublayer: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.sublayer, self.adapter = sublayer, adapter
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (F(x), A(F(x))) for the penalty
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.sublayer(x)
+        a = self.adapter(h)
+        self.last = (h, a)
+        return h + a
+
+
+class ParallelAdapter(nn.Module):
+    """F(x) + A(x): the adapter runs beside the sublayer on the same input."""
+
+    def __init__(self, sublayer: nn.Module, adapter: Adapter):
+        super().__init__()
+        self.sublayer, self.adapter = sublayer, adapter
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, a = self.sublayer(x), self.adapter(x)
+        self.last = (h, a)
+        return h + a
+
+
+def _width(sublayer: nn.Module, placement: str) -> int:
+    """d: the sublayer's output width (sequential) or its input width, which must equal its output (parallel)."""
+    linears = [module for module in sublayer.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot tell the width of {type(sublayer).__name__}: it has no nn.Linear")
+    d_in, d_out = linears[0].in_features, linears[-1].out_features
+    if placement == "parallel" and d_in != d_out:
+        raise ValueError(f"a parallel adapter needs a sublayer with equal input and output widths, not {d_in} → {d_out}")
+    return d_out
+
+
+def inject_adapters(model: nn.Module, target_names: list[str], m: int = 64, placement: str = "sequential",
+                    activation: str = "relu", scale: float = 1.0, layer_norm: bool = False) -> list[str]:
+    """Wrap the named sublayers (any module) with adapters and freeze all else."""
+    if placement not in ("sequential", "parallel"):
+        raise ValueError(f"placement is 'sequential' or 'parallel', not {placement!r}")
+    wrapper = SequentialAdapter if placement == "sequential" else ParallelAdapter
+    targets = find_targets(model, target_names, kind=nn.Module)
+    for name in targets:
+        sublayer = model.get_submodule(name)
+        weight = next(sublayer.parameters())
+        adapter = Adapter(_width(sublayer, placement), m, activation, scale, layer_norm, weight.device, weight.dtype)
+        replace_module(model, name, wrapper(sublayer, adapter))
+    freeze_all_but(model, Adapter, ("down", "up", "norm"))
+    return targets
+
+
+# The configurations of the papers, as arguments of inject_adapters (m is chosen per model).
+HOULSBY = dict(placement="sequential", activation="swish")  # targets: attention and FFN output projections
+PFEIFFER = dict(placement="sequential", activation="relu")  # target: the FFN output projection only
+PARALLEL = dict(placement="parallel", activation="relu", scale=1.0)  # target: the whole FFN
+SCALED_PARALLEL = dict(placement="parallel", activation="relu", scale=4.0)
+ADAPTFORMER = dict(placement="parallel", activation="relu", scale=0.1)  # target: the ViT MLP
+BAPNA_FIRAT = dict(placement="sequential", activation="relu", layer_norm=True)
+
+
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ ‖A(h)ᵀ h‖²_F over the adapters' last forward pass (Vidoni et al.); tokens are rows."""
+    terms = []
+    for module in model.modules():
+        if isinstance(module, (SequentialAdapter, ParallelAdapter)) and module.last is not None:
+            h, a = (tensor.reshape(-1, tensor.shape[-1]) for tensor in module.last)
+            terms.append(((a.T @ h.detach()) ** 2).sum())
+    if not terms:
+        raise ValueError("no adapter has run a forward pass yet")
+    return torch.stack(terms).sum()
+
+
+def demo() -> None:
+    """Adapt the frozen MLP: sequential adapters after two layers, then a parallel one beside the middle."""
+    x, y = toy_task()
+    for name, targets, config in [("Sequential (Houlsby-style) m=8", ["2", "4"], HOULSBY),
+                                  ("Scaled parallel m=8", ["2"], SCALED_PARALLEL)]:
+        model = toy_model()
+        inject_adapters(model, targets, m=8, **config)
+        before, after = train(model, x, y)
+        report(name, model, before, after)
+
+
+if __name__ == "__main__":
+    demo()

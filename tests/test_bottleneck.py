@@ -1,0 +1,142 @@
+"""Bottleneck adapters against the papers' formulas and, for Houlsby, against AdapterHub `adapters`."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from reference_impls._plumbing import count_parameters
+from reference_impls.bottleneck import (BAPNA_FIRAT, HOULSBY, SCALED_PARALLEL, Adapter, ParallelAdapter,
+                                        SequentialAdapter, inject_adapters, orthogonality_penalty)
+
+
+def block(d=21, d_ff=37):
+    """A sublayer like a Transformer FFN, with odd widths."""
+    return nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ffn = block()
+        self.out = nn.Linear(21, 21)
+
+    def forward(self, x):
+        return self.out(self.ffn(x))
+
+
+def randomise(model):
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Adapter):
+                for parameter in module.parameters():
+                    parameter.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("config", [HOULSBY, SCALED_PARALLEL, BAPNA_FIRAT])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_identity_at_initialisation(config, dtype):
+    model = Net().to(dtype)
+    reference = copy.deepcopy(model)
+    inject_adapters(model, ["ffn"], m=5, **config)
+    x = torch.randn(2, 7, 21, dtype=dtype)
+    assert torch.equal(model(x), reference(x))
+
+
+@pytest.mark.parametrize("config, extra", [(HOULSBY, 0), (BAPNA_FIRAT, 2 * 21)])
+def test_parameter_count(config, extra):
+    model = Net()
+    inject_adapters(model, ["ffn", "out"], m=5, **config)
+    assert count_parameters(model)[0] == 2 * (2 * 21 * 5 + 21 + 5 + extra)  # 2·d·m + d + m (+ 2d) per adapter
+
+
+def test_sequential_and_parallel_follow_their_equations():
+    x = torch.randn(4, 21)
+    for config in (HOULSBY, SCALED_PARALLEL, BAPNA_FIRAT):
+        model = Net()
+        sublayer = copy.deepcopy(model.ffn)
+        inject_adapters(model, ["ffn"], m=6, **config)
+        randomise(model)
+        a = model.ffn.adapter
+        f = {"swish": nn.functional.silu, "relu": nn.functional.relu}[config["activation"]]
+        norm = (lambda h: nn.functional.layer_norm(h, (21,), a.norm.weight, a.norm.bias)) if config.get("layer_norm") \
+            else (lambda h: h)
+        adapter = lambda h: a.scale * (f(norm(h) @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias)
+        h = sublayer(x)
+        expected = h + adapter(h) if config["placement"] == "sequential" else h + adapter(x)
+        torch.testing.assert_close(model.ffn(x), expected)
+    assert SCALED_PARALLEL["scale"] == 4.0
+
+
+def test_gradients_reach_only_the_adapters():
+    model = Net()
+    inject_adapters(model, ["ffn", "out"], m=4, **HOULSBY)
+    randomise(model)
+    model(torch.randn(3, 21)).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == (".adapter." in name), name
+
+
+def test_orthogonality_penalty():
+    model = Net()
+    inject_adapters(model, ["ffn"], m=4, **HOULSBY)
+    model(torch.randn(5, 21))
+    assert orthogonality_penalty(model).item() == 0  # the adapter adds nothing yet
+    randomise(model)
+    h = model.ffn.sublayer(x := torch.randn(5, 21))
+    model(x)
+    a = model.ffn.adapter(h)
+    penalty = orthogonality_penalty(model)
+    torch.testing.assert_close(penalty, ((a.T @ h) ** 2).sum())
+    penalty.backward()
+    assert model.ffn.adapter.up.weight.grad is not None and model.ffn.sublayer[0].weight.grad is None
+
+
+def test_bad_placements_are_refused():
+    with pytest.raises(ValueError, match="equal input and output widths"):
+        inject_adapters(nn.Sequential(nn.Linear(4, 6)), ["0"], m=2, placement="parallel")
+    with pytest.raises(ValueError, match="placement"):
+        inject_adapters(Net(), ["ffn"], placement="diagonal")
+
+
+def test_houlsby_equals_adapterhub_on_a_tiny_bert():
+    import adapters
+    from adapters import DoubleSeqBnConfig
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=40)).eval()
+    ours = copy.deepcopy(base)
+    theirs = copy.deepcopy(base)
+    adapters.init(theirs)
+    theirs.add_adapter("task", config=DoubleSeqBnConfig(reduction_factor=4))
+    theirs.set_active_adapters("task")
+    targets = [f"encoder.layer.{i}.{where}.dense" for i in range(2) for where in ("attention.output", "output")]
+    inject_adapters(ours, targets, m=8, **HOULSBY)
+    with torch.no_grad():
+        for i in range(2):
+            for where in ("attention.output", "output"):
+                hub = theirs.get_submodule(f"encoder.layer.{i}.{where}").adapters["task"]
+                mine = ours.get_submodule(f"encoder.layer.{i}.{where}.dense").adapter
+                for source, target in ((hub.adapter_down[0], mine.down), (hub.adapter_up, mine.up)):
+                    source.weight.normal_(0, 0.2)
+                    source.bias.normal_(0, 0.2)
+                    target.weight.copy_(source.weight)
+                    target.bias.copy_(source.bias)
+    ids = torch.randint(0, 99, (2, 9))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).last_hidden_state
+        got = ours(input_ids=ids).last_hidden_state
+        plain = base(input_ids=ids).last_hidden_state
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_runs_and_learns(capsys):
+    import re
+    from reference_impls.bottleneck import demo
+    demo()
+    losses = re.findall(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out)
+    assert len(losses) == 2 and all(float(after) < float(before) for before, after in losses)
