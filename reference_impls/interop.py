@@ -13,7 +13,9 @@ would change what the model computes and that we do not implement raise `Unsuppo
 naming the field.
 
 Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
-(`use_dora`), VeRA, (IA)³ and AdaLoRA.
+(`use_dora`), VeRA, (IA)³ and AdaLoRA, which are injected into the model in place; and prompt
+tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix tuning
+return a wrapper around the model (they change its inputs), so always use the returned module.
 """
 
 import json
@@ -27,6 +29,7 @@ from torch import nn
 from reference_impls._plumbing import replace_module
 from reference_impls.ia3 import IA3Linear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
+from reference_impls.prompts import AdaptedAttention, PrefixTuning, PromptTuning
 
 WRAPPER_PREFIX = "base_model.model."
 
@@ -45,14 +48,17 @@ HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inf
            "rank_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "feedforward_modules", "lora_dropout",
            "vera_dropout", "d_initial", "projection_prng_key", "save_projection", "megatron_core",
            "qalora_group_size", "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-           "orth_reg_weight", "total_step"}
+           "orth_reg_weight", "total_step", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
+           "num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
+           "tokenizer_name_or_path", "tokenizer_kwargs", "encoder_hidden_size", "prefix_projection",
+           "adapter_len", "adapter_layers"}
 
 
 def _neutral(value) -> bool:
     return value is None or value is False or value == 0 or value in ("none", "") or value == [] or value == {}
 
 
-SUPPORTED_TYPES = ("LORA", "VERA", "IA3", "ADALORA")
+SUPPORTED_TYPES = ("LORA", "VERA", "IA3", "ADALORA", "PROMPT_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT")
 
 
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
@@ -65,6 +71,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         if field not in HANDLED and not _neutral(value):
             raise UnsupportedAdapter(f"adapter_config.json field {field!r} = {value!r} is not supported")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        return _load_prompt(model, config, tensors)
+    if peft_type == "ADAPTION_PROMPT":
+        return _load_adaption_prompt(model, config, tensors)
     shared = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("base_model.vera_")]}
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -156,3 +166,42 @@ def _load_adalora(model, config, by_module, shared):
         layer.P.copy_(found["lora_B"])
         layer.lambda_.copy_(found["lora_E"])
         replace_module(model, path, layer)
+
+
+def _load_prompt(model, config, tensors):
+    """Prompt tuning and prefix tuning save the final vectors (a prefix after its MLP) as one tensor."""
+    if config.get("num_transformer_submodules", 1) != 1:
+        raise UnsupportedAdapter(f"num_transformer_submodules = {config['num_transformer_submodules']} "
+                                 f"(encoder-decoder models) is not supported")
+    if config.get("task_type") not in ("CAUSAL_LM", None):
+        raise UnsupportedAdapter(f"task_type {config['task_type']!r} is not supported for prompts (only CAUSAL_LM)")
+    prompt = tensors["prompt_embeddings"]
+    n = config["num_virtual_tokens"]
+    with torch.no_grad():
+        if config["peft_type"] == "PROMPT_TUNING":
+            wrapper = PromptTuning(model, n=n)
+            wrapper.prompt.copy_(prompt)
+        else:
+            wrapper = PrefixTuning(model, n=n, hidden=None)
+            if wrapper.prefix_input.shape != prompt.shape:
+                raise UnsupportedAdapter(f"prefix of shape {tuple(prompt.shape)} does not fit this model "
+                                         f"(expected {tuple(wrapper.prefix_input.shape)})")
+            wrapper.prefix_input.copy_(prompt)
+    for parameter in wrapper.parameters():
+        parameter.requires_grad_(False)
+    return wrapper
+
+
+def _load_adaption_prompt(model, config, tensors):
+    for key in [key for key in tensors if key.endswith(".adaption_prompt")]:
+        path = key.removeprefix(WRAPPER_PREFIX).removesuffix(".adaption_prompt")
+        attention = model.get_submodule(path)
+        prompt, gate = tensors[key][0], tensors[key.replace("adaption_prompt", "adaption_gate")]
+        adapted = AdaptedAttention(attention, prompt.shape[0], prompt.shape[1], model.config.num_attention_heads)
+        with torch.no_grad():
+            adapted.prompt.copy_(prompt)
+            adapted.gate.copy_(gate.reshape(-1, 1, 1).expand_as(adapted.gate[0]).unsqueeze(0))  # one gate, every head
+        replace_module(model, path, adapted)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model

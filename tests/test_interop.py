@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from peft import AdaLoraConfig, IA3Config, LoraConfig, PrefixTuningConfig, VeraConfig, get_peft_model
+from peft import AdaLoraConfig, IA3Config, LoraConfig, PromptEncoderConfig, VeraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from reference_impls.interop import UnsupportedAdapter, load_peft_adapter
@@ -67,10 +67,11 @@ def test_peft_checkpoint_loads_and_gives_the_same_logits(case, tmp_path):
 
 
 def test_unsupported_types_and_fields_are_named(tmp_path):
-    peft_model = get_peft_model(tiny_llama(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    peft_model.save_pretrained(tmp_path / "prefix")
-    with pytest.raises(UnsupportedAdapter, match="peft_type 'PREFIX_TUNING' is not supported"):
-        load_peft_adapter(tiny_llama(), tmp_path / "prefix")
+    peft_model = get_peft_model(tiny_llama(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
+                                                                  encoder_hidden_size=8))
+    peft_model.save_pretrained(tmp_path / "p_tuning_v1")
+    with pytest.raises(UnsupportedAdapter, match="peft_type 'P_TUNING' is not supported"):
+        load_peft_adapter(tiny_llama(), tmp_path / "p_tuning_v1")
 
     save_with_nonzero_weights(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora")
     config_path = tmp_path / "lora" / "adapter_config.json"

@@ -1,0 +1,193 @@
+"""Prompt-based methods: trainable vectors the frozen model attends to.
+
+Prompt tuning: Lester, Al-Rfou, Constant. "The Power of Scale for Parameter-Efficient Prompt
+Tuning." EMNLP 2021. arXiv:2104.08691. n soft tokens P ∈ ℝ^{n×d} are prepended to the input
+embeddings: X' = [P; X]. Trainable parameters: n·d.
+
+Prefix tuning: Li, Liang. "Prefix-Tuning: Optimizing Continuous Prompts for Generation." ACL 2021.
+arXiv:2101.00190. Every layer l attends to n extra key and value vectors:
+
+    head(x) = softmax(q [P_K^l; K]ᵀ / √d_h) [P_V^l; V]
+
+The prefixes are trained through a reparameterisation, P = MLP(P'), with a smaller P' ∈ ℝ^{n×d_kv}
+(d_kv: one layer's key width) and MLP: d_kv → d_hidden (tanh) → 2·L·d_kv, because optimising P
+directly is unstable; after training only P is kept. Trainable parameters:
+n·d_kv + (d_kv·d_hidden + d_hidden) + (d_hidden·2·L·d_kv + 2·L·d_kv); kept: n·2·L·d_kv.
+P-tuning v2 (Liu, Ji, Fu, Tam, Du, Yang, Tang, ACL 2022, arXiv:2110.07602) is the same deep prompt
+trained directly, without the MLP: `PrefixTuning(..., hidden=None)`.
+
+LLaMA-Adapter: Zhang, Han, Zhou, Hu, Yan, Lu, Li, Gao, Qiao. "LLaMA-Adapter: Efficient Fine-tuning
+of Language Models with Zero-init Attention." ICLR 2024. arXiv:2303.16199. In the top layers, an
+adaption prompt A^l ∈ ℝ^{n×d} is projected by the layer's own key and value projections, and the
+queries attend to it with a separate softmax, scaled by a gate g^l that starts at zero, so
+training starts from the frozen model exactly:
+
+    attention^l(x) + W_o (g^l · softmax(q (A^l W_k)ᵀ / √d_h) (A^l W_v))       (g per head)
+
+Trainable parameters: L_top · (n·d + heads).
+
+All three wrap a Hugging Face causal language model (any model whose forward takes
+inputs_embeds, attention_mask and past_key_values; LLaMA-Adapter needs LLaMA-style attention).
+Prompts and prefixes take positions, so the model sees positions n, n+1, ... for the real tokens.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from reference_impls._plumbing import count_parameters
+
+IMPLEMENTS = ("prompt-tuning", "prefix-tuning", "p-tuning-v2", "llama-adapter")
+
+
+def _freeze(model: nn.Module) -> None:
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def _with_prompt_mask(attention_mask, batch: int, length: int, n: int, device) -> torch.Tensor:
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    return torch.cat([torch.ones(batch, n, dtype=attention_mask.dtype, device=device), attention_mask], dim=1)
+
+
+class PromptTuning(nn.Module):
+    """X' = [P; X] at the input; the logits include the n prompt positions first."""
+
+    def __init__(self, model: nn.Module, n: int = 20):
+        super().__init__()
+        self.model = model
+        _freeze(model)
+        embeddings = model.get_input_embeddings().weight
+        self.prompt = nn.Parameter(torch.randn(n, embeddings.shape[1], dtype=embeddings.dtype) * embeddings.std())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        x = self.model.get_input_embeddings()(input_ids)
+        batch, length = input_ids.shape
+        prompt = self.prompt.to(x.dtype).expand(batch, -1, -1)
+        mask = _with_prompt_mask(attention_mask, batch, length, len(self.prompt), x.device)
+        return self.model(inputs_embeds=torch.cat([prompt, x], dim=1), attention_mask=mask, **kwargs)
+
+
+class PrefixTuning(nn.Module):
+    """Keys and values prepended in every layer, passed to the model as its key/value cache."""
+
+    def __init__(self, model: nn.Module, n: int = 20, hidden: int | None = 512):
+        super().__init__()
+        self.model = model
+        _freeze(model)
+        config = model.config
+        self.layers = config.num_hidden_layers
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        d_kv = self.kv_heads * self.head_dim
+        width = 2 * self.layers * d_kv  # keys and values of every layer
+        if hidden is None:  # P-tuning v2: the prefix itself is trained
+            self.prefix_input = nn.Parameter(torch.randn(n, width) * 0.02)
+            self.mlp = None
+        else:  # prefix tuning: P = MLP(P'), then only P is kept (see freeze_prefix)
+            self.prefix_input = nn.Parameter(torch.randn(n, d_kv) * 0.02)
+            self.mlp = nn.Sequential(nn.Linear(d_kv, hidden), nn.Tanh(), nn.Linear(hidden, width))
+
+    def prefix(self) -> torch.Tensor:
+        """P ∈ ℝ^{n × (2·L·d_kv)}: per position, layer 0's key and value, then layer 1's, ..."""
+        return self.prefix_input if self.mlp is None else self.mlp(self.prefix_input)
+
+    @torch.no_grad()
+    def freeze_prefix(self) -> None:
+        """After training: compute P once and drop the MLP (the reparameterisation is only for training)."""
+        if self.mlp is not None:
+            self.prefix_input = nn.Parameter(self.prefix().detach())
+            self.mlp = None
+
+    def cache(self, batch: int, dtype) -> DynamicCache:
+        n = self.prefix_input.shape[0]
+        # (n, L·2, heads, head_dim) -> (L·2, batch, heads, n, head_dim): entry 2l is layer l's keys, 2l+1 its values.
+        kv = self.prefix().to(dtype).view(n, 2 * self.layers, self.kv_heads, self.head_dim)
+        kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)
+        cache = DynamicCache()
+        for layer in range(self.layers):
+            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+        return cache
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        batch, length = input_ids.shape
+        dtype = self.model.get_input_embeddings().weight.dtype
+        mask = _with_prompt_mask(attention_mask, batch, length, self.prefix_input.shape[0], input_ids.device)
+        return self.model(input_ids=input_ids, attention_mask=mask, past_key_values=self.cache(batch, dtype), **kwargs)
+
+
+class AdaptedAttention(nn.Module):
+    """A LLaMA attention layer plus the gated attention to its adaption prompt."""
+
+    def __init__(self, attention: nn.Module, n: int, hidden_size: int, heads: int):
+        super().__init__()
+        self.attention = attention
+        weight = attention.q_proj.weight
+        self.prompt = nn.Parameter(torch.randn(n, hidden_size, dtype=weight.dtype) * 0.02)
+        self.gate = nn.Parameter(torch.zeros(1, heads, 1, 1, dtype=weight.dtype))  # zero-init: no change at start
+        self.heads = heads
+
+    def forward(self, hidden_states, position_embeddings, **kwargs):
+        output, weights = self.attention(hidden_states=hidden_states, position_embeddings=position_embeddings, **kwargs)
+        attention, (batch, length, _), n = self.attention, hidden_states.shape, self.prompt.shape[0]
+        head_dim = attention.head_dim
+        q = attention.q_proj(hidden_states).view(batch, length, self.heads, head_dim).transpose(1, 2)
+        q, _ = apply_rotary_pos_emb(q, q, *position_embeddings)  # the prompt's keys carry no position
+        kv_heads = attention.k_proj.out_features // head_dim
+        k = attention.k_proj(self.prompt).view(1, n, kv_heads, head_dim).transpose(1, 2)
+        v = attention.v_proj(self.prompt).view(1, n, kv_heads, head_dim).transpose(1, 2)
+        k = k.repeat_interleave(self.heads // kv_heads, dim=1)  # grouped-query attention shares k, v heads
+        v = v.repeat_interleave(self.heads // kv_heads, dim=1)
+        scores = torch.softmax((q @ k.transpose(2, 3)) / math.sqrt(head_dim), dim=-1, dtype=torch.float32)
+        adapted = ((self.gate * scores.to(q.dtype)) @ v).transpose(1, 2).reshape(batch, length, -1)
+        return output + attention.o_proj(adapted), weights
+
+
+def inject_llama_adapter(model: nn.Module, n: int = 10, top_layers: int = 30) -> nn.Module:
+    """Adaption prompts in the top `top_layers` attention layers of a LLaMA-style model; freezes the rest."""
+    _freeze(model)
+    layers = model.model.layers
+    for layer in layers[max(0, len(layers) - top_layers):]:
+        layer.self_attn = AdaptedAttention(layer.self_attn, n, model.config.hidden_size,
+                                           model.config.num_attention_heads)
+    return model
+
+
+def demo() -> None:
+    """Steer a tiny random LLaMA to answer token 7 after any input, training only the prompts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def tiny():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
+
+    generator = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 32, (64, 8), generator=generator)
+    targets = torch.full_like(tokens, 7)  # the new task: whatever came before, predict token 7
+    for name, make in [("Prompt tuning n=8", lambda: PromptTuning(tiny(), n=8)),
+                       ("Prefix tuning n=8", lambda: PrefixTuning(tiny(), n=8, hidden=64)),
+                       ("P-tuning v2 n=8", lambda: PrefixTuning(tiny(), n=8, hidden=None)),
+                       ("LLaMA-Adapter n=8", lambda: inject_llama_adapter(tiny(), n=8, top_layers=2))]:
+        model = make()
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(parameters, lr=1e-1)
+        losses = []
+        for _ in range(60):
+            logits = model(input_ids=tokens).logits[:, -tokens.shape[1]:]  # drop the prompt positions
+            loss = nn.functional.cross_entropy(logits.reshape(-1, 32), targets.reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        trainable, total = count_parameters(model)
+        print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+        print(f"loss on the new task: {losses[0]:.4g} before, {losses[-1]:.4g} after training")
+
+
+if __name__ == "__main__":
+    demo()

@@ -1,0 +1,131 @@
+"""Prompt tuning, prefix tuning / P-tuning v2 and LLaMA-Adapter against their equations and HF PEFT."""
+
+import copy
+
+import pytest
+import torch
+from peft import AdaptionPromptConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+from reference_impls._plumbing import count_parameters
+from reference_impls.interop import load_peft_adapter
+from reference_impls.prompts import AdaptedAttention, PrefixTuning, PromptTuning, inject_llama_adapter
+from test_interop import tiny_llama
+
+N = 5
+IDS = lambda: torch.randint(0, 97, (2, 9))  # fresh tokens each call
+
+
+def peft_prompt_model(config):
+    base = tiny_llama()
+    fresh = copy.deepcopy(base)
+    return get_peft_model(base, config).eval(), fresh
+
+
+def test_prompt_tuning_equals_peft_and_counts_n_times_d():
+    theirs, base = peft_prompt_model(PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N))
+    ours = PromptTuning(base, n=N).eval()
+    with torch.no_grad():
+        ours.prompt.copy_(theirs.prompt_encoder["default"].embedding.weight)
+    ids = IDS()
+    torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert count_parameters(ours)[0] == N * 32
+    assert ours(input_ids=ids).logits.shape[1] == N + ids.shape[1]
+
+
+@pytest.mark.parametrize("projection", [False, True])
+def test_prefix_tuning_equals_peft(projection):
+    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=projection,
+                                encoder_hidden_size=16)
+    theirs, base = peft_prompt_model(config)
+    encoder = theirs.prompt_encoder["default"]
+    ours = PrefixTuning(base, n=N, hidden=16 if projection else None).eval()
+    with torch.no_grad():
+        encoder.embedding.weight.normal_(0, 0.5)
+        ours.prefix_input.copy_(encoder.embedding.weight)
+        if projection:
+            for mine, peft_layer in ((ours.mlp[0], encoder.transform[0]), (ours.mlp[2], encoder.transform[2])):
+                mine.weight.copy_(peft_layer.weight)
+                mine.bias.copy_(peft_layer.bias)
+    theirs.train(False)
+    ids = IDS()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        got = ours(input_ids=ids).logits
+        plain = tiny_llama()(input_ids=ids).logits
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_parameter_counts_and_freezing_the_mlp_keeps_outputs():
+    width = 2 * 2 * 2 * 8  # 2·L·d_kv: keys and values, 2 layers, 2 kv heads of 8
+    assert count_parameters(PrefixTuning(tiny_llama(), n=N, hidden=None))[0] == N * width  # P-tuning v2
+    model = PrefixTuning(tiny_llama(), n=N, hidden=16)
+    assert count_parameters(model)[0] == N * 16 + (16 * 16 + 16) + (16 * width + width)  # P' has d_kv = 16
+    ids = IDS()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.freeze_prefix()
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+    assert model.mlp is None and count_parameters(model)[0] == N * width
+
+
+def test_llama_adapter_is_identity_at_start_and_equals_peft():
+    base = tiny_llama()
+    reference = copy.deepcopy(base)
+    ours = inject_llama_adapter(copy.deepcopy(base), n=4, top_layers=2)
+    ids = IDS()
+    torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits)  # zero gates
+    assert count_parameters(ours)[0] == 2 * (4 * 32 + 4)  # L · (n·d + heads)
+
+    theirs = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4,
+                                                                     adapter_layers=2)).eval()
+    with torch.no_grad():
+        for index in range(2):
+            peft_attention = theirs.base_model.model.model.layers[index].self_attn
+            peft_attention.adaption_prompt.normal_()
+            peft_attention.adaption_gate.fill_(0.7 + index)
+            mine = ours.model.layers[index].self_attn
+            assert isinstance(mine, AdaptedAttention)
+            mine.prompt.copy_(peft_attention.adaption_prompt[0])
+            mine.gate.fill_(0.7 + index)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        got = ours(input_ids=ids).logits
+    assert (expected - reference(input_ids=ids).logits).abs().max() > 1e-3
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_prompts_are_trainable():
+    for model in (PromptTuning(tiny_llama(), n=3), PrefixTuning(tiny_llama(), n=3, hidden=8),
+                  inject_llama_adapter(tiny_llama(), n=3, top_layers=1)):
+        names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
+        assert names and all(any(key in name for key in ("prompt", "prefix", "mlp", "gate")) for name in names), names
+
+
+@pytest.mark.parametrize("config", [
+    PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+    PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+    PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=16),
+    AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2),
+], ids=["prompt", "prefix", "prefix_projection", "adaption_prompt"])
+def test_peft_prompt_checkpoints_load_through_interop(config, tmp_path):
+    theirs, base = peft_prompt_model(config)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.5) if "gate" not in name else parameter.fill_(0.9)
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft_adapter(base, tmp_path)
+    ids = IDS()
+    with torch.no_grad():
+        expected, got = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert relative <= 1e-5, relative
+
+
+def test_demo_runs_and_every_method_learns(capsys):
+    import re
+    from reference_impls.prompts import demo
+    demo()
+    losses = re.findall(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out)
+    assert len(losses) == 4 and all(float(after) < float(before) - 0.3 for before, after in losses), losses
