@@ -1,0 +1,91 @@
+"""Compacter against the PHM equation (explicit Kronecker products) and against AdapterHub `adapters`."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from reference_impls._plumbing import count_parameters
+from reference_impls.phm import PHMLinear, inject_compacter
+from test_bottleneck import Net
+
+
+def test_phm_weight_is_a_sum_of_kronecker_products():
+    rules = nn.Parameter(torch.randn(4, 4, 4))
+    layer = PHMLinear(12, 20, rules, rank=2)
+    with torch.no_grad():
+        layer.t.normal_()
+    expected = sum(torch.kron(rules[i], layer.s[i] @ layer.t[i]) for i in range(4))
+    torch.testing.assert_close(layer.weight(), expected)
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer(x), x @ expected + layer.b)
+    with pytest.raises(ValueError, match="divisible"):
+        PHMLinear(10, 20, rules)
+
+
+def test_identity_at_start_shared_rules_and_parameter_count():
+    model = Net()
+    reference = copy.deepcopy(model)
+    # d = 21 is odd on purpose; n = 3 divides it (21 / 3 = 7, 6 / 3 = 2).
+    inject_compacter(model, ["ffn", "out"], m=6, n=3, rank=1)
+    x = torch.randn(2, 5, 21)
+    assert torch.equal(model(x), reference(x))
+    assert model.ffn.adapter.down.rules is model.out.adapter.up.rules  # one set of slow weights
+    n, r, d, m = 3, 1, 21, 6
+    per_adapter = 2 * n * r * (d // n + m // n) + d + m
+    assert count_parameters(model)[0] == n ** 3 + 2 * per_adapter
+
+
+def test_gradients_reach_only_compacter_parameters():
+    model = Net()
+    inject_compacter(model, ["ffn"], m=6, n=3)
+    with torch.no_grad():
+        model.ffn.adapter.up.t.normal_()
+    model(torch.randn(4, 21)).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == (".adapter." in name), name
+
+
+def test_compacter_equals_adapterhub_on_a_tiny_bert():
+    import adapters
+    from adapters import CompacterConfig
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=99, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=72, max_position_embeddings=40)).eval()
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    adapters.init(theirs)
+    theirs.add_adapter("task", config=CompacterConfig(reduction_factor=8, phm_dim=4))
+    theirs.set_active_adapters("task")
+    targets = [f"encoder.layer.{i}.{where}.dense" for i in range(2) for where in ("attention.output", "output")]
+    inject_compacter(ours, targets, m=8, n=4, rank=1)
+    with torch.no_grad():
+        shared = theirs.base_model.shared_parameters["task"]["phm_rule"]
+        shared.normal_()
+        ours.get_submodule(targets[0]).adapter.down.rules.copy_(shared)
+        for target in targets:
+            hub = theirs.get_submodule(target.removesuffix(".dense")).adapters["task"]
+            mine = ours.get_submodule(target).adapter
+            for source, destination in ((hub.adapter_down[0], mine.down), (hub.adapter_up, mine.up)):
+                source.W_left.normal_()
+                source.W_right.normal_()
+                source.b.normal_()
+                destination.s.copy_(source.W_left)
+                destination.t.copy_(source.W_right)
+                destination.b.copy_(source.b)
+    ids = torch.randint(0, 99, (2, 9))
+    with torch.no_grad():
+        expected, got = theirs(input_ids=ids).last_hidden_state, ours(input_ids=ids).last_hidden_state
+        plain = base(input_ids=ids).last_hidden_state
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_runs_and_learns(capsys):
+    import re
+    from reference_impls.phm import demo
+    demo()
+    before, after = re.search(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out).groups()
+    assert float(after) < float(before) * 0.8
