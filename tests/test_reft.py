@@ -1,0 +1,84 @@
+"""LoReFT against its equation and against AdapterHub `adapters` on a tiny BERT."""
+
+import copy
+
+import torch
+from torch import nn
+
+from reference_impls._plumbing import count_parameters
+from reference_impls.reft import InterventionLayer, LoReFT, inject_loreft
+
+
+def test_intervention_follows_the_equation_and_keeps_R_orthonormal():
+    unit = LoReFT(d=13, r=3)
+    R = unit.R.weight
+    torch.testing.assert_close(R @ R.T, torch.eye(3), rtol=1e-5, atol=1e-5)
+    h = torch.randn(4, 13)
+    W, b = unit.source.weight, unit.source.bias
+    torch.testing.assert_close(unit(h), h + (h @ W.T + b - h @ R.T) @ R)
+    # Inside the subspace, R Φ(h) = W h + b: the representation is moved exactly to the target.
+    torch.testing.assert_close(unit(h) @ R.T, h @ W.T + b, rtol=1e-5, atol=1e-5)
+    # Orthogonal to it, nothing changes.
+    orthogonal_part = lambda x: x - (x @ R.T) @ R
+    torch.testing.assert_close(orthogonal_part(unit(h)), orthogonal_part(h), rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_chosen_positions_change_and_parameters_count():
+    layer = InterventionLayer(nn.Linear(13, 13), d=13, r=2, prefix=2, suffix=3)
+    plain = layer.layer(x := torch.randn(2, 9, 13))
+    out = layer(x)
+    assert torch.equal(out[:, 2:-3], plain[:, 2:-3])
+    assert not torch.allclose(out[:, :2], plain[:, :2]) and not torch.allclose(out[:, -3:], plain[:, -3:])
+    model = nn.Sequential(nn.Linear(13, 13), nn.Linear(13, 13))
+    inject_loreft(model, ["0", "1"], d=13, r=2, prefix=2, suffix=3)
+    assert count_parameters(model)[0] == 2 * 2 * (2 * 2 * 13 + 2)  # layers · units · (2rd + r)
+    tied = nn.Sequential(nn.Linear(13, 13))
+    inject_loreft(tied, ["0"], d=13, r=2, prefix=2, suffix=3, tied=True)
+    assert count_parameters(tied)[0] == 2 * 2 * 13 + 2
+
+
+def test_gradients_reach_only_the_interventions():
+    model = nn.Sequential(nn.Linear(13, 13), nn.GELU(), nn.Linear(13, 13))
+    inject_loreft(model, ["0"], d=13, r=2, prefix=1, suffix=1)
+    model(torch.randn(2, 5, 13)).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == ("first" in name or "last" in name), name
+
+
+def test_loreft_equals_adapterhub_on_a_tiny_bert():
+    import adapters
+    from adapters import LoReftConfig
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    base = BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=37, max_position_embeddings=40)).eval()
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    adapters.init(theirs)
+    theirs.add_adapter("task", config=LoReftConfig(r=2, prefix_positions=3, suffix_positions=2, dropout=0.0))
+    theirs.set_active_adapters("task")
+    inject_loreft(ours, [f"encoder.layer.{i}" for i in range(2)], d=32, r=2, prefix=3, suffix=2)
+    hub_modules = [module for module in theirs.modules() if type(module).__name__ == "ReftModule"]
+    assert len(hub_modules) == 2
+    with torch.no_grad():
+        for index, hub in enumerate(hub_modules):
+            mine = ours.encoder.layer[index]
+            for unit, destination in zip(hub.units, (mine.first, mine.last)):
+                unit.learned_source.weight.normal_()
+                unit.learned_source.bias.normal_()
+                destination.source.load_state_dict(unit.learned_source.state_dict())
+                destination.R.weight = unit.projection.weight  # through the orthogonal parametrisation
+    ids = torch.randint(0, 99, (2, 10))
+    with torch.no_grad():
+        expected, got = theirs(input_ids=ids).last_hidden_state, ours(input_ids=ids).last_hidden_state
+        plain = base(input_ids=ids).last_hidden_state
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_demo_runs_and_learns(capsys):
+    import re
+    from reference_impls.reft import demo
+    demo()
+    before, after = re.search(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out).groups()
+    assert float(after) < float(before) * 0.9
