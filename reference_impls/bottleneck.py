@@ -65,29 +65,28 @@ class Adapter(nn.Module):
 class SequentialAdapter(nn.Module):
     """F(x) + A(F(x)): the adapter reads and corrects the sublayer's output."""
 
-    def __init__(self, sublayer: nn.Module, adapter: Adapter):
+    def __init__(self, sublayer: nn.Module, adapter: nn.Module, track: bool = False):
         super().__init__()
         self.sublayer, self.adapter = sublayer, adapter
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (F(x), A(F(x))) for the penalty
+        # With track, the last (F(x), A(·)) is kept for orthogonality_penalty. Off by default: a
+        # module holding activations cannot be deep-copied and keeps the graph alive.
+        self.track, self.last = track, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.sublayer(x)
         a = self.adapter(h)
-        self.last = (h, a)
+        if self.track:
+            self.last = (h, a)
         return h + a
 
 
-class ParallelAdapter(nn.Module):
+class ParallelAdapter(SequentialAdapter):
     """F(x) + A(x): the adapter runs beside the sublayer on the same input."""
-
-    def __init__(self, sublayer: nn.Module, adapter: Adapter):
-        super().__init__()
-        self.sublayer, self.adapter = sublayer, adapter
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, a = self.sublayer(x), self.adapter(x)
-        self.last = (h, a)
+        if self.track:
+            self.last = (h, a)
         return h + a
 
 
@@ -103,8 +102,10 @@ def _width(sublayer: nn.Module, placement: str) -> int:
 
 
 def inject_adapters(model: nn.Module, target_names: list[str], m: int = 64, placement: str = "sequential",
-                    activation: str = "relu", scale: float = 1.0, layer_norm: bool = False) -> list[str]:
-    """Wrap the named sublayers (any module) with adapters and freeze all else."""
+                    activation: str = "relu", scale: float = 1.0, layer_norm: bool = False,
+                    track: bool = False) -> list[str]:
+    """Wrap the named sublayers (any module) with adapters and freeze all else; track=True keeps
+    what orthogonality_penalty needs."""
     if placement not in ("sequential", "parallel"):
         raise ValueError(f"placement is 'sequential' or 'parallel', not {placement!r}")
     wrapper = SequentialAdapter if placement == "sequential" else ParallelAdapter
@@ -113,7 +114,7 @@ def inject_adapters(model: nn.Module, target_names: list[str], m: int = 64, plac
         sublayer = model.get_submodule(name)
         weight = next(sublayer.parameters())
         adapter = Adapter(_width(sublayer, placement), m, activation, scale, layer_norm, weight.device, weight.dtype)
-        replace_module(model, name, wrapper(sublayer, adapter))
+        replace_module(model, name, wrapper(sublayer, adapter, track))
     freeze_all_but(model, Adapter, ("down", "up", "norm"))
     return targets
 
@@ -131,11 +132,11 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     """Σ ‖A(h)ᵀ h‖²_F over the adapters' last forward pass (Vidoni et al.); tokens are rows."""
     terms = []
     for module in model.modules():
-        if isinstance(module, (SequentialAdapter, ParallelAdapter)) and module.last is not None:
+        if isinstance(module, SequentialAdapter) and module.last is not None:
             h, a = (tensor.reshape(-1, tensor.shape[-1]) for tensor in module.last)
             terms.append(((a.T @ h.detach()) ** 2).sum())
     if not terms:
-        raise ValueError("no adapter has run a forward pass yet")
+        raise ValueError("no tracked adapter has run a forward pass (inject with track=True)")
     return torch.stack(terms).sum()
 
 

@@ -35,8 +35,15 @@ class LoReFT(nn.Module):
         self.source = nn.Linear(d, r)  # W h + b
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        R = self.R.weight
+        R = self.R.weight.to(h.dtype)
         return h + (self.source(h) - h @ R.T) @ R
+
+    def _apply(self, fn, recurse=True):
+        # The orthogonal parametrisation has no half-precision kernels on the CPU: R stays in fp32
+        # whatever the model is cast to, and is cast where it is used.
+        super()._apply(fn, recurse)
+        self.R.float()
+        return self
 
 
 class InterventionLayer(nn.Module):

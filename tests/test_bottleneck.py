@@ -80,7 +80,9 @@ def test_gradients_reach_only_the_adapters():
 
 def test_orthogonality_penalty():
     model = Net()
-    inject_adapters(model, ["ffn"], m=4, **HOULSBY)
+    inject_adapters(model, ["ffn"], m=4, track=True, **HOULSBY)
+    with pytest.raises(ValueError, match="track=True"):
+        orthogonality_penalty(Net())
     model(torch.randn(5, 21))
     assert orthogonality_penalty(model).item() == 0  # the adapter adds nothing yet
     randomise(model)

@@ -89,3 +89,16 @@ def test_demo_runs_and_learns(capsys):
     demo()
     before, after = re.search(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out).groups()
     assert float(after) < float(before) * 0.8
+
+
+def test_bf16_matches_fp32():
+    model = Net()
+    inject_compacter(model, ["ffn", "out"], m=6, n=3)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, PHMLinear):
+                module.t.normal_()
+    x = torch.randn(2, 5, 21)
+    expected = model(x)
+    torch.testing.assert_close(copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float(), expected,
+                               rtol=5e-2, atol=5e-2)

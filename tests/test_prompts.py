@@ -129,3 +129,18 @@ def test_demo_runs_and_every_method_learns(capsys):
     demo()
     losses = re.findall(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out)
     assert len(losses) == 4 and all(float(after) < float(before) - 0.3 for before, after in losses), losses
+
+
+def test_bf16_matches_fp32():
+    for make in (lambda m: PromptTuning(m, n=3), lambda m: PrefixTuning(m, n=3, hidden=None),
+                 lambda m: inject_llama_adapter(m, n=3, top_layers=2)):
+        model = make(tiny_llama()).eval()
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if parameter.requires_grad:
+                    parameter.normal_(0, 0.5)
+        ids = IDS()
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits
+            got = copy.deepcopy(model).to(torch.bfloat16)(input_ids=ids).logits.float()
+        assert ((got - expected).norm() / expected.norm()).item() < 3e-2

@@ -82,3 +82,12 @@ def test_demo_runs_and_learns(capsys):
     demo()
     before, after = re.search(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out).groups()
     assert float(after) < float(before) * 0.9
+
+
+def test_bf16_matches_fp32():
+    model = nn.Sequential(nn.Linear(13, 13), nn.GELU(), nn.Linear(13, 13))
+    inject_loreft(model, ["0"], d=13, r=3, prefix=2, suffix=2)
+    x = torch.randn(2, 7, 13)
+    expected = model(x)
+    torch.testing.assert_close(copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float(), expected,
+                               rtol=5e-2, atol=5e-2)
