@@ -24,6 +24,10 @@ Vidoni, Vulić, Glavaš ("Orthogonal Language and Task Adapters in Zero-Shot Cro
 Transfer", 2020, arXiv:2012.06460) add a penalty that keeps what the adapter adds orthogonal to
 what the frozen layer computes: Σ ‖A(h)ᵀ h‖²_F, summed over adapters (`orthogonality_penalty`).
 
+AdapterDrop (Rücklé, Geigle, Glockner, Beck, Pfeiffer, Reimers, Gurevych, EMNLP 2021,
+arXiv:2010.11918) removes the adapters of the lowest layers, in training and at inference, to save
+time at a small cost in accuracy (`drop_adapters`).
+
 W_up (and b_up) start at zero, so every adapter starts as the identity. Trainable parameters per
 adapter: 2·d·m + d + m (+ 2·d for the LayerNorm of Bapna & Firat). The nonlinearity keeps adapters
 from being folded into the weights: there is no merge.
@@ -36,7 +40,7 @@ from reference_impls._plumbing import find_targets, freeze_all_but, replace_modu
 
 # The methods above, and the entries whose contribution uses plain bottleneck adapters (studies,
 # NMT, speech and vision-language applications).
-IMPLEMENTS = ("houlsby-adapter", "unified-view-peft", "adaptformer", "nmt-adapters", "orthoadapters",
+IMPLEMENTS = ("houlsby-adapter", "unified-view-peft", "adaptformer", "nmt-adapters", "orthoadapters", "adapterdrop",
               "adapters-commonsense-knowledge", "adapter-tuning-effectiveness", "robust-adapter-transfer",
               "intermediate-task-selection", "monolingual-nmt-adapters", "made", "nmt-language-domain-adapters",
               "denoising-adapters", "speech-translation-adapters", "wav2vec2-asr-adapters", "vl-adapter")
@@ -71,9 +75,12 @@ class SequentialAdapter(nn.Module):
         # With track, the last (F(x), A(·)) is kept for orthogonality_penalty. Off by default: a
         # module holding activations cannot be deep-copied and keeps the graph alive.
         self.track, self.last = track, None
+        self.dropped = False  # AdapterDrop: when set, the sublayer runs alone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.sublayer(x)
+        if self.dropped:
+            return h
         a = self.adapter(h)
         if self.track:
             self.last = (h, a)
@@ -84,6 +91,8 @@ class ParallelAdapter(SequentialAdapter):
     """F(x) + A(x): the adapter runs beside the sublayer on the same input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dropped:
+            return self.sublayer(x)
         h, a = self.sublayer(x), self.adapter(x)
         if self.track:
             self.last = (h, a)
@@ -126,6 +135,15 @@ PARALLEL = dict(placement="parallel", activation="relu", scale=1.0)  # target: t
 SCALED_PARALLEL = dict(placement="parallel", activation="relu", scale=4.0)
 ADAPTFORMER = dict(placement="parallel", activation="relu", scale=0.1)  # target: the ViT MLP
 BAPNA_FIRAT = dict(placement="sequential", activation="relu", layer_norm=True)
+
+
+def drop_adapters(model: nn.Module, lowest: int) -> list[str]:
+    """AdapterDrop: switch off the adapters of the `lowest` first adapted places (in module order,
+    i.e. the lowest layers); returns their names. drop_adapters(model, 0) switches all back on."""
+    wrapped = [(name, module) for name, module in model.named_modules() if isinstance(module, SequentialAdapter)]
+    for index, (_, module) in enumerate(wrapped):
+        module.dropped = index < lowest
+    return [name for name, _ in wrapped[:lowest]]
 
 
 def orthogonality_penalty(model: nn.Module) -> torch.Tensor:

@@ -142,3 +142,17 @@ def test_demo_runs_and_learns(capsys):
     demo()
     losses = re.findall(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out)
     assert len(losses) == 2 and all(float(after) < float(before) for before, after in losses)
+
+
+def test_adapter_drop_switches_off_the_lowest_adapters():
+    from reference_impls.bottleneck import drop_adapters
+    model = Net()
+    inject_adapters(model, ["ffn", "out"], m=4, **HOULSBY)
+    randomise(model)
+    x = torch.randn(3, 21)
+    full = model(x)
+    assert drop_adapters(model, 1) == ["ffn"]
+    assert model.ffn.dropped and not model.out.dropped
+    torch.testing.assert_close(model(x), model.out(model.ffn.sublayer(x)))  # the lowest adapter is gone
+    drop_adapters(model, 0)
+    torch.testing.assert_close(model(x), full)
