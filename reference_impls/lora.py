@@ -53,6 +53,7 @@ import torch
 from torch import nn
 
 from reference_impls._plumbing import count_parameters, find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
+from reference_impls.kernels.fused_lora import fused_lora
 
 # The papers.yaml entries this module implements (the site and `catalog check --strict-impl` read it).
 IMPLEMENTS = ("lora", "dora", "vera", "adalora")
@@ -78,6 +79,9 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and not self.merged and isinstance(self.dropout, nn.Identity) and type(self) is LoRALinear:
+            # On a GPU: the same function, with the update added inside the GEMM (kernels/fused_lora.py).
+            return fused_lora(x, self.base.weight, self.A, self.B, self.scale, self.base.bias)
         h = self.base(x)
         if self.merged:
             return h

@@ -1,0 +1,251 @@
+"""Check every Triton kernel against its reference, then time it beside PEFT, plain PyTorch and the floor.
+
+    python benchmarks/kernels.py            on a GPU: checks in bf16 and fp32, then timings; writes
+                                            benchmarks/results/kernels-<device>.json
+    python benchmarks/kernels.py --smoke    on a CPU: the same script end to end, through Triton's
+                                            interpreter on tiny shapes (timings printed, not judged)
+
+Timing (GPU): each variant is captured in a CUDA graph that runs it over several input sets whose
+total size exceeds the L2 cache, so every run reads its operands from memory; the median of the
+graph's replays, divided by the number of sets, is the time of one call. The floor is the larger of
+bytes moved / measured copy bandwidth and flops / measured GEMM rate (both measured in the same run).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from reference_impls.kernels.fused_lora import FusedLoRAFunction, reference_fused_lora  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"
+L2_BYTES = 64 * 2 ** 20  # at least an H100/H200's L2 (50 MB): rotate through more than this
+
+
+def relative_error(got, expected) -> float:
+    return ((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+def time_call(make_call, set_bytes: int, repeats: int, graph: bool = True) -> float:
+    """Median milliseconds of one call; make_call(i) returns a closure over input set i. With
+    graph=False (autograd's backward, which allocates as it goes) the calls are timed with events."""
+    sets = max(2, -(-L2_BYTES // max(set_bytes, 1))) if DEVICE == "cuda" and graph else 1
+    calls = [make_call(i) for i in range(sets)]
+    if DEVICE == "cuda" and not graph:
+        for call in calls * 3:
+            call()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for _ in range(repeats):
+            start.record()
+            calls[0]()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end))
+        return statistics.median(samples)
+    if DEVICE != "cuda":  # smoke: wall clock, never judged
+        samples = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            calls[0]()
+            samples.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(samples)
+    for call in calls:  # warm-up: compilation, autotuning, allocations
+        call()
+    torch.cuda.synchronize()
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / len(calls))
+    return statistics.median(samples)
+
+
+def measure_ceilings(dtype) -> dict:
+    """Copy bandwidth (bytes read + written per second) and GEMM rate, measured now on this device."""
+    n = 2 ** 28 if DEVICE == "cuda" else 2 ** 20
+    source = torch.randn(n // 2, device=DEVICE, dtype=dtype)
+    target = torch.empty_like(source)
+    copy_ms = time_call(lambda i: (lambda: target.copy_(source)), 0, 20)
+    size = 8192 if DEVICE == "cuda" else 256
+    a, b = torch.randn(size, size, device=DEVICE, dtype=dtype), torch.randn(size, size, device=DEVICE, dtype=dtype)
+    gemm_ms = time_call(lambda i: (lambda: a @ b), 0, 10)
+    return {"copy_bytes_per_s": 2 * source.numel() * source.element_size() / (copy_ms / 1e3),
+            "gemm_flops_per_s": 2 * size ** 3 / (gemm_ms / 1e3)}
+
+
+def floor_ms(bytes_moved: float, flops: float, ceilings: dict) -> float:
+    return 1e3 * max(bytes_moved / ceilings["copy_bytes_per_s"], flops / ceilings["gemm_flops_per_s"])
+
+
+# ---- the fused LoRA linear ---------------------------------------------------------------------
+
+def lora_inputs(M, K, N, r, dtype, requires_grad=False):
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
+    W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    A = (torch.randn(r, K, device=DEVICE, dtype=dtype) / K ** 0.5).requires_grad_(requires_grad)
+    B = torch.randn(N, r, device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
+    return x, W, A, B
+
+
+def peft_lora_layer(W, A, B, r):
+    from peft import LoraConfig, inject_adapter_in_model
+    base = nn.Sequential(nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype))
+    with torch.no_grad():
+        base[0].weight.copy_(W)
+    model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["0"]), base)
+    with torch.no_grad():
+        model[0].lora_A["default"].weight.copy_(A)
+        model[0].lora_B["default"].weight.copy_(B)
+    return model
+
+
+def check_fused_lora(shapes, dtypes) -> list[dict]:
+    rows = []
+    for M, K, N, r in shapes:
+        for dtype in dtypes:
+            x, W, A, B = lora_inputs(M, K, N, r, dtype, requires_grad=True)
+            y = FusedLoRAFunction.apply(x, W, A, B, 1.0, None)
+            expected = reference_fused_lora(x.double(), W.double(), A.double(), B.double(), 1.0)
+            dy = torch.randn_like(y)
+            y.backward(dy)
+            grads = [t.grad.clone() for t in (x, A, B)]
+            xd, Ad, Bd = (t.detach().double().requires_grad_() for t in (x, A, B))
+            reference_fused_lora(xd, W.double(), Ad, Bd, 1.0).backward(dy.double())
+            errors = [relative_error(y, expected)] + [relative_error(g, e.grad) for g, e in zip(grads, (xd, Ad, Bd))]
+            limit = 1e-2 if dtype == torch.bfloat16 else (2e-2 if dtype == torch.float16 else 1e-3)
+            rows.append({"kernel": "fused_lora", "shape": f"M={M} K={K} N={N} r={r}", "dtype": str(dtype).split(".")[-1],
+                         "max_relative_error": max(errors), "limit": limit, "ok": max(errors) <= limit})
+    return rows
+
+
+def time_fused_lora(token_counts, K, N, r, dtype, ceilings, repeats) -> list[dict]:
+    rows = []
+    size = torch.tensor([], dtype=dtype).element_size()
+    for M in token_counts:
+        sets = []
+
+        def make(kind):
+            def make_call(i):
+                while len(sets) <= i:
+                    x, W, A, B = lora_inputs(M, K, N, r, dtype)
+                    sets.append((x, W, A, B, peft_lora_layer(W, A, B, r)))
+                x, W, A, B, peft_layer = sets[i]
+                return {"ours": lambda: FusedLoRAFunction.apply(x, W, A, B, 1.0, None),
+                        "peft": lambda: peft_layer(x),
+                        "base": lambda: nn.functional.linear(x, W)}[kind]
+            return make_call
+
+        set_bytes = (M * K + N * K + M * N + r * (K + N)) * size
+        with torch.no_grad():
+            times = {kind: time_call(make(kind), set_bytes, repeats) for kind in ("ours", "peft", "base")}
+        flops = 2 * M * N * K + 2 * M * r * (K + N)
+        floor = floor_ms(set_bytes, flops, ceilings)
+        goal = 1.25 if M <= 128 else 1.10
+        rows.append({"kernel": "fused_lora forward", "shape": f"M={M} K={K} N={N} r={r}",
+                     "ours_ms": times["ours"], "peft_ms": times["peft"], "base_ms": times["base"], "floor_ms": floor,
+                     "ours_over_base": times["ours"] / times["base"], "peft_over_base": times["peft"] / times["base"],
+                     "floor_over_base": floor / times["base"], "goal_ours_over_base": goal,
+                     "goal_met": times["ours"] / times["base"] <= goal})
+    return rows
+
+
+def time_training_step(M, K, N, r, dtype, repeats) -> dict:
+    """Forward and backward with W frozen: ours, PEFT, and the frozen base alone (x still needs its gradient)."""
+    x, W, A, B = lora_inputs(M, K, N, r, dtype, requires_grad=True)
+    peft_layer = peft_lora_layer(W, A, B, r)
+    for parameter in peft_layer.parameters():
+        parameter.requires_grad_(parameter is not peft_layer[0].weight)
+    dy = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    step = {"ours": lambda: FusedLoRAFunction.apply(x, W, A, B, 1.0, None).backward(dy),
+            "peft": lambda: peft_layer(x).backward(dy),
+            "base": lambda: nn.functional.linear(x, W).backward(dy)}
+    set_bytes = (M * K + N * K + M * N) * x.element_size()
+    # At this size one set of operands is already larger than the L2 cache, so no rotation is needed.
+    times = {kind: time_call(lambda i, call=call: call, set_bytes, repeats, graph=False) for kind, call in step.items()}
+    return {"kernel": "LoRA training step (fwd+bwd, frozen W)", "shape": f"M={M} K={K} N={N} r={r}",
+            "ours_ms": times["ours"], "peft_ms": times["peft"], "base_ms": times["base"],
+            "ours_over_base": times["ours"] / times["base"], "peft_over_base": times["peft"] / times["base"],
+            "goal_ours_over_base": 1.10, "goal_met": times["ours"] / times["base"] <= 1.10}
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes; timings not judged")
+    parser.add_argument("--out", help="where to write the JSON (default on a GPU: benchmarks/results/"
+                                      "kernels-<device>.json; a smoke run writes one only when asked)")
+    args = parser.parse_args()
+    if DEVICE != "cuda" and not args.smoke:
+        print("no CUDA device: run with --smoke on a CPU, or on the GPU machine", file=sys.stderr)
+        return 2
+    torch.manual_seed(int(time.time()))  # fresh inputs on every run
+    if args.smoke:
+        dtype, check_dtypes, repeats = torch.float32, [torch.float32, torch.float16], 3
+        check_shapes, K, N, r, token_counts, train_tokens = [(7, 48, 40, 4)], 64, 48, 4, [1, 9], 9
+    else:
+        dtype, check_dtypes, repeats = torch.bfloat16, [torch.bfloat16, torch.float32], 50
+        check_shapes = [(1, 4096, 4096, 16), (77, 4096, 4096, 16), (1000, 1000, 1001, 13)]
+        K, N, r, token_counts, train_tokens = 4096, 4096, 16, [1, 16, 128, 1024, 8192], 8192
+
+    checks = check_fused_lora(check_shapes, check_dtypes)
+    ceilings = measure_ceilings(dtype)
+    timings = time_fused_lora(token_counts, K, N, r, dtype, ceilings, repeats)
+    timings.append(time_training_step(train_tokens, K, N, r, dtype, repeats))
+
+    print(f"{'kernel':<42} {'shape':<26} {'dtype':<8} {'rel. error':>10}  ok")
+    for row in checks:
+        print(f"{row['kernel']:<42} {row['shape']:<26} {row['dtype']:<8} {row['max_relative_error']:>10.2e}  {row['ok']}")
+    print(f"\n{'timed (median ms)':<42} {'shape':<26} {'ours/base':>9} {'PEFT/base':>9} {'floor/base':>10} {'goal':>6}")
+    for row in timings:
+        floor = f"{row['floor_over_base']:.3f}" if "floor_over_base" in row else "-"
+        print(f"{row['kernel']:<42} {row['shape']:<26} {row['ours_over_base']:>9.3f} {row['peft_over_base']:>9.3f} "
+              f"{floor:>10} {'≤' + format(row['goal_ours_over_base'], '.2f'):>6}" + ("" if args.smoke else
+                                                                                   f"  {'met' if row['goal_met'] else 'MISSED'}"))
+    if args.smoke:
+        print("\n(smoke run: interpreter on a CPU; the timings above say nothing about GPU speed)")
+
+    import triton
+    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "command": "python benchmarks/kernels.py" + (" --smoke" if args.smoke else ""),
+              "device": device_name, "smoke": args.smoke,
+              "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                           "cuda": torch.version.cuda},
+              "ceilings": ceilings, "checks": checks, "timings": timings}
+    out = Path(args.out) if args.out else (None if args.smoke else Path(__file__).resolve().parent / "results" /
+                                           f"kernels-{device_name.replace(' ', '_')}.json")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {out}")
+    return 0 if all(row["ok"] for row in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
