@@ -30,6 +30,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reference_impls.kernels.fused_lora import FusedLoRAFunction, reference_fused_lora  # noqa: E402
+from reference_impls.kernels.punica import bgmv, reference_shrink_expand, segments_of, sgmv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"
 L2_BYTES = 64 * 2 ** 20  # at least an H100/H200's L2 (50 MB): rotate through more than this
@@ -193,6 +194,61 @@ def time_training_step(M, K, N, r, dtype, repeats) -> dict:
             "goal_ours_over_base": 1.10, "goal_met": times["ours"] / times["base"] <= 1.10}
 
 
+# ---- Punica: many adapters in one batch -------------------------------------------------------
+
+def check_punica(M, K, N, r, L, dtypes) -> list[dict]:
+    rows = []
+    for dtype in dtypes:
+        x, y = torch.randn(M, K, device=DEVICE, dtype=dtype), torch.randn(M, N, device=DEVICE, dtype=dtype)
+        A = torch.randn(L, r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+        B = torch.randn(L, N, r, device=DEVICE, dtype=dtype)
+        per_row = torch.randint(-1, L, (M,), device=DEVICE)
+        segmented = per_row.sort().values
+        expected_row = reference_shrink_expand(y.double(), x.double(), A.double(), B.double(), per_row, 1.0)
+        expected_seg = reference_shrink_expand(y.double(), x.double(), A.double(), B.double(), segmented, 1.0)
+        errors = {"bgmv": relative_error(bgmv(y.clone(), x, A, B, per_row.to(torch.int32), 1.0), expected_row),
+                  "sgmv": relative_error(sgmv(y.clone(), x, A, B, *segments_of(segmented), 1.0), expected_seg)}
+        limit = 1e-2 if dtype == torch.bfloat16 else (2e-2 if dtype == torch.float16 else 1e-3)
+        for name, error in errors.items():
+            rows.append({"kernel": f"punica {name}", "shape": f"M={M} K={K} N={N} r={r} L={L}",
+                         "dtype": str(dtype).split(".")[-1], "max_relative_error": error, "limit": limit,
+                         "ok": error <= limit})
+    return rows
+
+
+def time_decode_many_adapters(requests, K, N, r, dtype, repeats) -> dict:
+    """`requests` decode rows, each on its own adapter: our BGMV, gather + bmm, PEFT's mixed batch, base."""
+    from peft import LoraConfig, inject_adapter_in_model
+    x = torch.randn(requests, K, device=DEVICE, dtype=dtype)
+    W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    A = torch.randn(requests, r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    B = torch.randn(requests, N, r, device=DEVICE, dtype=dtype)
+    ids = torch.arange(requests, device=DEVICE, dtype=torch.int32)
+    base = nn.Sequential(nn.Linear(K, N, bias=False, device=DEVICE, dtype=dtype))
+    with torch.no_grad():
+        base[0].weight.copy_(W)
+    for index in range(requests):
+        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["0"]), base, adapter_name=f"a{index}")
+    with torch.no_grad():
+        for index in range(requests):
+            base[0].lora_A[f"a{index}"].weight.copy_(A[index])
+            base[0].lora_B[f"a{index}"].weight.copy_(B[index])
+    names = [f"a{index}" for index in range(requests)]
+    calls = {"ours": lambda: bgmv(nn.functional.linear(x, W), x, A, B, ids, 1.0),
+             "gather_bmm": lambda: nn.functional.linear(x, W) + torch.bmm(
+                 torch.bmm(x.unsqueeze(1), A[ids.long()].transpose(1, 2)), B[ids.long()].transpose(1, 2)).squeeze(1),
+             "peft": lambda: base[0](x, adapter_names=names),
+             "base": lambda: nn.functional.linear(x, W)}
+    set_bytes = (requests * K + N * K + requests * N + requests * r * (K + N)) * x.element_size()
+    with torch.no_grad():
+        times = {kind: time_call(lambda i, call=call: call, set_bytes, repeats) for kind, call in calls.items()}
+    return {"kernel": "punica bgmv decode, one adapter per request", "shape": f"M={requests} K={K} N={N} r={r}",
+            "ours_ms": times["ours"], "gather_bmm_ms": times["gather_bmm"], "peft_ms": times["peft"],
+            "base_ms": times["base"], "ours_over_base": times["ours"] / times["base"],
+            "gather_bmm_over_base": times["gather_bmm"] / times["base"], "peft_over_base": times["peft"] / times["base"],
+            "goal_ours_over_base": 1.3, "goal_met": times["ours"] / times["base"] <= 1.3}
+
+
 # ---- main --------------------------------------------------------------------------------------
 
 def main() -> int:
@@ -214,9 +270,11 @@ def main() -> int:
         K, N, r, token_counts, train_tokens = 4096, 4096, 16, [1, 16, 128, 1024, 8192], 8192
 
     checks = check_fused_lora(check_shapes, check_dtypes)
+    checks += check_punica(*((23, 48, 40, 4, 5) if args.smoke else (1000, 4096, 4096, 16, 64)), check_dtypes)
     ceilings = measure_ceilings(dtype)
     timings = time_fused_lora(token_counts, K, N, r, dtype, ceilings, repeats)
     timings.append(time_training_step(train_tokens, K, N, r, dtype, repeats))
+    timings.append(time_decode_many_adapters(8 if args.smoke else 64, K, N, r, dtype, repeats))
 
     print(f"{'kernel':<42} {'shape':<26} {'dtype':<8} {'rel. error':>10}  ok")
     for row in checks:

@@ -1,0 +1,76 @@
+"""Punica's SGMV and BGMV kernels against the dense per-row computation."""
+
+import pytest
+import torch
+
+from reference_impls.kernels.punica import MultiLoRALinear, bgmv, reference_shrink_expand, segments_of, sgmv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])
+
+
+def relative_error(got, expected):
+    return ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+
+
+def stacks(L, r, K, N, dtype):
+    A = torch.randn(L, r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    B = torch.randn(L, N, r, device=DEVICE, dtype=dtype)
+    return A, B
+
+
+@pytest.mark.parametrize("dtype, tolerance", DTYPES)
+@pytest.mark.parametrize("M, K, N, r, L", [(13, 70, 45, 4, 5), (1, 33, 17, 16, 2), (40, 64, 130, 8, 3)])
+def test_bgmv_equals_reference(M, K, N, r, L, dtype, tolerance):
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    y = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    A, B = stacks(L, r, K, N, dtype)
+    adapter_of_row = torch.randint(-1, L, (M,), device=DEVICE)  # random adapters, some rows with none
+    expected = reference_shrink_expand(y, x, A, B, adapter_of_row, 0.5)
+    got = bgmv(y.clone(), x, A, B, adapter_of_row.to(torch.int32), 0.5)
+    assert relative_error(got, expected) < tolerance
+    untouched = adapter_of_row < 0
+    assert torch.equal(got[untouched], y[untouched])  # rows without an adapter are left exactly as they were
+
+
+@pytest.mark.parametrize("dtype, tolerance", DTYPES)
+def test_sgmv_equals_reference_on_segments_of_odd_lengths(dtype, tolerance):
+    lengths, adapters = [5, 37, 1, 16, 9], [2, 0, -1, 2, 1]
+    M, K, N, r, L = sum(lengths), 50, 70, 6, 3
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    y = torch.randn(M, N, device=DEVICE, dtype=dtype)
+    A, B = stacks(L, r, K, N, dtype)
+    adapter_of_row = torch.cat([torch.full((n,), a, device=DEVICE) for n, a in zip(lengths, adapters)])
+    starts, segment_adapter = segments_of(adapter_of_row)
+    assert starts.tolist() == [0, 5, 42, 43, 59, 68] and segment_adapter.tolist() == adapters
+    expected = reference_shrink_expand(y, x, A, B, adapter_of_row, 2.0)
+    got = sgmv(y.clone(), x, A, B, starts, segment_adapter, 2.0)
+    assert relative_error(got, expected) < tolerance
+
+
+def test_empty_batch():
+    A, B = stacks(2, 4, 8, 8, torch.float32)
+    empty = torch.empty(0, 8, device=DEVICE)
+    assert bgmv(empty.clone(), empty, A, B, torch.empty(0, dtype=torch.int32, device=DEVICE), 1.0).shape == (0, 8)
+
+
+def test_multi_lora_layer_serves_mixed_batches_like_separate_lora_layers():
+    from reference_impls.lora import LoRALinear
+    base = torch.nn.Linear(24, 20).to(DEVICE)
+    layer = MultiLoRALinear(base, adapters=3, r=4, alpha=8)
+    with torch.no_grad():
+        layer.B.normal_()
+    for adapter_of_row in (torch.tensor([2, 0, -1, 1, 1, 2], device=DEVICE),  # decode: BGMV
+                           torch.tensor([1] * 20 + [0] * 12 + [-1] * 3, device=DEVICE)):  # prefill: SGMV
+        x = torch.randn(len(adapter_of_row), 24, device=DEVICE)
+        got = layer(x, adapter_of_row)
+        for row, adapter in enumerate(adapter_of_row.tolist()):
+            if adapter < 0:
+                expected = base(x[row])
+            else:
+                single = LoRALinear(base, r=4, alpha=8)
+                with torch.no_grad():
+                    single.A.copy_(layer.A[adapter])
+                    single.B.copy_(layer.B[adapter])
+                expected = single(x[row:row + 1])[0]
+            assert relative_error(got[row], expected) < 1e-4
