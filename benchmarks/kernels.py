@@ -31,6 +31,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reference_impls.kernels.fused_lora import FusedLoRAFunction, reference_fused_lora  # noqa: E402
 from reference_impls.kernels.punica import bgmv, reference_shrink_expand, segments_of, sgmv  # noqa: E402
+from reference_impls.kernels.slora import AdapterPool, SLoRALinear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"
 L2_BYTES = 64 * 2 ** 20  # at least an H100/H200's L2 (50 MB): rotate through more than this
@@ -216,6 +217,37 @@ def check_punica(M, K, N, r, L, dtypes) -> list[dict]:
     return rows
 
 
+def check_slora(K, N, ranks, dtypes) -> list[dict]:
+    """Adapters of mixed ranks on shuffled pages, one evicted and another loaded, prefill and decode."""
+    rows = []
+    for dtype in dtypes:
+        order = torch.randperm(sum(ranks) + 8).tolist()
+        pool = AdapterPool(len(order), K, N, device=DEVICE, dtype=dtype, page_order=order)
+        adapters = {f"a{i}": (torch.randn(rank, K, device=DEVICE, dtype=dtype) / K ** 0.5,
+                              torch.randn(N, rank, device=DEVICE, dtype=dtype), float(rank)) for i, rank in enumerate(ranks)}
+        for name, (A, B, alpha) in list(adapters.items())[:-1]:
+            pool.load(name, A, B, alpha)
+        pool.evict("a0")
+        pool.load(f"a{len(ranks) - 1}", *adapters[f"a{len(ranks) - 1}"])
+        live = [name for name in adapters if name != "a0"]
+        base = nn.Linear(K, N, device=DEVICE, dtype=dtype)
+        layer = SLoRALinear(base, pool)
+        for label, names in (("prefill", [name for name in live for _ in range(17)] + [None] * 3),
+                             ("decode", live + [None] + live[::-1])):
+            x = torch.randn(len(names), K, device=DEVICE, dtype=dtype)
+            expected = base(x).double()
+            for row, name in enumerate(names):
+                if name is not None:
+                    A, B, alpha = adapters[name]
+                    expected[row] += (alpha / A.shape[0]) * (x[row].double() @ A.double().T) @ B.double().T
+            error = relative_error(layer(x, names), expected)
+            limit = 1e-2 if dtype == torch.bfloat16 else (2e-2 if dtype == torch.float16 else 1e-3)
+            rows.append({"kernel": f"s-lora {label}", "shape": f"K={K} N={N} ranks={ranks}",
+                         "dtype": str(dtype).split(".")[-1], "max_relative_error": error, "limit": limit,
+                         "ok": error <= limit})
+    return rows
+
+
 def time_decode_many_adapters(requests, K, N, r, dtype, repeats) -> dict:
     """`requests` decode rows, each on its own adapter: our BGMV, gather + bmm, PEFT's mixed batch, base."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -271,6 +303,7 @@ def main() -> int:
 
     checks = check_fused_lora(check_shapes, check_dtypes)
     checks += check_punica(*((23, 48, 40, 4, 5) if args.smoke else (1000, 4096, 4096, 16, 64)), check_dtypes)
+    checks += check_slora(*((48, 40, [2, 5, 16, 7]) if args.smoke else (4096, 4096, [8, 16, 64, 32, 4])), check_dtypes)
     ceilings = measure_ceilings(dtype)
     timings = time_fused_lora(token_counts, K, N, r, dtype, ceilings, repeats)
     timings.append(time_training_step(train_tokens, K, N, r, dtype, repeats))

@@ -22,6 +22,7 @@ mixed batch through them: a frozen linear layer plus L adapters.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -42,120 +43,186 @@ def reference_shrink_expand(y, x, A, B, adapter_of_row, scale: float):
     return out.to(y.dtype)
 
 
+# The kernels find adapter a's rank-rows through a table of element offsets: row j of A_a starts at
+# a_rows[a, j] (its K entries `a_stride` apart), and column j of B_a at b_rows[a, j] (its N entries
+# `b_stride` apart). Stacked tensors are the table of a contiguous layout (`stacked_table`); S-LoRA's
+# paged pool (slora.py) is any other, with a rank and a scale per adapter.
+
+@dataclass(frozen=True)
+class LoRATable:
+    a_pool: torch.Tensor  # storage holding every A row
+    a_rows: torch.Tensor  # (adapters, r_max) int64 element offsets of A's rows
+    a_stride: int  # element stride along K within a row
+    b_pool: torch.Tensor
+    b_rows: torch.Tensor  # (adapters, r_max) int64 element offsets of B's columns
+    b_stride: int  # element stride along N within a column
+    ranks: torch.Tensor  # (adapters,) int32
+    scales: torch.Tensor  # (adapters,) float32: α / r of each adapter
+
+    @property
+    def r_max(self) -> int:
+        return self.a_rows.shape[1]
+
+
+def stacked_table(A: torch.Tensor, B: torch.Tensor, scale: float) -> LoRATable:
+    """The table of stacked, contiguous A (L, r, K) and B (L, N, r)."""
+    L, r, K = A.shape
+    N = B.shape[1]
+    l, j = torch.arange(L, device=A.device)[:, None], torch.arange(r, device=A.device)[None, :]
+    return LoRATable(A, l * r * K + j * K, 1, B, l * N * r + j, r, torch.full((L,), r, dtype=torch.int32, device=A.device),
+                     torch.full((L,), scale, dtype=torch.float32, device=A.device))
+
+
+def reference_table(y, x, table: LoRATable, adapter_of_row):
+    """y + s_a · (x_m A_aᵀ) B_aᵀ read through the table, in fp32 (the kernels' plain PyTorch twin)."""
+    out = y.float().clone()
+    K, N = x.shape[1], y.shape[1]
+    a_flat, b_flat = table.a_pool.reshape(-1), table.b_pool.reshape(-1)
+    for adapter in adapter_of_row.unique().tolist():
+        if adapter < 0:
+            continue
+        rank, rows = int(table.ranks[adapter]), (adapter_of_row == adapter).nonzero().flatten()
+        A = a_flat[table.a_rows[adapter, :rank, None] + torch.arange(K, device=x.device) * table.a_stride]
+        Bt = b_flat[table.b_rows[adapter, :rank, None] + torch.arange(N, device=x.device) * table.b_stride]
+        out[rows] += float(table.scales[adapter]) * (x[rows].float() @ A.float().T) @ Bt.float()
+    return out.to(y.dtype)
+
+
 # ---- BGMV: one program per row ------------------------------------------------------------------
 
 @triton.jit
-def _bgmv_shrink(x_ptr, a_ptr, idx_ptr, v_ptr, K, R, stride_xm, stride_al, stride_ar, stride_vm,
-                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _bgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, idx_ptr, v_ptr, K, stride_xm, a_stride, table_stride,
+                 stride_vm, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     m = tl.program_id(0)
     adapter = tl.load(idx_ptr + m)
     if adapter >= 0:
+        rank = tl.load(ranks_ptr + adapter)
         j = tl.arange(0, BLOCK_R)
+        rows = tl.load(a_rows_ptr + adapter * table_stride + j, mask=j < rank, other=0)
         acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + adapter * stride_al + j[:, None] * stride_ar + k[None, :],
-                        mask=(j[:, None] < R) & (k[None, :] < K), other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + rows[:, None] + k[None, :] * a_stride, mask=(j[:, None] < rank) & (k[None, :] < K),
+                        other=0.0).to(tl.float32)
             acc += tl.sum(a * x[None, :], axis=1)
-        tl.store(v_ptr + m * stride_vm + j, acc, mask=j < R)
+        tl.store(v_ptr + m * stride_vm + j, acc, mask=j < rank)
 
 
 @triton.jit
-def _bgmv_expand(v_ptr, b_ptr, idx_ptr, y_ptr, N, R, scale, stride_vm, stride_bl, stride_bn, stride_ym,
-                 BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _bgmv_expand(v_ptr, b_ptr, b_rows_ptr, ranks_ptr, scales_ptr, idx_ptr, y_ptr, N, b_stride, table_stride,
+                 stride_vm, stride_ym, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     m, pid_n = tl.program_id(0), tl.program_id(1)
     adapter = tl.load(idx_ptr + m)
     if adapter >= 0:
+        rank, scale = tl.load(ranks_ptr + adapter), tl.load(scales_ptr + adapter)
         j = tl.arange(0, BLOCK_R)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        v = tl.load(v_ptr + m * stride_vm + j, mask=j < R, other=0.0)
-        b = tl.load(b_ptr + adapter * stride_bl + n[:, None] * stride_bn + j[None, :],
-                    mask=(n[:, None] < N) & (j[None, :] < R), other=0.0).to(tl.float32)
+        rows = tl.load(b_rows_ptr + adapter * table_stride + j, mask=j < rank, other=0)
+        v = tl.load(v_ptr + m * stride_vm + j, mask=j < rank, other=0.0)
+        b = tl.load(b_ptr + rows[None, :] + n[:, None] * b_stride, mask=(n[:, None] < N) & (j[None, :] < rank),
+                    other=0.0).to(tl.float32)
         y = tl.load(y_ptr + m * stride_ym + n, mask=n < N, other=0.0).to(tl.float32)
         y += scale * tl.sum(b * v[None, :], axis=1)
         tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
-def bgmv(y, x, A, B, adapter_of_row, scale: float, block_k=128, block_n=128):
-    """In place: y_m += s · (x_m A_{i(m)}ᵀ) B_{i(m)}ᵀ, one program per row (decode batches)."""
-    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()  # the kernels step along the last dimension by 1
+def bgmv_table(y, x, table: LoRATable, adapter_of_row, block_k=128, block_n=128):
+    """In place: y_m += s_a (x_m A_aᵀ) B_aᵀ with a = adapter_of_row[m] (−1: none), one program per row."""
+    x = x.contiguous()
     assert y.is_contiguous()
     M, K = x.shape
-    L, R, _ = A.shape
-    N = B.shape[1]
+    N = y.shape[1]
     if M == 0:
         return y
-    v = torch.zeros(M, R, device=x.device, dtype=torch.float32)
-    block_r = max(16, triton.next_power_of_2(R))
-    _bgmv_shrink[(M,)](x, A, adapter_of_row, v, K, R, x.stride(0), A.stride(0), A.stride(1), v.stride(0),
-                       BLOCK_K=block_k, BLOCK_R=block_r)
-    _bgmv_expand[(M, triton.cdiv(N, block_n))](v, B, adapter_of_row, y, N, R, scale, v.stride(0), B.stride(0),
-                                               B.stride(1), y.stride(0), BLOCK_N=block_n, BLOCK_R=block_r)
+    v = torch.zeros(M, table.r_max, device=x.device, dtype=torch.float32)
+    block_r = max(16, triton.next_power_of_2(table.r_max))
+    ids = adapter_of_row.to(torch.int32)
+    _bgmv_shrink[(M,)](x, table.a_pool, table.a_rows, table.ranks, ids, v, K, x.stride(0), table.a_stride,
+                       table.a_rows.stride(0), v.stride(0), BLOCK_K=block_k, BLOCK_R=block_r)
+    _bgmv_expand[(M, triton.cdiv(N, block_n))](v, table.b_pool, table.b_rows, table.ranks, table.scales, ids, y, N,
+                                               table.b_stride, table.b_rows.stride(0), v.stride(0), y.stride(0),
+                                               BLOCK_N=block_n, BLOCK_R=block_r)
     return y
+
+
+def bgmv(y, x, A, B, adapter_of_row, scale: float):
+    """Punica's BGMV over stacked A (L, r, K) and B (L, N, r)."""
+    return bgmv_table(y, x, stacked_table(A.contiguous(), B.contiguous(), scale), adapter_of_row)
 
 
 # ---- SGMV: one program per block of a segment's rows ------------------------------------------
 
 @triton.jit
-def _sgmv_shrink(x_ptr, a_ptr, starts_ptr, seg_adapter_ptr, v_ptr, K, R, stride_xm, stride_al, stride_ar,
-                 stride_vm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _sgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, starts_ptr, seg_adapter_ptr, v_ptr, K, stride_xm, a_stride,
+                 table_stride, stride_vm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     segment, block = tl.program_id(0), tl.program_id(1)
     adapter = tl.load(seg_adapter_ptr + segment)
     start, end = tl.load(starts_ptr + segment), tl.load(starts_ptr + segment + 1)
     rows = start + block * BLOCK_M + tl.arange(0, BLOCK_M)
     if (adapter >= 0) & (start + block * BLOCK_M < end):
+        rank = tl.load(ranks_ptr + adapter)
         j = tl.arange(0, BLOCK_R)
+        a_rows = tl.load(a_rows_ptr + adapter * table_stride + j, mask=j < rank, other=0)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=(rows[:, None] < end) & (k[None, :] < K),
                         other=0.0)
-            a = tl.load(a_ptr + adapter * stride_al + j[None, :] * stride_ar + k[:, None],
-                        mask=(j[None, :] < R) & (k[:, None] < K), other=0.0)  # (K, r) view of A_i
+            a = tl.load(a_ptr + a_rows[None, :] + k[:, None] * a_stride, mask=(j[None, :] < rank) & (k[:, None] < K),
+                        other=0.0)  # (K, r) view of A_a
             acc += tl.dot(x, a, out_dtype=tl.float32)
-        tl.store(v_ptr + rows[:, None] * stride_vm + j[None, :], acc, mask=(rows[:, None] < end) & (j[None, :] < R))
+        tl.store(v_ptr + rows[:, None] * stride_vm + j[None, :], acc, mask=(rows[:, None] < end) & (j[None, :] < rank))
 
 
 @triton.jit
-def _sgmv_expand(v_ptr, b_ptr, starts_ptr, seg_adapter_ptr, y_ptr, N, R, scale, stride_vm, stride_bl, stride_bn,
-                 stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _sgmv_expand(v_ptr, b_ptr, b_rows_ptr, ranks_ptr, scales_ptr, starts_ptr, seg_adapter_ptr, y_ptr, N, b_stride,
+                 table_stride, stride_vm, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
     segment, block, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     adapter = tl.load(seg_adapter_ptr + segment)
     start, end = tl.load(starts_ptr + segment), tl.load(starts_ptr + segment + 1)
     rows = start + block * BLOCK_M + tl.arange(0, BLOCK_M)
     if (adapter >= 0) & (start + block * BLOCK_M < end):
+        rank, scale = tl.load(ranks_ptr + adapter), tl.load(scales_ptr + adapter)
         j = tl.arange(0, BLOCK_R)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        v = tl.load(v_ptr + rows[:, None] * stride_vm + j[None, :], mask=(rows[:, None] < end) & (j[None, :] < R),
+        b_rows = tl.load(b_rows_ptr + adapter * table_stride + j, mask=j < rank, other=0)
+        v = tl.load(v_ptr + rows[:, None] * stride_vm + j[None, :], mask=(rows[:, None] < end) & (j[None, :] < rank),
                     other=0.0)
-        b = tl.load(b_ptr + adapter * stride_bl + n[None, :] * stride_bn + j[:, None],
-                    mask=(n[None, :] < N) & (j[:, None] < R), other=0.0).to(tl.float32)  # (r, N) view of B_i
+        b = tl.load(b_ptr + b_rows[:, None] + n[None, :] * b_stride, mask=(n[None, :] < N) & (j[:, None] < rank),
+                    other=0.0).to(tl.float32)  # (r, N) view of B_a
         mask = (rows[:, None] < end) & (n[None, :] < N)
         y = tl.load(y_ptr + rows[:, None] * stride_ym + n[None, :], mask=mask, other=0.0).to(tl.float32)
         y += scale * tl.dot(v, b, out_dtype=tl.float32)
         tl.store(y_ptr + rows[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def sgmv(y, x, A, B, segment_starts, segment_adapter, scale: float, block_m=32, block_k=64, block_n=64):
-    """In place, for segments [starts[s], starts[s+1]) with adapter segment_adapter[s] (−1: none)."""
-    x, A, B = x.contiguous(), A.contiguous(), B.contiguous()
+def sgmv_table(y, x, table: LoRATable, segment_starts, segment_adapter, block_m=32, block_k=64, block_n=64):
+    """In place, for segments [starts[s], starts[s+1]) whose rows share adapter segment_adapter[s] (−1: none)."""
+    x = x.contiguous()
     assert y.is_contiguous()
     M, K = x.shape
-    R, N = A.shape[1], B.shape[1]
-    segments = len(segment_adapter)
+    N, segments = y.shape[1], len(segment_adapter)
     if M == 0 or segments == 0:
         return y
     longest = int((segment_starts[1:] - segment_starts[:-1]).max())
-    v = torch.zeros(M, R, device=x.device, dtype=torch.float32)
-    block_r = max(16, triton.next_power_of_2(R))
+    v = torch.zeros(M, table.r_max, device=x.device, dtype=torch.float32)
+    block_r = max(16, triton.next_power_of_2(table.r_max))
     blocks = triton.cdiv(longest, block_m)
-    _sgmv_shrink[(segments, blocks)](x, A, segment_starts, segment_adapter, v, K, R, x.stride(0), A.stride(0),
-                                     A.stride(1), v.stride(0), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
+    _sgmv_shrink[(segments, blocks)](x, table.a_pool, table.a_rows, table.ranks, segment_starts, segment_adapter, v,
+                                     K, x.stride(0), table.a_stride, table.a_rows.stride(0), v.stride(0),
+                                     BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
     _sgmv_expand[(segments, blocks, triton.cdiv(N, block_n))](
-        v, B, segment_starts, segment_adapter, y, N, R, scale, v.stride(0), B.stride(0), B.stride(1), y.stride(0),
+        v, table.b_pool, table.b_rows, table.ranks, table.scales, segment_starts, segment_adapter, y, N,
+        table.b_stride, table.b_rows.stride(0), v.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
     return y
+
+
+def sgmv(y, x, A, B, segment_starts, segment_adapter, scale: float):
+    """Punica's SGMV over stacked A (L, r, K) and B (L, N, r)."""
+    return sgmv_table(y, x, stacked_table(A.contiguous(), B.contiguous(), scale), segment_starts, segment_adapter)
 
 
 def segments_of(adapter_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
