@@ -35,14 +35,15 @@ def reference_fused_lora(x, W, A, B, scale: float, bias=None):
 
 @triton.jit
 def _gemm_lowrank_epilogue(
-    x_ptr, w_ptr, u_ptr, b_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, u_ptr, b_ptr, col_scale_ptr, bias_ptr, y_ptr,
     M, N, K, R, scale,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_bn, stride_br,
     stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """y[m, n] = Σ_k x[m, k] w[n, k] + scale · Σ_j u[m, j] b[n, j] (+ bias[n]), one tile per program."""
+    """y[m, n] = c[n] · (Σ_k x[m, k] w[n, k] + scale · Σ_j u[m, j] b[n, j]) (+ bias[n]), a tile per program;
+    c (DoRA's magnitude over norm) is optional."""
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -62,14 +63,16 @@ def _gemm_lowrank_epilogue(
     b = tl.load(b_ptr + cols[None, :] * stride_bn + j[:, None] * stride_br,
                 mask=(cols[None, :] < N) & (j[:, None] < R), other=0.0)
     acc += scale * tl.dot(u, b, out_dtype=tl.float32)
+    if HAS_COL_SCALE:
+        acc *= tl.load(col_scale_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def gemm_lowrank(x, W_nk, U, B_nr, scale: float, bias=None, block_m=64, block_n=64, block_k=32):
-    """x (M, K) · W_nkᵀ + scale · U (M, r) · B_nrᵀ (+ bias): W_nk and B_nr may be any strided views."""
+def gemm_lowrank(x, W_nk, U, B_nr, scale: float, bias=None, col_scale=None, block_m=64, block_n=64, block_k=32):
+    """[col_scale ⊙] (x (M, K) · W_nkᵀ + scale · U (M, r) · B_nrᵀ) (+ bias): W_nk, B_nr may be strided views."""
     M, K = x.shape
     N, R = W_nk.shape[0], U.shape[1]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
@@ -77,10 +80,10 @@ def gemm_lowrank(x, W_nk, U, B_nr, scale: float, bias=None, block_m=64, block_n=
         return y
     grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
     _gemm_lowrank_epilogue[grid](
-        x, W_nk, U, B_nr, bias if bias is not None else x, y, M, N, K, R, scale,
-        x.stride(0), x.stride(1), W_nk.stride(0), W_nk.stride(1), U.stride(0), U.stride(1),
+        x, W_nk, U, B_nr, col_scale if col_scale is not None else x, bias if bias is not None else x, y,
+        M, N, K, R, scale, x.stride(0), x.stride(1), W_nk.stride(0), W_nk.stride(1), U.stride(0), U.stride(1),
         B_nr.stride(0), B_nr.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_COL_SCALE=col_scale is not None, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_R=max(16, triton.next_power_of_2(R)))
     return y
 
