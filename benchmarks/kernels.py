@@ -31,6 +31,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reference_impls.kernels.dora import FusedDoRAFunction, reference_dora  # noqa: E402
 from reference_impls.kernels.fused_lora import FusedLoRAFunction, reference_fused_lora  # noqa: E402
+from reference_impls.kernels.nf4 import dequantize_nf4, quantize_nf4, reference_dequantize_nf4  # noqa: E402
 from reference_impls.kernels.punica import bgmv, reference_shrink_expand, segments_of, sgmv  # noqa: E402
 from reference_impls.kernels.slora import AdapterPool, SLoRALinear  # noqa: E402
 
@@ -241,6 +242,39 @@ def time_dora_forward(M, K, N, r, dtype, repeats) -> dict:
             "peft_over_base": times["peft"] / times["base"], "goal_ours_over_base": None, "goal_met": None}
 
 
+# ---- QLoRA's NF4 -------------------------------------------------------------------------------
+
+def check_nf4(shape, dtypes) -> list[dict]:
+    rows = []
+    q = quantize_nf4(torch.randn(*shape, device=DEVICE))
+    for dtype in dtypes:
+        got, expected = dequantize_nf4(q, dtype), reference_dequantize_nf4(q, dtype)
+        mismatches = int((got != expected).sum())
+        rows.append({"kernel": "nf4 dequantize (bit-exact)", "shape": f"{shape[0]}x{shape[1]}",
+                     "dtype": str(dtype).split(".")[-1], "max_relative_error": float(mismatches), "limit": 0.0,
+                     "ok": mismatches == 0})
+    return rows
+
+
+def time_nf4_dequantize(shape, dtype, ceilings, repeats) -> dict:
+    """Bytes moved (4-bit codes, 8-bit block maxima, 16-bit output) over time, against copy bandwidth."""
+    W = torch.randn(*shape, device=DEVICE)
+    q = quantize_nf4(W)
+    n = W.numel()
+    moved = n // 2 + n // 64 + n * torch.tensor([], dtype=dtype).element_size()
+    ours_ms = time_call(lambda i: (lambda: dequantize_nf4(q, dtype)), moved, repeats)
+    row = {"kernel": "nf4 dequantize", "shape": f"{shape[0]}x{shape[1]} -> {str(dtype).split('.')[-1]}",
+           "ours_ms": ours_ms, "bytes_moved": moved, "achieved_bytes_per_s": moved / (ours_ms / 1e3),
+           "fraction_of_copy_bandwidth": moved / (ours_ms / 1e3) / ceilings["copy_bytes_per_s"],
+           "goal_fraction_of_copy_bandwidth": 0.8}
+    row["goal_met"] = row["fraction_of_copy_bandwidth"] >= 0.8
+    if DEVICE == "cuda":  # bitsandbytes' own CUDA kernel, side by side
+        import bitsandbytes.functional as bnb
+        packed, state = bnb.quantize_4bit(W.to(dtype), blocksize=64, quant_type="nf4", compress_statistics=True)
+        row["bitsandbytes_ms"] = time_call(lambda i: (lambda: bnb.dequantize_4bit(packed, state)), moved, repeats)
+    return row
+
+
 # ---- Punica: many adapters in one batch -------------------------------------------------------
 
 def check_punica(M, K, N, r, L, dtypes) -> list[dict]:
@@ -349,6 +383,7 @@ def main() -> int:
 
     checks = check_fused_lora(check_shapes, check_dtypes)
     checks += check_dora(check_shapes[:2], check_dtypes)
+    checks += check_nf4((37, 130) if args.smoke else (4096, 11008), check_dtypes)
     checks += check_punica(*((23, 48, 40, 4, 5) if args.smoke else (1000, 4096, 4096, 16, 64)), check_dtypes)
     checks += check_slora(*((48, 40, [2, 5, 16, 7]) if args.smoke else (4096, 4096, [8, 16, 64, 32, 4])), check_dtypes)
     ceilings = measure_ceilings(dtype)
@@ -356,6 +391,7 @@ def main() -> int:
     timings.append(time_training_step(train_tokens, K, N, r, dtype, repeats))
     timings.append(time_dora_forward(train_tokens, K, N, r, dtype, repeats))
     timings.append(time_decode_many_adapters(8 if args.smoke else 64, K, N, r, dtype, repeats))
+    nf4 = time_nf4_dequantize((64, 256) if args.smoke else (4096, 11008), dtype, ceilings, repeats)
 
     print(f"{'kernel':<42} {'shape':<26} {'dtype':<8} {'rel. error':>10}  ok")
     for row in checks:
@@ -367,6 +403,9 @@ def main() -> int:
         verdict = "" if args.smoke or row["goal_met"] is None else f"  {'met' if row['goal_met'] else 'MISSED'}"
         print(f"{row['kernel']:<42} {row['shape']:<26} {row['ours_over_base']:>9.3f} {row['peft_over_base']:>9.3f} "
               f"{floor:>10} {goal:>6}{verdict}")
+    print(f"{nf4['kernel']:<42} {nf4['shape']:<26} {nf4['fraction_of_copy_bandwidth']:>9.3f} of the copy bandwidth "
+          f"(goal ≥ 0.80)" + ("" if args.smoke else f"  {'met' if nf4['goal_met'] else 'MISSED'}"))
+    timings.append(nf4)
     if args.smoke:
         print("\n(smoke run: interpreter on a CPU; the timings above say nothing about GPU speed)")
 

@@ -1,0 +1,83 @@
+"""NF4 with double quantisation against bitsandbytes (bit for bit), the kernel against its twin, QLoRALinear."""
+
+import pytest
+import torch
+
+from reference_impls.kernels.nf4 import (NF4_LEVELS, NF4Weight, QLoRALinear, dequantize_nf4, dynamic_map,
+                                         quantize_nf4, reference_dequantize_nf4)
+
+bnb = pytest.importorskip("bitsandbytes.functional")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_code_tables_equal_bitsandbytes():
+    assert torch.equal(NF4_LEVELS, bnb.get_4bit_type("nf4", device="cpu").cpu())
+    assert torch.equal(dynamic_map(), bnb.create_dynamic_map(signed=True))
+
+
+def from_bitsandbytes(packed, state) -> NF4Weight:
+    return NF4Weight(packed.flatten(), state.absmax, state.state2.absmax, float(state.offset), tuple(state.shape))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 51), (3, 7), (300, 257), (512, 512)])
+def test_quantisation_matches_bitsandbytes(shape):
+    W = torch.randn(*shape) * torch.rand(shape[0], 1) * 3  # rows of different scales
+    packed, state = bnb.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    ours = quantize_nf4(W)
+    # Bit for bit: the 4-bit codes, the second-level scales and the offset.
+    assert torch.equal(ours.packed, packed.flatten())
+    assert torch.equal(ours.absmax_scales, state.state2.absmax)
+    assert ours.absmax_mean == float(state.offset)
+    # The 8-bit codes of the block maxima: equal, except where bitsandbytes' approximate search took
+    # a neighbour (one step, or two among the dense codes near zero); there ours is strictly nearer.
+    code = dynamic_map()
+    block_max = torch.stack([W.reshape(-1)[i:i + 64].abs().max() for i in range(0, W.numel(), 64)])
+    target = (block_max - ours.absmax_mean) / ours.absmax_scales.repeat_interleave(256)[:len(block_max)]
+    differ = (ours.absmax_codes != state.absmax).nonzero().flatten()
+    assert len(differ) <= max(2, len(block_max) // 20)
+    for i in differ.tolist():
+        mine, theirs = int(ours.absmax_codes[i]), int(state.absmax[i])
+        assert abs(mine - theirs) <= 2 and (code[mine] - code[theirs]).abs() < 0.02
+        assert (target[i] - code[mine]).abs() < (target[i] - code[theirs]).abs()
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (37, 51), (3, 7), (300, 257)])
+def test_dequantisation_is_bit_for_bit_bitsandbytes_on_its_own_state(shape):
+    W = torch.randn(*shape) * 2
+    packed, state = bnb.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
+    expected = bnb.dequantize_4bit(packed, state)
+    stored = from_bitsandbytes(packed, state)
+    assert torch.equal(reference_dequantize_nf4(stored), expected)
+    assert torch.equal(dequantize_nf4(stored, torch.float32, bytes_per_program=128), expected)  # the kernel
+
+
+@pytest.mark.parametrize("shape", [(37, 51), (130, 64), (1, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dequantize_kernel_equals_reference(shape, dtype):
+    q = quantize_nf4(torch.randn(*shape, device=DEVICE))
+    out = dequantize_nf4(q, dtype, bytes_per_program=256)
+    assert out.shape == shape and out.dtype == dtype
+    assert torch.equal(out, reference_dequantize_nf4(q, dtype))
+
+
+def test_quantisation_error_is_small_and_zero_is_exact():
+    W = torch.randn(128, 96)
+    W[0, :64] = 0  # a whole block of zeros stays zero
+    restored = reference_dequantize_nf4(quantize_nf4(W))
+    assert torch.equal(restored[0, :64], torch.zeros(64))
+    assert ((restored - W).norm() / W.norm()).item() < 0.12  # 4 bits per weight
+
+
+def test_qlora_linear_trains_only_the_adapter_and_computes_lora_on_nf4():
+    base = torch.nn.Linear(48, 40).to(DEVICE)
+    layer = QLoRALinear(base, r=4, alpha=8, compute_dtype=torch.float32)
+    with torch.no_grad():
+        layer.B.normal_()
+    x = torch.randn(6, 48, device=DEVICE)
+    W = reference_dequantize_nf4(layer.weight)
+    expected = x @ W.T + base.bias + 2.0 * (x @ layer.A.T) @ layer.B.T
+    y = layer(x)
+    assert ((y - expected).norm() / expected.norm()).item() < 1e-4
+    y.sum().backward()
+    assert layer.A.grad is not None and layer.B.grad is not None and not layer.bias.requires_grad
+    assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["A", "B"]
