@@ -411,6 +411,10 @@ def main() -> int:
 
     import triton
     device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
+    module_of = {"fused_lora": "kernels.fused_lora", "LoRA training": "kernels.fused_lora", "dora": "kernels.dora",
+                 "punica": "kernels.punica", "s-lora": "kernels.slora", "nf4": "kernels.nf4"}
+    for row in checks + timings:  # which implementation page shows the row
+        row["module"] = next(module for prefix, module in module_of.items() if row["kernel"].startswith(prefix))
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "command": "python benchmarks/kernels.py" + (" --smoke" if args.smoke else ""),
               "device": device_name, "smoke": args.smoke,

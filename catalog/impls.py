@@ -17,6 +17,7 @@ class ImplModule:
     path: Path  # absolute
     docstring: str
     implements: tuple[str, ...]  # entry ids, from the module's IMPLEMENTS
+    has_demo: bool = False  # defines demo(), run by `python -m reference_impls.<slug>`
 
 
 def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplModule]:
@@ -28,7 +29,8 @@ def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplMod
             continue
         slug = ".".join(relative.parts)
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        found[slug] = ImplModule(slug, path, ast.get_docstring(tree) or "", _implements(tree))
+        has_demo = any(isinstance(node, ast.FunctionDef) and node.name == "demo" for node in tree.body)
+        found[slug] = ImplModule(slug, path, ast.get_docstring(tree) or "", _implements(tree), has_demo)
     return found
 
 

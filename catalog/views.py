@@ -5,6 +5,7 @@ A `PaperView` holds everything a page needs, already decided: which title and au
 templates only lay it out; they make no decisions about data.
 """
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +23,37 @@ class Link:
 
 
 @dataclass(frozen=True)
+class BenchmarkRun:
+    """The rows of one committed benchmark result (benchmarks/results/*.json) about one module."""
+
+    device: str
+    date: str
+    command: str
+    checks: tuple[dict, ...]
+    timings: tuple[dict, ...]
+
+
+def benchmark_runs(results_dir: Path) -> list[dict]:
+    """Committed kernel benchmark results, newest first; smoke runs (CPU interpreter) are not shown."""
+    runs = []
+    for path in sorted(results_dir.glob("kernels-*.json")):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not data.get("smoke"):
+            runs.append(data)
+    return sorted(runs, key=lambda run: run["date"], reverse=True)
+
+
+@dataclass(frozen=True)
 class ImplView:
     slug: str
     source_path: str  # relative to the repository root, e.g. reference_impls/lora.py
     summary: str  # the module docstring's first paragraph
     docstring: str
-    demo_command: str
+    demo_command: str | None  # None for modules without a demo (the kernels)
     test_path: str | None  # tests/test_<name>.py where it exists
     papers: tuple[str, ...] = ()  # ids of the entries it implements (its IMPLEMENTS)
+    benchmarks: tuple[BenchmarkRun, ...] = ()  # committed GPU measurements of this module
+
 
     @property
     def url(self) -> str:
@@ -68,6 +92,7 @@ class PaperView:
 def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entry]) -> dict[str, ImplView]:
     """Describe each reference implementation from its source (read, not imported: no torch needed)."""
     known = {entry.id for entry in entries}
+    runs = benchmark_runs(repo_root / "benchmarks" / "results")
     views = {}
     for slug, module in found.items():
         test = repo_root / "tests" / f"test_{slug.replace('.', '_')}.py"
@@ -76,9 +101,14 @@ def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entr
             source_path=module.path.relative_to(repo_root).as_posix(),
             summary=module.docstring.split("\n\n")[0].replace("\n", " ").strip(),
             docstring=module.docstring,
-            demo_command=f"python -m reference_impls.{slug}",
+            demo_command=f"python -m reference_impls.{slug}" if module.has_demo else None,
             test_path=test.relative_to(repo_root).as_posix() if test.exists() else None,
             papers=tuple(entry_id for entry_id in module.implements if entry_id in known),
+            benchmarks=tuple(
+                BenchmarkRun(run["device"], run["date"], run["command"],
+                             tuple(row for row in run.get("checks", []) if row.get("module") == slug),
+                             tuple(row for row in run.get("timings", []) if row.get("module") == slug))
+                for run in runs if any(row.get("module") == slug for row in run.get("checks", []) + run.get("timings", []))),
         )
     return views
 

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # What `catalog` reads from the working directory: enough to check, render and build the site.
 REPO_INPUTS = ["papers.yaml", "catalog/metadata.json", "mkdocs.yml", "README.md", "CONTRIBUTING.md", "site",
-               "reference_impls"]
+               "reference_impls", "benchmarks/results"]
 
 
 def copy_repo_inputs(target: Path) -> Path:

@@ -184,3 +184,24 @@ def test_readme_list_is_up_to_date():
     result = subprocess.run([sys.executable, "-m", "catalog.cli", "readme", "--check"], cwd=REPO,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_committed_gpu_benchmarks_show_on_implementation_pages(tmp_path):
+    root = copy_repo_inputs(tmp_path)
+    results = root / "benchmarks" / "results"
+    run = {"date": "2026-11-30T10:00:00+00:00", "command": "python benchmarks/kernels.py", "device": "NVIDIA H100 80GB HBM3",
+           "smoke": False, "checks": [{"kernel": "fused_lora", "shape": "M=1 K=4096 N=4096 r=16", "dtype": "bfloat16",
+                                       "max_relative_error": 0.004, "limit": 0.01, "ok": True, "module": "kernels.fused_lora"}],
+           "timings": [{"kernel": "fused_lora forward", "shape": "M=1 K=4096 N=4096 r=16", "ours_ms": 0.0213,
+                        "peft_ms": 0.04, "base_ms": 0.02, "ours_over_base": 1.065, "goal_ours_over_base": 1.25,
+                        "goal_met": True, "module": "kernels.fused_lora"},
+                       {"kernel": "nf4 dequantize", "shape": "4096x11008 -> bfloat16", "ours_ms": 0.05,
+                        "fraction_of_copy_bandwidth": 0.83, "goal_met": True, "module": "kernels.nf4"}]}
+    (results / "kernels-NVIDIA_H100.json").write_text(json.dumps(run))
+    (results / "kernels-smoke.json").write_text(json.dumps({**run, "smoke": True, "device": "CPU interpreter"}))
+    site = build(root)
+    page = (site / "impls" / "kernels.fused_lora" / "index.html").read_text()
+    assert "NVIDIA H100 80GB HBM3" in page and "1.065" in page and "python benchmarks/kernels.py" in page
+    assert "CPU interpreter" not in page  # smoke runs are not figures
+    assert "83% of copy bandwidth" in (site / "papers" / "qlora" / "index.html").read_text()
+    assert "Demo:" not in page  # kernels have no demo
