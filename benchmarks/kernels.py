@@ -54,15 +54,7 @@ def time_call(make_call, set_bytes: int, repeats: int, graph: bool = True) -> fl
         for call in calls * 3:
             call()
         torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        samples = []
-        for _ in range(repeats):
-            start.record()
-            calls[0]()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        return statistics.median(samples)
+        return _event_median(calls[0], repeats, per_run=1)
     if DEVICE != "cuda":  # smoke: wall clock, never judged
         samples = []
         for _ in range(repeats):
@@ -78,14 +70,19 @@ def time_call(make_call, set_bytes: int, repeats: int, graph: bool = True) -> fl
         for call in calls:
             call()
     torch.cuda.synchronize()
+    return _event_median(graph.replay, repeats, per_run=len(calls))
+
+
+def _event_median(run, repeats: int, per_run: int) -> float:
+    """Median over `repeats` of run()'s device time between two CUDA events, divided by per_run."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     samples = []
     for _ in range(repeats):
         start.record()
-        graph.replay()
+        run()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) / len(calls))
+        samples.append(start.elapsed_time(end) / per_run)
     return statistics.median(samples)
 
 

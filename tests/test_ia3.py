@@ -8,6 +8,7 @@ from peft import IA3Config, inject_adapter_in_model
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.ia3 import IA3Linear, inject_ia3, merge_ia3, unmerge_ia3
+from helpers import assert_merge_round_trip, demo_losses
 from test_lora import Tiny
 
 
@@ -48,14 +49,7 @@ def test_merge_unmerge_round_trip():
     model = Tiny()
     inject_ia3(model, ["up", "down"], feedforward_names=["down"])
     randomise(model)
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    x = torch.randn(6, 13)
-    unmerged = model(x)
-    merge_ia3(model)
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    unmerge_ia3(model)
-    for name, parameter in model.named_parameters():
-        torch.testing.assert_close(parameter, weights[name], rtol=1e-6, atol=1e-6)
+    assert_merge_round_trip(model, merge_ia3, unmerge_ia3, torch.randn(6, 13))
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
@@ -76,8 +70,7 @@ def test_equals_peft(dtype, tolerance):
 
 
 def test_demo_recovers_the_scales(capsys):
-    import re
     from reference_impls.ia3 import demo
     demo()
-    before, after = re.search(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out).groups()
-    assert float(after) < float(before) / 100
+    [(before, after)] = demo_losses(capsys.readouterr().out)
+    assert after < before / 100

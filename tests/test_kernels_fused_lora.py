@@ -3,15 +3,13 @@
 import pytest
 import torch
 
+from helpers import relative_error
+
 from reference_impls.kernels.fused_lora import FusedLoRAFunction, fused_lora, reference_fused_lora
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter computes bf16 wrongly (silently), so the CPU checks use fp32 and fp16.
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])
-
-
-def relative_error(got, expected):
-    return ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
 
 
 @pytest.mark.parametrize("dtype, tolerance", DTYPES)

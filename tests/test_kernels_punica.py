@@ -3,14 +3,12 @@
 import pytest
 import torch
 
+from helpers import relative_error
+
 from reference_impls.kernels.punica import MultiLoRALinear, bgmv, reference_shrink_expand, segments_of, sgmv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])
-
-
-def relative_error(got, expected):
-    return ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
 
 
 def stacks(L, r, K, N, dtype):

@@ -6,6 +6,8 @@ import random
 import pytest
 import torch
 
+from helpers import relative_error
+
 from reference_impls.kernels.punica import reference_shrink_expand, reference_table, stacked_table
 from reference_impls.kernels.slora import AdapterPool, PoolFull, SLoRALinear
 
@@ -25,10 +27,6 @@ def dense(base, x, names, adapters):
             A, B, alpha = adapters[name]
             y[row] = y[row] + (alpha / A.shape[0]) * (x[row] @ A.T) @ B.T
     return y
-
-
-def relative_error(got, expected):
-    return ((got - expected).norm() / expected.norm()).item()
 
 
 @pytest.fixture

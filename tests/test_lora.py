@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
+from helpers import assert_merge_round_trip, demo_losses
 from reference_impls._plumbing import count_parameters
 from reference_impls.lora import LoRALinear, inject_lora, merge_lora, unmerge_lora
 
@@ -65,14 +66,7 @@ def test_merge_unmerge_round_trip_and_equal_outputs(use_rslora):
     for module in model.modules():
         if isinstance(module, LoRALinear):
             randomise(module)
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    x = torch.randn(3, 13)
-    unmerged = model(x)
-    merge_lora(model)
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-5)
-    unmerge_lora(model)
-    for name, parameter in model.named_parameters():
-        torch.testing.assert_close(parameter, weights[name], rtol=1e-6, atol=1e-6)
+    assert_merge_round_trip(model, merge_lora, unmerge_lora, torch.randn(3, 13))
 
 
 def test_scale_is_alpha_over_r_or_over_root_r():
@@ -111,12 +105,11 @@ def test_only_named_linear_layers_are_wrapped():
 
 
 def test_demo_runs_and_every_method_learns(capsys):
-    import re
     from reference_impls.lora import demo
     demo()
-    losses = re.findall(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out)
+    losses = demo_losses(capsys.readouterr().out)
     assert len(losses) == 4
-    assert all(float(after) < float(before) / 4 for before, after in losses), losses
+    assert all(after < before / 4 for before, after in losses), losses
 
 
 # ---- DoRA, VeRA, AdaLoRA -------------------------------------------------------------------------
@@ -165,14 +158,8 @@ def test_variants_merge_unmerge_round_trip(method):
             for module in model.modules():
                 if isinstance(module, DoRALinear):
                     module.m.abs_().add_(0.5)  # magnitudes are positive
-    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    x = torch.randn(3, 13)
-    unmerged = model(x)
-    merge_lora(model)
-    torch.testing.assert_close(model(x), unmerged, rtol=1e-4, atol=1e-4)
-    unmerge_lora(model)
-    for name, parameter in model.named_parameters():
-        torch.testing.assert_close(parameter, weights[name], rtol=1e-4, atol=1e-5)
+    assert_merge_round_trip(model, merge_lora, unmerge_lora, torch.randn(3, 13), rtol=1e-4, atol=1e-4,
+                            weight_rtol=1e-4, weight_atol=1e-5)
 
 
 def test_dora_gradients_skip_the_norm_and_reach_m_A_B():

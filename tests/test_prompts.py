@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import AdaptionPromptConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
+from helpers import demo_losses
 from reference_impls._plumbing import count_parameters
 from reference_impls.interop import load_peft_adapter
 from reference_impls.prompts import AdaptedAttention, PrefixTuning, PromptTuning, inject_llama_adapter
@@ -124,11 +125,10 @@ def test_peft_prompt_checkpoints_load_through_interop(config, tmp_path):
 
 
 def test_demo_runs_and_every_method_learns(capsys):
-    import re
     from reference_impls.prompts import demo
     demo()
-    losses = re.findall(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out)
-    assert len(losses) == 4 and all(float(after) < float(before) - 0.3 for before, after in losses), losses
+    losses = demo_losses(capsys.readouterr().out)
+    assert len(losses) == 4 and all(after < before - 0.3 for before, after in losses), losses
 
 
 def test_bf16_matches_fp32():

@@ -7,6 +7,8 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import demo_losses
+
 from reference_impls._plumbing import count_parameters
 from reference_impls.sparse import (BETA, GAMMA, ZETA, DiffLinear, bitfit, compose, inject_diff_pruning, l0_penalty,
                                     lottery_ticket_masks, restrict_training, sparse_difference)
@@ -110,11 +112,10 @@ def test_restricted_training_changes_only_the_ticket_and_differences_compose():
 
 
 def test_demo_runs(capsys):
-    import re
     from reference_impls.sparse import demo
     demo()
-    losses = re.findall(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after", capsys.readouterr().out)
-    assert len(losses) == 3 and all(float(after) < float(before) for before, after in losses)
+    losses = demo_losses(capsys.readouterr().out)
+    assert len(losses) == 3 and all(after < before for before, after in losses)
 
 
 def test_diff_pruning_in_bf16_matches_fp32():

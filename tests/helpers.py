@@ -1,0 +1,27 @@
+"""Checks that several test modules share."""
+
+import re
+
+import torch
+
+LOSSES = re.compile(r"loss on the new task: ([\d.e+-]+) before, ([\d.e+-]+) after")
+
+
+def demo_losses(output: str) -> list[tuple[float, float]]:
+    """(before, after) for every 'loss on the new task' line a demo printed."""
+    return [(float(before), float(after)) for before, after in LOSSES.findall(output)]
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+
+
+def assert_merge_round_trip(model, merge, unmerge, x, rtol=1e-5, atol=1e-5, weight_rtol=1e-6, weight_atol=1e-6):
+    """Merged output equals unmerged output, and unmerging restores every weight."""
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    unmerged = model(x)
+    merge(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=rtol, atol=atol)
+    unmerge(model)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, weights[name], rtol=weight_rtol, atol=weight_atol)
