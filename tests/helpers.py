@@ -25,3 +25,21 @@ def assert_merge_round_trip(model, merge, unmerge, x, rtol=1e-5, atol=1e-5, weig
     unmerge(model)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter, weights[name], rtol=weight_rtol, atol=weight_atol)
+
+
+def tiny_bert(hidden: int = 32, intermediate: int = 37):
+    """A small random BERT (two layers, four heads), built from a config: nothing is downloaded."""
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=99, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+                                intermediate_size=intermediate, max_position_embeddings=40)).eval()
+
+
+def assert_same_encoding(ours, theirs, base, length: int = 9):
+    """Both adapted models give the same hidden states, and the adapters really change them."""
+    ids = torch.randint(0, 99, (2, length))
+    with torch.no_grad():
+        expected, got = theirs(input_ids=ids).last_hidden_state, ours(input_ids=ids).last_hidden_state
+        plain = base(input_ids=ids).last_hidden_state
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
