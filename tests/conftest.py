@@ -1,6 +1,4 @@
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,23 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-# What `catalog` reads from the working directory: enough to check, render and build the site.
-REPO_INPUTS = ["papers.yaml", "catalog/metadata.json", "mkdocs.yml", "README.md", "CONTRIBUTING.md", "site",
-               "reference_impls", "benchmarks/results"]
-
-
-def copy_repo_inputs(target: Path) -> Path:
-    for name in REPO_INPUTS:
-        source, destination = REPO / name, target / name
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, destination)
-    return target
+from repo_inputs import REPO, copy_repo_inputs  # noqa: F401 (re-exported for the tests)
 
 
 @pytest.fixture
