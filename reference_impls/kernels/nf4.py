@@ -24,7 +24,6 @@ of the gap between two codes instead of 50%), so a few of its codes are a step o
 bit for bit on the same stored state.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from reference_impls.kernels.fused_lora import fused_lora
+from reference_impls.kernels.fused_lora import fused_lora, use_kernel
 
 IMPLEMENTS = ("qlora",)
 
@@ -134,7 +133,7 @@ def _dequantize_nf4(packed_ptr, absmax_codes_ptr, absmax_scales_ptr, levels_ptr,
 def dequantize_nf4(q: NF4Weight, dtype=torch.bfloat16, bytes_per_program: int = 1024) -> torch.Tensor:
     """The NF4 weight in `dtype` (the kernel where it can run)."""
     device = q.packed.device
-    if not (q.packed.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not use_kernel(q.packed):
         return reference_dequantize_nf4(q, dtype)
     n = int(torch.tensor(q.shape).prod())
     out = torch.empty(n, device=device, dtype=dtype)

@@ -21,13 +21,14 @@ y_m += s · v_m B_{i(m)}ᵀ (r → N). Two layouts of the batch:
 mixed batch through them: a frozen linear layer plus L adapters.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import nn
+
+from reference_impls.kernels.fused_lora import use_kernel
 
 IMPLEMENTS = ("punica",)
 
@@ -234,6 +235,18 @@ def segments_of(adapter_of_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([starts, ends]).to(torch.int32), adapter_of_row[starts].to(torch.int32)
 
 
+def add_lora(y, x, table: LoRATable, adapter_of_row):
+    """y + s_a (x_m A_aᵀ) B_aᵀ per row: SGMV when the batch comes in long runs of one adapter
+    (prefill), BGMV otherwise (decode); the plain PyTorch twin where no kernel can run."""
+    if not use_kernel(x):
+        return reference_table(y, x, table, adapter_of_row)
+    starts, adapters = segments_of(adapter_of_row)
+    with torch.no_grad():  # serving: no gradients through the kernels
+        if len(adapters) * 8 <= len(adapter_of_row):
+            return sgmv_table(y, x, table, starts, adapters)
+        return bgmv_table(y, x, table, adapter_of_row)
+
+
 class MultiLoRALinear(nn.Module):
     """A frozen nn.Linear and L stacked LoRA adapters; each row of a batch names its adapter."""
 
@@ -246,11 +259,4 @@ class MultiLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, adapter_of_row: torch.Tensor) -> torch.Tensor:
         """x: (M, K); adapter_of_row: (M,) adapter index per row, −1 for the base model alone."""
-        y = self.base(x)
-        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            return reference_shrink_expand(y, x, self.A, self.B, adapter_of_row, self.scale)
-        starts, adapters = segments_of(adapter_of_row)
-        with torch.no_grad():  # serving: no gradients through the kernels
-            if len(adapters) * 8 <= len(adapter_of_row):  # long runs (prefill): matrix tiles per segment
-                return sgmv(y, x, self.A, self.B, starts, adapters, self.scale)
-            return bgmv(y, x, self.A, self.B, adapter_of_row.to(torch.int32), self.scale)
+        return add_lora(self.base(x), x, stacked_table(self.A, self.B, self.scale), adapter_of_row)

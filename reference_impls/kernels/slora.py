@@ -14,13 +14,12 @@ The kernels are Punica's (punica.py), reading through the table: prefill batches
 α / r. (S-LoRA's pool also holds the KV cache; here it holds only adapter weights.)
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from reference_impls.kernels.punica import LoRATable, bgmv_table, reference_table, segments_of, sgmv_table
+from reference_impls.kernels.punica import LoRATable, add_lora
 
 IMPLEMENTS = ("s-lora",)
 
@@ -97,11 +96,4 @@ class SLoRALinear(nn.Module):
         index = {name: position for position, name in enumerate(active)}
         adapter_of_row = torch.tensor([index[name] if name is not None else -1 for name in adapter_names],
                                       device=x.device)
-        table = self.pool.table(active)
-        y = self.base(x)
-        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-            return reference_table(y, x, table, adapter_of_row)
-        starts, adapters = segments_of(adapter_of_row)
-        if len(adapters) * 8 <= len(adapter_of_row):  # prefill: long runs of one adapter
-            return sgmv_table(y, x, table, starts, adapters)
-        return bgmv_table(y, x, table, adapter_of_row)  # decode: one row per request
+        return add_lora(self.base(x), x, self.pool.table(active), adapter_of_row)
