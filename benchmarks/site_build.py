@@ -11,7 +11,6 @@ memory of the build, total site size and the largest page. Goals (issue 4): the 
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile

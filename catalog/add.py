@@ -13,11 +13,6 @@ import yaml
 from catalog.load import LoadedCatalog
 from catalog.schema import Entry
 from catalog.validate import normalise_title
-from catalog.vocabulary import SECTION_BY_NAME
-
-
-class AddError(Exception):
-    pass
 
 
 def identifiers_from_record(paper: dict) -> dict[str, str]:
@@ -78,9 +73,8 @@ def insert_entry(catalog: LoadedCatalog, section: str, block: str) -> str:
     lines = catalog.text.splitlines(keepends=True)
     in_section = [entry for entry in catalog.entries if entry.section == section]
     if not in_section:
-        title = SECTION_BY_NAME[section].name
         text = catalog.text if catalog.text.endswith("\n") or not catalog.text else catalog.text + "\n"
-        return text + f"\n# ─── {title} " + "─" * max(3, 70 - len(title)) + "\n\n" + block
+        return text + f"\n# ─── {section} " + "─" * max(3, 70 - len(section)) + "\n\n" + block
     last = max(in_section, key=lambda entry: entry.line)
     following = [entry.line for entry in catalog.entries if entry.line > last.line]
     end = (min(following) - 1) if following else len(lines)  # 1-based last line before the next entry

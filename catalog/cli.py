@@ -20,11 +20,11 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from catalog.add import AddError, entry_block, find_duplicate, identifiers_from_record, insert_entry, suggest_id
+from catalog.add import entry_block, find_duplicate, identifiers_from_record, insert_entry, suggest_id
 from catalog.enrich import enrich, plan
 from catalog.impls import find_impls
 from catalog.load import load_catalog, parse_catalog
-from catalog.s2 import DEFAULT_API_URL, RetryPolicy, S2Client, S2Error, S2Unreachable
+from catalog.s2 import BATCH_SIZE, DEFAULT_API_URL, RetryPolicy, S2Client, S2Error, S2Unreachable
 from catalog.readme import README, ReadmeError, render_list, replace_list
 from catalog.render import SiteInfo, fill_shells, render_docs
 from catalog.store import write_atomically
@@ -39,35 +39,53 @@ MKDOCS_CONFIG = "mkdocs.yml"
 SITE_SOURCES = "site"
 
 
-def cmd_check(args) -> int:
-    catalog = load_catalog(args.papers)
-    try:
-        store = load_store(args.store)
-    except StoreError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    problems = validate(catalog, store.records, find_impls(), strict_impl=args.strict_impl)
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    errors = sum(problem.severity == "error" for problem in problems)
-    warnings = len(problems) - errors
-    print(f"{args.papers}: {len(catalog.entries)} entries, {errors} error(s), {warnings} warning(s)")
-    return 1 if errors else 0
-
-
-def _load_checked(args):
-    """Load and validate; print the problems. Returns (catalog, store), or None if there are errors."""
+def _validated(args, strict_impl: bool = False):
+    """(catalog, store, problems) of the files named by args, or None if the store cannot be read."""
     catalog = load_catalog(args.papers)
     try:
         store = load_store(args.store)
     except StoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return None
-    problems = validate(catalog, store.records, find_impls())
-    errors = [problem for problem in problems if problem.severity == "error"]
+    return catalog, store, validate(catalog, store.records, find_impls(), strict_impl=strict_impl)
+
+
+def _errors(problems) -> list:
+    return [problem for problem in problems if problem.severity == "error"]
+
+
+def cmd_check(args) -> int:
+    validated = _validated(args, args.strict_impl)
+    if validated is None:
+        return 1
+    catalog, _, problems = validated
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    errors = len(_errors(problems))
+    print(f"{args.papers}: {len(catalog.entries)} entries, {errors} error(s), {len(problems) - errors} warning(s)")
+    return 1 if errors else 0
+
+
+def _load_checked(args):
+    """Load and validate; print the errors. Returns (catalog, store), or None if there are any."""
+    validated = _validated(args)
+    if validated is None:
+        return None
+    catalog, store, problems = validated
+    for problem in _errors(problems):
+        print(problem, file=sys.stderr)
+    return None if _errors(problems) else (catalog, store)
+
+
+def _readable_catalog(args, heading: str | None = None):
+    """papers.yaml loaded, or None (its errors printed) if it does not load cleanly."""
+    catalog = load_catalog(args.papers)
+    errors = _errors(catalog.problems)
+    if heading and errors:
+        print(heading, file=sys.stderr)
     for problem in errors:
         print(problem, file=sys.stderr)
-    return None if errors else (catalog, store)
+    return None if errors else catalog
 
 
 def _views(args):
@@ -147,11 +165,8 @@ def _client(args) -> S2Client:
 
 
 def cmd_enrich(args) -> int:
-    catalog = load_catalog(args.papers)
-    errors = [problem for problem in catalog.problems if problem.severity == "error"]
-    if errors:
-        for problem in errors:
-            print(problem, file=sys.stderr)
+    catalog = _readable_catalog(args)
+    if catalog is None:
         return 1
     try:
         store = load_store(args.store)
@@ -168,7 +183,7 @@ def cmd_enrich(args) -> int:
 
     def save(updated: MetadataStore, done: int, total: int) -> None:
         save_store(updated, args.store)  # atomically, after every batch: a rerun resumes from here
-        progress.update(min(len(todo), done * 500) - progress.n)
+        progress.update(min(len(todo), done * BATCH_SIZE) - progress.n)
         if progress.disable:
             print(f"batch {done}/{total} stored", flush=True)
 
@@ -202,12 +217,8 @@ def _parse_lookup(text: str) -> tuple[str, str]:
 
 
 def cmd_add(args) -> int:
-    catalog = load_catalog(args.papers)
-    errors = [problem for problem in catalog.problems if problem.severity == "error"]
-    if errors:
-        print("papers.yaml has errors; fix them first:", file=sys.stderr)
-        for problem in errors:
-            print(problem, file=sys.stderr)
+    catalog = _readable_catalog(args, heading="papers.yaml has errors; fix them first:")
+    if catalog is None:
         return 1
     store = load_store(args.store)
     how, lookup = _parse_lookup(args.paper)

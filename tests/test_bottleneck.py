@@ -9,8 +9,8 @@ from torch import nn
 from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.bottleneck import (BAPNA_FIRAT, HOULSBY, SCALED_PARALLEL, Adapter, ParallelAdapter,
-                                        SequentialAdapter, inject_adapters, orthogonality_penalty)
+from reference_impls.bottleneck import (BAPNA_FIRAT, HOULSBY, SCALED_PARALLEL, Adapter, inject_adapters,
+                                        orthogonality_penalty)
 
 
 def block(d=21, d_ff=37):

@@ -1,6 +1,5 @@
 """`catalog check` on the real catalog and on broken copies of it: exit status and file:line messages."""
 
-import json
 import re
 from pathlib import Path
 import subprocess
@@ -174,3 +173,15 @@ def test_unreadable_or_corrupt_files_fail_cleanly(repo_copy, capsys):
     assert "not a valid metadata store" in capsys.readouterr().err
     assert main(["--papers", "missing.yaml", "--store", "nowhere.json", "check"]) == 1
     assert "missing.yaml:0: cannot read" in capsys.readouterr().err
+
+
+def test_insert_entry_into_a_section_without_entries_adds_its_header():
+    import datetime
+
+    from catalog.add import entry_block, insert_entry
+    catalog = parse_catalog(GOOD, "papers.yaml")
+    block = entry_block({"id": "new-survey", "title": "A Survey", "kind": "survey", "section": "Surveys",
+                         "arxiv": "2401.00002", "tags": [], "impl": [], "added": datetime.date(2026, 11, 23)})
+    text = insert_entry(catalog, "Surveys", block)
+    assert text.startswith(GOOD) and text.endswith("\n# ─── Surveys " + "─" * 63 + "\n\n" + block)
+    assert [entry.id for entry in parse_catalog(text).entries] == ["lora", "prefix-tuning", "new-survey"]

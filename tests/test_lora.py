@@ -116,8 +116,8 @@ def test_demo_runs_and_every_method_learns(capsys):
 
 from peft import AdaLoraConfig, VeraConfig, get_peft_model  # noqa: E402
 
-from reference_impls.lora import (DoRALinear, RankAllocator, SVDLinear, VeRALinear, inject_adalora,  # noqa: E402
-                                  inject_vera, orthogonal_penalty)
+from reference_impls.lora import (DoRALinear, RankAllocator, SVDLinear, inject_adalora, inject_vera,  # noqa: E402
+                                  orthogonal_penalty)
 
 
 def randomise_all(model: nn.Module) -> None:
