@@ -1,14 +1,23 @@
 """Check every Triton kernel against its reference, then time it beside PEFT, plain PyTorch and the floor.
 
-    python benchmarks/kernels.py            on a GPU: checks in bf16 and fp32, then timings; writes
-                                            benchmarks/results/kernels-<device>.json
-    python benchmarks/kernels.py --smoke    on a CPU: the same script end to end, through Triton's
-                                            interpreter on tiny shapes (timings printed, not judged)
+    python benchmarks/kernels.py --out FILE    on a GPU: checks in bf16 and fp32, then timings; the
+                                               default FILE is benchmarks/results/kernels-<device>.json
+    python benchmarks/kernels.py --smoke       on a CPU: the same script end to end, through Triton's
+                                               interpreter on tiny shapes (timings printed, not judged)
+    --only fused_lora,punica                   some sections only (see SECTIONS)
 
-Timing (GPU): each variant is captured in a CUDA graph that runs it over several input sets whose
-total size exceeds the L2 cache, so every run reads its operands from memory; the median of the
-graph's replays, divided by the number of sets, is the time of one call. The floor is the larger of
-bytes moved / measured copy bandwidth and flops / measured GEMM rate (both measured in the same run).
+On the device machine (no network, its own torch, Triton and PEFT; nothing to install), from the
+repository root: `PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT/kernels-h100.json`.
+The JSON is rewritten after every section, so a run cut short keeps what it measured; a section
+that fails is recorded as an error row and the others still run.
+
+Timing (GPU): each variant is captured in a CUDA graph that runs it over several distinct input
+sets whose total size exceeds the L2 cache, so every call reads its operands from memory; the
+median of the graph's replays, divided by the number of sets, is the time of one call. Variants
+that do host work in every call (PEFT's mixed-adapter batch groups rows by name) or cannot be
+captured are timed over the same rotating calls with CUDA events instead, host work included; each
+row says how each variant was timed. The floor is the larger of bytes moved / measured copy
+bandwidth and flops / measured GEMM rate, both measured in this run.
 """
 
 import argparse
@@ -18,6 +27,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,51 +36,91 @@ if SMOKE:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is defined
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from reference_impls.kernels import fused_lora as fused_lora_module  # noqa: E402
 from reference_impls.kernels.dora import FusedDoRAFunction, reference_dora  # noqa: E402
-from reference_impls.kernels.fused_lora import FusedLoRAFunction, reference_fused_lora  # noqa: E402
+from reference_impls.kernels.fused_lora import FusedLoRAFunction, lora_gemm, reference_fused_lora  # noqa: E402
 from reference_impls.kernels.nf4 import dequantize_nf4, quantize_nf4, reference_dequantize_nf4  # noqa: E402
-from reference_impls.kernels.punica import bgmv, reference_shrink_expand, segments_of, sgmv  # noqa: E402
+from reference_impls.kernels.punica import (bgmv, bgmv_table, reference_shrink_expand, segments_of, sgmv,  # noqa: E402
+                                            stacked_table)
 from reference_impls.kernels.slora import AdapterPool, SLoRALinear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"
-L2_BYTES = 64 * 2 ** 20  # at least an H100/H200's L2 (50 MB): rotate through more than this
+L2_BYTES = 64 * 2 ** 20  # at least an H100/H200's L2 (50-60 MB): rotate through more than this
+MAX_SETS = 64
 
 
 def relative_error(got, expected) -> float:
     return ((got.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
 
 
+def dtype_name(dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def tolerance(dtype) -> float:
+    return 1e-2 if dtype == torch.bfloat16 else (2e-2 if dtype == torch.float16 else 1e-3)
+
+
+def check_row(kernel, shape, dtype, error, limit=None) -> dict:
+    limit = tolerance(dtype) if limit is None else limit
+    return {"kernel": kernel, "shape": shape, "dtype": dtype_name(dtype), "max_relative_error": error, "limit": limit,
+            "ok": error <= limit}
+
+
 # ---- timing ------------------------------------------------------------------------------------
 
-def time_call(make_call, set_bytes: int, repeats: int, graph: bool = True) -> float:
-    """Median milliseconds of one call; make_call(i) returns a closure over input set i. With
-    graph=False (autograd's backward, which allocates as it goes) the calls are timed with events."""
-    sets = max(2, -(-L2_BYTES // max(set_bytes, 1))) if DEVICE == "cuda" and graph else 1
-    calls = [make_call(i) for i in range(sets)]
-    if DEVICE == "cuda" and not graph:
-        for call in calls * 3:
-            call()
-        torch.cuda.synchronize()
-        return _event_median(calls[0], repeats, per_run=1)
+def input_sets(set_bytes: int) -> int:
+    """How many distinct input sets to rotate through so that together they exceed the L2 cache."""
+    if DEVICE != "cuda":
+        return 1
+    return max(2, min(MAX_SETS, L2_BYTES // max(set_bytes, 1) + 1))
+
+
+def time_variants(variants: dict, set_bytes: int, repeats: int, graph: bool = True, eager=()) -> tuple[dict, dict]:
+    """Median milliseconds of one call of each variant, and how each was timed.
+
+    variants maps a name to make_call(i), which returns a closure over input set i (building the
+    set on first use). graph=False for autograd's backward, which allocates as it goes; the variants
+    named in `eager` do host-side work in every call, so they are timed with events, not captured."""
+    sets = input_sets(set_bytes) if graph else 1
+    times, methods = {}, {}
+    for name, make_call in variants.items():
+        calls = [make_call(i) for i in range(sets)]
+        times[name], methods[name] = _time_calls(calls, repeats, graph and name not in eager)
+    return times, methods
+
+
+def _time_calls(calls, repeats: int, graph: bool) -> tuple[float, str]:
     if DEVICE != "cuda":  # smoke: wall clock, never judged
         samples = []
         for _ in range(repeats):
             started = time.perf_counter()
             calls[0]()
             samples.append((time.perf_counter() - started) * 1e3)
-        return statistics.median(samples)
-    for call in calls:  # warm-up: compilation, autotuning, allocations
+        return statistics.median(samples), "wall clock (interpreter)"
+    for call in calls * 2:  # warm-up: compilation, autotuning, allocator
         call()
     torch.cuda.synchronize()
-    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    with torch.cuda.stream(stream), torch.cuda.graph(graph):
+    if graph:
+        try:
+            cuda_graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+            with torch.cuda.stream(stream), torch.cuda.graph(cuda_graph):
+                for call in calls:
+                    call()
+            torch.cuda.synchronize()
+            return _event_median(cuda_graph.replay, repeats, per_run=len(calls)), "cuda graph"
+        except RuntimeError as error:  # e.g. host-side work inside the call
+            print(f"    (not capturable, timed with events: {str(error).splitlines()[0][:100]})")
+            torch.cuda.synchronize()
+
+    def run_all():
         for call in calls:
             call()
-    torch.cuda.synchronize()
-    return _event_median(graph.replay, repeats, per_run=len(calls))
+    return _event_median(run_all, repeats, per_run=len(calls)), "cuda events"
 
 
 def _event_median(run, repeats: int, per_run: int) -> float:
@@ -86,21 +136,34 @@ def _event_median(run, repeats: int, per_run: int) -> float:
     return statistics.median(samples)
 
 
-def measure_ceilings(dtype) -> dict:
+def measure_ceilings(dtype, repeats) -> dict:
     """Copy bandwidth (bytes read + written per second) and GEMM rate, measured now on this device."""
-    n = 2 ** 28 if DEVICE == "cuda" else 2 ** 20
-    source = torch.randn(n // 2, device=DEVICE, dtype=dtype)
+    n = 2 ** 27 if DEVICE == "cuda" else 2 ** 16  # 256 MB of bf16 on a GPU: far larger than L2
+    source = torch.randn(n, device=DEVICE, dtype=dtype)
     target = torch.empty_like(source)
-    copy_ms = time_call(lambda i: (lambda: target.copy_(source)), 0, 20)
-    size = 8192 if DEVICE == "cuda" else 256
+    size = 8192 if DEVICE == "cuda" else 128
     a, b = torch.randn(size, size, device=DEVICE, dtype=dtype), torch.randn(size, size, device=DEVICE, dtype=dtype)
-    gemm_ms = time_call(lambda i: (lambda: a @ b), 0, 10)
-    return {"copy_bytes_per_s": 2 * source.numel() * source.element_size() / (copy_ms / 1e3),
-            "gemm_flops_per_s": 2 * size ** 3 / (gemm_ms / 1e3)}
+    times, _ = time_variants({"copy": lambda i: (lambda: target.copy_(source)), "gemm": lambda i: (lambda: a @ b)},
+                             2 * source.numel() * source.element_size(), repeats)
+    return {"copy_bytes_per_s": 2 * source.numel() * source.element_size() / (times["copy"] / 1e3),
+            "gemm_flops_per_s": 2 * size ** 3 / (times["gemm"] / 1e3)}
 
 
 def floor_ms(bytes_moved: float, flops: float, ceilings: dict) -> float:
     return 1e3 * max(bytes_moved / ceilings["copy_bytes_per_s"], flops / ceilings["gemm_flops_per_s"])
+
+
+def timing_row(kernel, shape, times, methods, base="base", goal=None, floor=None, **extra) -> dict:
+    """ours / base and every other variant / base, the floor / base, the goal and whether it was met."""
+    row = {"kernel": kernel, "shape": shape, **{f"{name}_ms": ms for name, ms in times.items()}}
+    for name, ms in times.items():
+        if name != base:
+            row[f"{name}_over_{base}"] = ms / times[base]
+    if floor is not None:
+        row["floor_ms"], row["floor_over_base"] = floor, floor / times[base]
+    row["timed_with"] = methods
+    row["goal_ours_over_base"], row["goal_met"] = goal, None if goal is None else times["ours"] / times[base] <= goal
+    return {**row, **extra}
 
 
 # ---- the fused LoRA linear ---------------------------------------------------------------------
@@ -113,12 +176,13 @@ def lora_inputs(M, K, N, r, dtype, requires_grad=False):
     return x, W, A, B
 
 
-def peft_lora_layer(W, A, B, r):
+def peft_lora_layer(W, A, B, r, **config):
+    """PEFT's LoRA (or DoRA) around nn.Linear(W), with our A and B."""
     from peft import LoraConfig, inject_adapter_in_model
     base = nn.Sequential(nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype))
     with torch.no_grad():
         base[0].weight.copy_(W)
-    model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["0"]), base)
+    model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["0"], **config), base)
     with torch.no_grad():
         model[0].lora_A["default"].weight.copy_(A)
         model[0].lora_B["default"].weight.copy_(B)
@@ -138,60 +202,59 @@ def check_fused_lora(shapes, dtypes) -> list[dict]:
             xd, Ad, Bd = (t.detach().double().requires_grad_() for t in (x, A, B))
             reference_fused_lora(xd, W.double(), Ad, Bd, 1.0).backward(dy.double())
             errors = [relative_error(y, expected)] + [relative_error(g, e.grad) for g, e in zip(grads, (xd, Ad, Bd))]
-            limit = 1e-2 if dtype == torch.bfloat16 else (2e-2 if dtype == torch.float16 else 1e-3)
-            rows.append({"kernel": "fused_lora", "shape": f"M={M} K={K} N={N} r={r}", "dtype": str(dtype).split(".")[-1],
-                         "max_relative_error": max(errors), "limit": limit, "ok": max(errors) <= limit})
+            rows.append(check_row("fused_lora (fwd+bwd)", f"M={M} K={K} N={N} r={r}", dtype, max(errors)))
     return rows
 
 
 def time_fused_lora(token_counts, K, N, r, dtype, ceilings, repeats) -> list[dict]:
+    """Forward at each token count: ours (u made in the kernel, and u made before it), PEFT, the base GEMM."""
     rows = []
     size = torch.tensor([], dtype=dtype).element_size()
     for M in token_counts:
         sets = []
 
-        def make(kind):
+        def variant(kind):
             def make_call(i):
                 while len(sets) <= i:
                     x, W, A, B = lora_inputs(M, K, N, r, dtype)
                     sets.append((x, W, A, B, peft_lora_layer(W, A, B, r)))
                 x, W, A, B, peft_layer = sets[i]
-                return {"ours": lambda: FusedLoRAFunction.apply(x, W, A, B, 1.0, None),
+                return {"shrink_in_kernel": lambda: lora_gemm(x, W, B, 1.0, A_rk=A),
+                        "shrink_before": lambda: lora_gemm(x, W, B, 1.0, u=x @ A.T),
                         "peft": lambda: peft_layer(x),
                         "base": lambda: nn.functional.linear(x, W)}[kind]
             return make_call
 
         set_bytes = (M * K + N * K + M * N + r * (K + N)) * size
         with torch.no_grad():
-            times = {kind: time_call(make(kind), set_bytes, repeats) for kind in ("ours", "peft", "base")}
+            times, methods = time_variants({kind: variant(kind) for kind in
+                                            ("shrink_in_kernel", "shrink_before", "peft", "base")}, set_bytes, repeats)
+        picked = "shrink_in_kernel" if fused_lora_module.shrink_in_kernel(M) else "shrink_before"
+        times["ours"], methods["ours"] = times[picked], methods[picked]
         flops = 2 * M * N * K + 2 * M * r * (K + N)
-        floor = floor_ms(set_bytes, flops, ceilings)
-        goal = 1.25 if M <= 128 else 1.10
-        rows.append({"kernel": "fused_lora forward", "shape": f"M={M} K={K} N={N} r={r}",
-                     "ours_ms": times["ours"], "peft_ms": times["peft"], "base_ms": times["base"], "floor_ms": floor,
-                     "ours_over_base": times["ours"] / times["base"], "peft_over_base": times["peft"] / times["base"],
-                     "floor_over_base": floor / times["base"], "goal_ours_over_base": goal,
-                     "goal_met": times["ours"] / times["base"] <= goal})
+        rows.append(timing_row("fused_lora forward", f"M={M} K={K} N={N} r={r}", times, methods,
+                               goal=1.25 if M <= 128 else 1.10, floor=floor_ms(set_bytes, flops, ceilings),
+                               ours_is=picked))
     return rows
 
 
-def time_training_step(M, K, N, r, dtype, repeats) -> dict:
+def time_training_step(M, K, N, r, dtype, ceilings, repeats) -> dict:
     """Forward and backward with W frozen: ours, PEFT, and the frozen base alone (x still needs its gradient)."""
     x, W, A, B = lora_inputs(M, K, N, r, dtype, requires_grad=True)
     peft_layer = peft_lora_layer(W, A, B, r)
     for parameter in peft_layer.parameters():
         parameter.requires_grad_(parameter is not peft_layer[0].weight)
     dy = torch.randn(M, N, device=DEVICE, dtype=dtype)
-    step = {"ours": lambda: FusedLoRAFunction.apply(x, W, A, B, 1.0, None).backward(dy),
-            "peft": lambda: peft_layer(x).backward(dy),
-            "base": lambda: nn.functional.linear(x, W).backward(dy)}
-    set_bytes = (M * K + N * K + M * N) * x.element_size()
-    # At this size one set of operands is already larger than the L2 cache, so no rotation is needed.
-    times = {kind: time_call(lambda i, call=call: call, set_bytes, repeats, graph=False) for kind, call in step.items()}
-    return {"kernel": "LoRA training step (fwd+bwd, frozen W)", "shape": f"M={M} K={K} N={N} r={r}",
-            "ours_ms": times["ours"], "peft_ms": times["peft"], "base_ms": times["base"],
-            "ours_over_base": times["ours"] / times["base"], "peft_over_base": times["peft"] / times["base"],
-            "goal_ours_over_base": 1.10, "goal_met": times["ours"] / times["base"] <= 1.10}
+    steps = {"ours": lambda: FusedLoRAFunction.apply(x, W, A, B, 1.0, None).backward(dy),
+             "peft": lambda: peft_layer(x).backward(dy),
+             "base": lambda: nn.functional.linear(x, W).backward(dy)}
+    # One set of operands (x, W, dy: 200 MB at 8,192 tokens) is far larger than L2: no rotation needed.
+    times, methods = time_variants({name: (lambda i, step=step: step) for name, step in steps.items()}, 0, repeats,
+                                   graph=False)
+    flops = 4 * M * N * K + 8 * M * r * (K + N)  # two big GEMMs; the thin products of both passes
+    bytes_moved = (2 * (M * K + N * K + M * N) + 2 * r * (K + N)) * x.element_size()
+    return timing_row("LoRA training step (fwd+bwd, frozen W)", f"M={M} K={K} N={N} r={r}", times, methods, goal=1.10,
+                      floor=floor_ms(bytes_moved, flops, ceilings))
 
 
 # ---- DoRA ---------------------------------------------------------------------------------------
@@ -210,33 +273,33 @@ def check_dora(shapes, dtypes) -> list[dict]:
             expected = reference_dora(leaves[0], W.double(), leaves[1], leaves[2], leaves[3], 1.0)
             expected.backward(dy.double())
             errors = [relative_error(y, expected)] + [relative_error(g, e.grad) for g, e in zip(grads, leaves)]
-            limit = 1e-2 if dtype == torch.bfloat16 else (2e-2 if dtype == torch.float16 else 1e-3)
-            rows.append({"kernel": "dora (norm + rescaled GEMM, fwd+bwd)", "shape": f"M={M} K={K} N={N} r={r}",
-                         "dtype": str(dtype).split(".")[-1], "max_relative_error": max(errors), "limit": limit,
-                         "ok": max(errors) <= limit})
+            rows.append(check_row("dora (norm + rescaled GEMM, fwd+bwd)", f"M={M} K={K} N={N} r={r}", dtype,
+                                  max(errors)))
     return rows
 
 
-def time_dora_forward(M, K, N, r, dtype, repeats) -> dict:
-    from peft import LoraConfig, inject_adapter_in_model
-    x, W, A, B = lora_inputs(M, K, N, r, dtype)
-    base = nn.Sequential(nn.Linear(K, N, bias=False, device=DEVICE, dtype=dtype))
+def time_dora_forward(M, K, N, r, dtype, ceilings, repeats) -> dict:
+    sets = []
+
+    def variant(kind):
+        def make_call(i):
+            while len(sets) <= i:
+                x, W, A, B = lora_inputs(M, K, N, r, dtype)
+                peft_model = peft_lora_layer(W, A, B, r, use_dora=True).eval()
+                m = peft_model[0].lora_magnitude_vector["default"].weight.detach().clone()
+                sets.append((x, W, A, B, m, peft_model))
+            x, W, A, B, m, peft_model = sets[i]
+            return {"ours": lambda: FusedDoRAFunction.apply(x, W, A, B, m, 1.0, None), "peft": lambda: peft_model(x),
+                    "base": lambda: nn.functional.linear(x, W)}[kind]
+        return make_call
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    set_bytes = (M * K + N * K + M * N) * size
     with torch.no_grad():
-        base[0].weight.copy_(W)
-    peft_model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["0"], use_dora=True), base)
-    with torch.no_grad():
-        peft_model[0].lora_A["default"].weight.copy_(A)
-        peft_model[0].lora_B["default"].weight.copy_(B)
-    m = peft_model[0].lora_magnitude_vector["default"].weight.detach().clone()
-    peft_model.eval()
-    calls = {"ours": lambda: FusedDoRAFunction.apply(x, W, A, B, m, 1.0, None), "peft": lambda: peft_model(x),
-             "base": lambda: nn.functional.linear(x, W)}
-    set_bytes = (M * K + N * K + M * N) * x.element_size()
-    with torch.no_grad():
-        times = {kind: time_call(lambda i, call=call: call, set_bytes, repeats) for kind, call in calls.items()}
-    return {"kernel": "dora forward", "shape": f"M={M} K={K} N={N} r={r}", "ours_ms": times["ours"],
-            "peft_ms": times["peft"], "base_ms": times["base"], "ours_over_base": times["ours"] / times["base"],
-            "peft_over_base": times["peft"] / times["base"], "goal_ours_over_base": None, "goal_met": None}
+        times, methods = time_variants({kind: variant(kind) for kind in ("ours", "peft", "base")}, set_bytes, repeats)
+    # The floor reads W twice (its norm, then the GEMM): W can be 32 MB, too much to count on L2.
+    floor = floor_ms(set_bytes + N * K * size, 2 * M * N * K + 2 * M * r * (K + N) + 2 * N * K * r, ceilings)
+    return timing_row("dora forward", f"M={M} K={K} N={N} r={r}", times, methods, floor=floor)
 
 
 # ---- QLoRA's NF4 -------------------------------------------------------------------------------
@@ -245,34 +308,48 @@ def check_nf4(shape, dtypes) -> list[dict]:
     rows = []
     q = quantize_nf4(torch.randn(*shape, device=DEVICE))
     for dtype in dtypes:
-        got, expected = dequantize_nf4(q, dtype), reference_dequantize_nf4(q, dtype)
-        mismatches = int((got != expected).sum())
-        rows.append({"kernel": "nf4 dequantize (bit-exact)", "shape": f"{shape[0]}x{shape[1]}",
-                     "dtype": str(dtype).split(".")[-1], "max_relative_error": float(mismatches), "limit": 0.0,
-                     "ok": mismatches == 0})
+        mismatches = int((dequantize_nf4(q, dtype) != reference_dequantize_nf4(q, dtype)).sum())
+        rows.append(check_row("nf4 dequantize (values differing from the reference)", f"{shape[0]}x{shape[1]}", dtype,
+                              float(mismatches), limit=0.0))
     return rows
 
 
 def time_nf4_dequantize(shape, dtype, ceilings, repeats) -> dict:
-    """Bytes moved (4-bit codes, 8-bit block maxima, 16-bit output) over time, against copy bandwidth."""
-    W = torch.randn(*shape, device=DEVICE)
-    q = quantize_nf4(W)
-    n = W.numel()
+    """Bytes moved (4-bit codes, 8-bit block maxima, 16-bit output) over time, against copy bandwidth;
+    bitsandbytes' own CUDA kernel beside it where bitsandbytes is installed."""
+    n = shape[0] * shape[1]
     moved = n // 2 + n // 64 + n * torch.tensor([], dtype=dtype).element_size()
-    ours_ms = time_call(lambda i: (lambda: dequantize_nf4(q, dtype)), moved, repeats)
-    row = {"kernel": "nf4 dequantize", "shape": f"{shape[0]}x{shape[1]} -> {str(dtype).split('.')[-1]}",
-           "ours_ms": ours_ms, "bytes_moved": moved, "achieved_bytes_per_s": moved / (ours_ms / 1e3),
-           "fraction_of_copy_bandwidth": moved / (ours_ms / 1e3) / ceilings["copy_bytes_per_s"],
-           "goal_fraction_of_copy_bandwidth": 0.8}
-    row["goal_met"] = row["fraction_of_copy_bandwidth"] >= 0.8
-    if DEVICE == "cuda":  # bitsandbytes' own CUDA kernel, side by side
+    sets = []
+
+    def ours(i):
+        while len(sets) <= i:
+            sets.append(quantize_nf4(torch.randn(*shape, device=DEVICE)))
+        return lambda: dequantize_nf4(sets[i], dtype)
+
+    variants = {"ours": ours}
+    try:
         import bitsandbytes.functional as bnb
-        packed, state = bnb.quantize_4bit(W.to(dtype), blocksize=64, quant_type="nf4", compress_statistics=True)
-        row["bitsandbytes_ms"] = time_call(lambda i: (lambda: bnb.dequantize_4bit(packed, state)), moved, repeats)
-    return row
+        bnb_sets = []
+
+        def theirs(i):
+            while len(bnb_sets) <= i:
+                bnb_sets.append(bnb.quantize_4bit(torch.randn(*shape, device=DEVICE, dtype=dtype), blocksize=64,
+                                                  quant_type="nf4", compress_statistics=True))
+            packed, state = bnb_sets[i]
+            return lambda: bnb.dequantize_4bit(packed, state)
+        if DEVICE == "cuda":
+            variants["bitsandbytes"] = theirs
+    except ImportError:
+        print("    (bitsandbytes is not installed: no comparison with its kernel)")
+    times, methods = time_variants(variants, moved, repeats)
+    fraction = moved / (times["ours"] / 1e3) / ceilings["copy_bytes_per_s"]
+    return {"kernel": "nf4 dequantize", "shape": f"{shape[0]}x{shape[1]} -> {dtype_name(dtype)}",
+            **{f"{name}_ms": ms for name, ms in times.items()}, "timed_with": methods, "bytes_moved": moved,
+            "achieved_bytes_per_s": moved / (times["ours"] / 1e3), "fraction_of_copy_bandwidth": fraction,
+            "goal_fraction_of_copy_bandwidth": 0.8, "goal_met": fraction >= 0.8}
 
 
-# ---- Punica: many adapters in one batch -------------------------------------------------------
+# ---- Punica and S-LoRA: many adapters in one batch -------------------------------------------
 
 def check_punica(M, K, N, r, L, dtypes) -> list[dict]:
     rows = []
@@ -286,11 +363,8 @@ def check_punica(M, K, N, r, L, dtypes) -> list[dict]:
         expected_seg = reference_shrink_expand(y.double(), x.double(), A.double(), B.double(), segmented, 1.0)
         errors = {"bgmv": relative_error(bgmv(y.clone(), x, A, B, per_row.to(torch.int32), 1.0), expected_row),
                   "sgmv": relative_error(sgmv(y.clone(), x, A, B, *segments_of(segmented), 1.0), expected_seg)}
-        limit = 1e-2 if dtype == torch.bfloat16 else (2e-2 if dtype == torch.float16 else 1e-3)
         for name, error in errors.items():
-            rows.append({"kernel": f"punica {name}", "shape": f"M={M} K={K} N={N} r={r} L={L}",
-                         "dtype": str(dtype).split(".")[-1], "max_relative_error": error, "limit": limit,
-                         "ok": error <= limit})
+            rows.append(check_row(f"punica {name}", f"M={M} K={K} N={N} r={r} L={L}", dtype, error))
     return rows
 
 
@@ -312,119 +386,216 @@ def check_slora(K, N, ranks, dtypes) -> list[dict]:
         for label, names in (("prefill", [name for name in live for _ in range(17)] + [None] * 3),
                              ("decode", live + [None] + live[::-1])):
             x = torch.randn(len(names), K, device=DEVICE, dtype=dtype)
-            expected = base(x).double()
+            with torch.no_grad():
+                expected = base(x).double()
             for row, name in enumerate(names):
                 if name is not None:
                     A, B, alpha = adapters[name]
                     expected[row] += (alpha / A.shape[0]) * (x[row].double() @ A.double().T) @ B.double().T
-            error = relative_error(layer(x, names), expected)
-            limit = 1e-2 if dtype == torch.bfloat16 else (2e-2 if dtype == torch.float16 else 1e-3)
-            rows.append({"kernel": f"s-lora {label}", "shape": f"K={K} N={N} ranks={ranks}",
-                         "dtype": str(dtype).split(".")[-1], "max_relative_error": error, "limit": limit,
-                         "ok": error <= limit})
+            rows.append(check_row(f"s-lora {label}", f"K={K} N={N} ranks={ranks}", dtype,
+                                  relative_error(layer(x, names), expected)))
     return rows
 
 
-def time_decode_many_adapters(requests, K, N, r, dtype, repeats) -> dict:
-    """`requests` decode rows, each on its own adapter: our BGMV, gather + bmm, PEFT's mixed batch, base."""
+def time_decode_many_adapters(requests, K, N, r, dtype, ceilings, repeats) -> dict:
+    """`requests` decode rows, each on its own adapter: our BGMV, gather + bmm, PEFT's mixed batch, base.
+    The adapters' page table is built once, as a server builds it when adapters are loaded."""
     from peft import LoraConfig, inject_adapter_in_model
-    x = torch.randn(requests, K, device=DEVICE, dtype=dtype)
-    W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
-    A = torch.randn(requests, r, K, device=DEVICE, dtype=dtype) / K ** 0.5
-    B = torch.randn(requests, N, r, device=DEVICE, dtype=dtype)
-    ids = torch.arange(requests, device=DEVICE, dtype=torch.int32)
-    base = nn.Sequential(nn.Linear(K, N, bias=False, device=DEVICE, dtype=dtype))
-    with torch.no_grad():
-        base[0].weight.copy_(W)
-    for index in range(requests):
-        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["0"]), base, adapter_name=f"a{index}")
-    with torch.no_grad():
+    sets = []
+
+    def build_set():
+        x = torch.randn(requests, K, device=DEVICE, dtype=dtype)
+        W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
+        A = torch.randn(requests, r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+        B = torch.randn(requests, N, r, device=DEVICE, dtype=dtype)
+        ids = torch.arange(requests, device=DEVICE, dtype=torch.int32)
+        base = nn.Sequential(nn.Linear(K, N, bias=False, device=DEVICE, dtype=dtype))
+        with torch.no_grad():
+            base[0].weight.copy_(W)
         for index in range(requests):
-            base[0].lora_A[f"a{index}"].weight.copy_(A[index])
-            base[0].lora_B[f"a{index}"].weight.copy_(B[index])
-    names = [f"a{index}" for index in range(requests)]
-    calls = {"ours": lambda: bgmv(nn.functional.linear(x, W), x, A, B, ids, 1.0),
-             "gather_bmm": lambda: nn.functional.linear(x, W) + torch.bmm(
-                 torch.bmm(x.unsqueeze(1), A[ids.long()].transpose(1, 2)), B[ids.long()].transpose(1, 2)).squeeze(1),
-             "peft": lambda: base[0](x, adapter_names=names),
-             "base": lambda: nn.functional.linear(x, W)}
-    set_bytes = (requests * K + N * K + requests * N + requests * r * (K + N)) * x.element_size()
+            inject_adapter_in_model(LoraConfig(r=r, lora_alpha=r, target_modules=["0"]), base, adapter_name=f"a{index}")
+        with torch.no_grad():
+            for index in range(requests):
+                base[0].lora_A[f"a{index}"].weight.copy_(A[index])
+                base[0].lora_B[f"a{index}"].weight.copy_(B[index])
+        return x, W, A, B, ids, stacked_table(A, B, 1.0), base
+
+    def variant(kind):
+        def make_call(i):
+            while len(sets) <= i:
+                sets.append(build_set())
+            x, W, A, B, ids, table, peft_model = sets[i]
+            names = [f"a{index}" for index in range(requests)]
+            gathered_A, gathered_B = A[ids.long()].transpose(1, 2), B[ids.long()].transpose(1, 2)
+            return {"ours": lambda: bgmv_table(nn.functional.linear(x, W), x, table, ids),
+                    "gather_bmm": lambda: nn.functional.linear(x, W) + torch.bmm(
+                        torch.bmm(x.unsqueeze(1), A[ids.long()].transpose(1, 2)), B[ids.long()].transpose(1, 2)).squeeze(1),
+                    "bmm_pregathered": lambda: nn.functional.linear(x, W) + torch.bmm(
+                        torch.bmm(x.unsqueeze(1), gathered_A), gathered_B).squeeze(1),
+                    "peft": lambda: peft_model[0](x, adapter_names=names),
+                    "base": lambda: nn.functional.linear(x, W)}[kind]
+        return make_call
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    set_bytes = (requests * K + N * K + requests * N + requests * r * (K + N)) * size
     with torch.no_grad():
-        times = {kind: time_call(lambda i, call=call: call, set_bytes, repeats) for kind, call in calls.items()}
-    return {"kernel": "punica bgmv decode, one adapter per request", "shape": f"M={requests} K={K} N={N} r={r}",
-            "ours_ms": times["ours"], "gather_bmm_ms": times["gather_bmm"], "peft_ms": times["peft"],
-            "base_ms": times["base"], "ours_over_base": times["ours"] / times["base"],
-            "gather_bmm_over_base": times["gather_bmm"] / times["base"], "peft_over_base": times["peft"] / times["base"],
-            "goal_ours_over_base": 1.3, "goal_met": times["ours"] / times["base"] <= 1.3}
+        times, methods = time_variants({kind: variant(kind) for kind in
+                                        ("ours", "gather_bmm", "bmm_pregathered", "peft", "base")}, set_bytes, repeats,
+                                       eager={"peft"})  # PEFT groups the rows by adapter name on the host
+    flops = 2 * requests * N * K + 2 * requests * r * (K + N)
+    return timing_row("punica bgmv decode, one adapter per request", f"M={requests} K={K} N={N} r={r}", times, methods,
+                      goal=1.3, floor=floor_ms(set_bytes, flops, ceilings))
 
 
 # ---- main --------------------------------------------------------------------------------------
+
+SECTIONS = ("fused_lora", "dora", "nf4", "punica", "slora")
+MODULE_OF = {"fused_lora": "kernels.fused_lora", "LoRA training": "kernels.fused_lora", "dora": "kernels.dora",
+             "punica": "kernels.punica", "s-lora": "kernels.slora", "slora": "kernels.slora",
+             "nf4": "kernels.nf4"}
+
+
+def plan(smoke: bool):
+    """(section, kind, label, function) in the order they run: every check, then the ceilings, then every timing."""
+    if smoke:
+        dtype, check_dtypes, repeats = torch.float32, [torch.float32, torch.float16], 3
+        check_shapes, K, N, r, token_counts, train_tokens = [(7, 48, 40, 4)], 64, 48, 4, [1, 9], 9
+        nf4_shape, punica_check, slora_check, requests = (37, 130), (23, 48, 40, 4, 5), (48, 40, [2, 5, 16, 7]), 8
+    else:
+        dtype, check_dtypes, repeats = torch.bfloat16, [torch.bfloat16, torch.float32], 50
+        check_shapes = [(1, 4096, 4096, 16), (77, 4096, 4096, 16), (1000, 1000, 1001, 13), (2000, 512, 768, 8)]
+        K, N, r, token_counts, train_tokens = 4096, 4096, 16, [1, 16, 128, 1024, 8192], 8192
+        nf4_shape, punica_check, slora_check, requests = (4096, 11008), (1000, 4096, 4096, 16, 64), \
+            (4096, 4096, [8, 16, 64, 32, 4]), 64
+    checks = [("fused_lora", lambda: check_fused_lora(check_shapes, check_dtypes)),
+              ("dora", lambda: check_dora(check_shapes[:2], check_dtypes)),
+              ("nf4", lambda: check_nf4(nf4_shape, check_dtypes)),
+              ("punica", lambda: check_punica(*punica_check, check_dtypes)),
+              ("slora", lambda: check_slora(*slora_check, check_dtypes))]
+    timings = [("fused_lora", lambda c: time_fused_lora(token_counts, K, N, r, dtype, c, repeats)),
+               ("fused_lora", lambda c: [time_training_step(train_tokens, K, N, r, dtype, c, repeats)]),
+               ("dora", lambda c: [time_dora_forward(train_tokens, K, N, r, dtype, c, repeats)]),
+               ("punica", lambda c: [time_decode_many_adapters(requests, K, N, r, dtype, c, repeats)]),
+               ("nf4", lambda c: [time_nf4_dequantize(nf4_shape if not smoke else (64, 256), dtype, c, repeats)])]
+    return dtype, repeats, checks, timings
+
+
+def run_section(section: str, run) -> list[dict]:
+    """The rows of one part of the run; a failure becomes an error row (and a non-zero exit), not a lost run."""
+    started = time.perf_counter()
+    try:
+        rows = run()
+    except Exception as error:  # noqa: BLE001: recorded and reported, and the run goes on
+        traceback.print_exc()
+        rows = [{"kernel": section, "error": f"{type(error).__name__}: {error}"[:500], "ok": False, "goal_met": None}]
+    print(f"  {section}: {len(rows)} rows in {time.perf_counter() - started:.1f} s", flush=True)
+    return rows
+
+
+def tuned_configs() -> dict:
+    """The tile shapes the tuner kept for each key, for the record."""
+    found = {}
+    for name in ("_lora_gemm_few_rows", "_lora_gemm_many_rows"):
+        for key, config in getattr(getattr(fused_lora_module, name), "cache", {}).items():
+            found[f"{name}{list(key)}"] = str(config)
+    return found
+
+
+def environment() -> dict:
+    versions = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+                "cuda": torch.version.cuda}
+    try:
+        import peft
+        versions["peft"] = peft.__version__
+    except ImportError:
+        pass
+    if DEVICE != "cuda":
+        return {"device": f"CPU ({platform.processor() or platform.machine()}), Triton interpreter", "versions": versions}
+    properties = torch.cuda.get_device_properties(0)
+    return {"device": torch.cuda.get_device_name(), "versions": versions,
+            "multiprocessors": properties.multi_processor_count,
+            "l2_bytes": getattr(properties, "L2_cache_size", None), "memory_bytes": properties.total_memory}
+
+
+def print_table(checks, timings, smoke: bool) -> None:
+    print(f"\n{'kernel':<52} {'shape':<28} {'dtype':<8} {'rel. error':>10}  ok")
+    for row in checks:
+        if "error" in row:
+            print(f"{row['kernel']:<52} ERROR {row['error']}")
+            continue
+        print(f"{row['kernel']:<52} {row['shape']:<28} {row['dtype']:<8} {row['max_relative_error']:>10.2e}  {row['ok']}")
+    print(f"\n{'timed (median of one call)':<52} {'shape':<28} {'ours ms':>9} {'ours/base':>9} {'PEFT/base':>9} "
+          f"{'floor/base':>10} {'goal':>6}")
+    for row in timings:
+        if "error" in row:
+            print(f"{row['kernel']:<52} ERROR {row['error']}")
+            continue
+        verdict = "" if smoke or row["goal_met"] is None else ("  met" if row["goal_met"] else "  MISSED")
+        if "fraction_of_copy_bandwidth" in row:
+            print(f"{row['kernel']:<52} {row['shape']:<28} {row['ours_ms']:>9.4f} "
+                  f"{row['fraction_of_copy_bandwidth']:.3f} of the copy bandwidth (goal ≥ 0.80){verdict}")
+            continue
+        floor = f"{row['floor_over_base']:.3f}" if "floor_over_base" in row else "-"
+        goal = "-" if row["goal_ours_over_base"] is None else "≤" + format(row["goal_ours_over_base"], ".2f")
+        print(f"{row['kernel']:<52} {row['shape']:<28} {row['ours_ms']:>9.4f} {row['ours_over_base']:>9.3f} "
+              f"{row['peft_over_base']:>9.3f} {floor:>10} {goal:>6}{verdict}")
+        others = {key[:-len("_over_base")]: value for key, value in row.items()
+                  if key.endswith("_over_base") and key[:-len("_over_base")] not in ("ours", "peft", "floor", "goal_ours")}
+        if others:
+            print(f"{'':<52} " + ", ".join(f"{name}/base {value:.3f}" for name, value in others.items()))
+    if smoke:
+        print("\n(smoke run: interpreter on a CPU; the timings above say nothing about GPU speed)")
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes; timings not judged")
     parser.add_argument("--out", help="where to write the JSON (default on a GPU: benchmarks/results/"
                                       "kernels-<device>.json; a smoke run writes one only when asked)")
+    parser.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)} (default: all)")
     args = parser.parse_args()
     if DEVICE != "cuda" and not args.smoke:
         print("no CUDA device: run with --smoke on a CPU, or on the GPU machine", file=sys.stderr)
         return 2
+    only = set(args.only.split(",")) if args.only else set(SECTIONS)
+    if only - set(SECTIONS):
+        parser.error(f"unknown sections {sorted(only - set(SECTIONS))}; choose from {','.join(SECTIONS)}")
     torch.manual_seed(int(time.time()))  # fresh inputs on every run
-    if args.smoke:
-        dtype, check_dtypes, repeats = torch.float32, [torch.float32, torch.float16], 3
-        check_shapes, K, N, r, token_counts, train_tokens = [(7, 48, 40, 4)], 64, 48, 4, [1, 9], 9
-    else:
-        dtype, check_dtypes, repeats = torch.bfloat16, [torch.bfloat16, torch.float32], 50
-        check_shapes = [(1, 4096, 4096, 16), (77, 4096, 4096, 16), (1000, 1000, 1001, 13)]
-        K, N, r, token_counts, train_tokens = 4096, 4096, 16, [1, 16, 128, 1024, 8192], 8192
+    dtype, repeats, check_plan, timing_plan = plan(args.smoke)
 
-    checks = check_fused_lora(check_shapes, check_dtypes)
-    checks += check_dora(check_shapes[:2], check_dtypes)
-    checks += check_nf4((37, 130) if args.smoke else (4096, 11008), check_dtypes)
-    checks += check_punica(*((23, 48, 40, 4, 5) if args.smoke else (1000, 4096, 4096, 16, 64)), check_dtypes)
-    checks += check_slora(*((48, 40, [2, 5, 16, 7]) if args.smoke else (4096, 4096, [8, 16, 64, 32, 4])), check_dtypes)
-    ceilings = measure_ceilings(dtype)
-    timings = time_fused_lora(token_counts, K, N, r, dtype, ceilings, repeats)
-    timings.append(time_training_step(train_tokens, K, N, r, dtype, repeats))
-    timings.append(time_dora_forward(train_tokens, K, N, r, dtype, repeats))
-    timings.append(time_decode_many_adapters(8 if args.smoke else 64, K, N, r, dtype, repeats))
-    nf4 = time_nf4_dequantize((64, 256) if args.smoke else (4096, 11008), dtype, ceilings, repeats)
-
-    print(f"{'kernel':<42} {'shape':<26} {'dtype':<8} {'rel. error':>10}  ok")
-    for row in checks:
-        print(f"{row['kernel']:<42} {row['shape']:<26} {row['dtype']:<8} {row['max_relative_error']:>10.2e}  {row['ok']}")
-    print(f"\n{'timed (median ms)':<42} {'shape':<26} {'ours/base':>9} {'PEFT/base':>9} {'floor/base':>10} {'goal':>6}")
-    for row in timings:
-        floor = f"{row['floor_over_base']:.3f}" if "floor_over_base" in row else "-"
-        goal = "-" if row["goal_met"] is None else "≤" + format(row["goal_ours_over_base"], ".2f")
-        verdict = "" if args.smoke or row["goal_met"] is None else f"  {'met' if row['goal_met'] else 'MISSED'}"
-        print(f"{row['kernel']:<42} {row['shape']:<26} {row['ours_over_base']:>9.3f} {row['peft_over_base']:>9.3f} "
-              f"{floor:>10} {goal:>6}{verdict}")
-    print(f"{nf4['kernel']:<42} {nf4['shape']:<26} {nf4['fraction_of_copy_bandwidth']:>9.3f} of the copy bandwidth "
-          f"(goal ≥ 0.80)" + ("" if args.smoke else f"  {'met' if nf4['goal_met'] else 'MISSED'}"))
-    timings.append(nf4)
-    if args.smoke:
-        print("\n(smoke run: interpreter on a CPU; the timings above say nothing about GPU speed)")
-
-    import triton
-    device_name = torch.cuda.get_device_name() if DEVICE == "cuda" else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
-    module_of = {"fused_lora": "kernels.fused_lora", "LoRA training": "kernels.fused_lora", "dora": "kernels.dora",
-                 "punica": "kernels.punica", "s-lora": "kernels.slora", "nf4": "kernels.nf4"}
-    for row in checks + timings:  # which implementation page shows the row
-        row["module"] = next(module for prefix, module in module_of.items() if row["kernel"].startswith(prefix))
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": "python benchmarks/kernels.py" + (" --smoke" if args.smoke else ""),
-              "device": device_name, "smoke": args.smoke,
-              "versions": {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                           "cuda": torch.version.cuda},
-              "ceilings": ceilings, "checks": checks, "timings": timings}
+    command = "python benchmarks/kernels.py" + (" --smoke" if args.smoke else "") + \
+        (f" --only {args.only}" if args.only else "")
+    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+              "smoke": args.smoke, **environment(), "ceilings": None, "checks": [], "timings": []}
     out = Path(args.out) if args.out else (None if args.smoke else Path(__file__).resolve().parent / "results" /
-                                           f"kernels-{device_name.replace(' ', '_')}.json")
+                                           f"kernels-{result['device'].replace(' ', '_')}.json")
+
+    def save():
+        for row in result["checks"] + result["timings"]:  # which implementation page shows the row
+            row["module"] = next((module for prefix, module in MODULE_OF.items() if row["kernel"].startswith(prefix)),
+                                 None)
+        result["tuned_configs"] = tuned_configs()
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+
+    print(f"{result['device']}; {result['versions']}", flush=True)
+    for section, run in check_plan:
+        if section in only:
+            result["checks"] += run_section(f"{section} checks", run)
+            save()
+    result["ceilings"] = measure_ceilings(dtype, repeats)
+    print(f"  ceilings: copy {result['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+          f"GEMM {result['ceilings']['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    for section, run in timing_plan:
+        if section in only:
+            result["timings"] += run_section(f"{section} timings", lambda run=run: run(result["ceilings"]))
+            save()
+    print_table(result["checks"], result["timings"], args.smoke)
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"wrote {out}")
-    return 0 if all(row["ok"] for row in checks) else 1
+    failed = [row for row in result["checks"] + result["timings"] if "error" in row or not row.get("ok", True)]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

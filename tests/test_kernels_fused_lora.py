@@ -5,7 +5,9 @@ import torch
 
 from helpers import relative_error
 
-from reference_impls.kernels.fused_lora import FusedLoRAFunction, fused_lora, reference_fused_lora
+from reference_impls.kernels.fused_lora import (FEW_ROWS_CONFIGS, MANY_ROWS_CONFIGS, FusedLoRAFunction, fused_lora,
+                                                lora_gemm, reference_fused_lora)
+from reference_impls.kernels import fused_lora as fused_lora_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter computes bf16 wrongly (silently), so the CPU checks use fp32 and fp16.
@@ -56,3 +58,47 @@ def test_matches_the_lora_module():
     x = torch.randn(5, 30, device=DEVICE)
     y = fused_lora(x, layer.base.weight, layer.A, layer.B, layer.scale, layer.base.bias)
     assert relative_error(y, layer(x)) < 1e-4
+
+
+@pytest.mark.parametrize("config", FEW_ROWS_CONFIGS + MANY_ROWS_CONFIGS, ids=str)
+@pytest.mark.parametrize("shrink_in_kernel", [True, False])
+def test_every_tile_shape_the_gpu_may_pick(config, shrink_in_kernel):
+    """The tuner on a GPU picks any of these; each must compute the same thing (odd shapes, both
+    ways of making u, a column scale and a bias)."""
+    M, K, N, r = 37, 70, 45, 5
+    # On a GPU in 16 bits, as the tuner meets them (the widest shapes do not fit fp32 in shared memory).
+    dtype, limit = (torch.float16, 1e-2) if DEVICE == "cuda" else (torch.float32, 1e-5)
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    W, A = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5, torch.randn(r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    B, bias = torch.randn(N, r, device=DEVICE, dtype=dtype), torch.randn(N, device=DEVICE, dtype=dtype)
+    c = torch.rand(N, device=DEVICE) + 0.5
+    expected_u = (x.float() @ A.float().T).to(dtype)
+    if shrink_in_kernel:
+        y, u = lora_gemm(x, W, B, 0.5, A_rk=A, bias=bias, col_scale=c, config=config)
+        assert relative_error(u, expected_u) < limit  # stored by the first column of tiles
+    else:
+        y, _ = lora_gemm(x, W, B, 0.5, u=expected_u, bias=bias, col_scale=c, config=config)
+    expected = c * (x.float() @ W.float().T + 0.5 * expected_u.float() @ B.float().T) + bias.float()
+    assert relative_error(y, expected) < limit
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_both_ways_of_making_u_in_training(rows, monkeypatch):
+    """Forward and backward agree with the reference whether u = x Aᵀ is made in the kernel or before it."""
+    K, N, r = 33, 29, 7
+    x = torch.randn(rows, K, device=DEVICE, requires_grad=True)
+    W = torch.randn(N, K, device=DEVICE) / K ** 0.5
+    A = torch.randn(r, K, device=DEVICE, requires_grad=True)
+    B = torch.randn(N, r, device=DEVICE, requires_grad=True)
+    dy = torch.randn(rows, N, device=DEVICE)
+    reference_fused_lora(x, W, A, B, 1.5).backward(dy)
+    expected = [t.grad.clone() for t in (x, A, B)]
+    for up_to in (0, 10 ** 9):
+        monkeypatch.setattr(fused_lora_module, "SHRINK_IN_KERNEL_UP_TO", up_to)
+        for t in (x, A, B):
+            t.grad = None
+        y = FusedLoRAFunction.apply(x, W, A, B, 1.5, None)
+        assert relative_error(y, reference_fused_lora(x, W, A, B, 1.5)) < 1e-5
+        y.backward(dy)
+        for ours, theirs in zip((x.grad, A.grad, B.grad), expected):
+            assert relative_error(ours, theirs) < 1e-5

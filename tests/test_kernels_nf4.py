@@ -48,14 +48,14 @@ def test_dequantisation_is_bit_for_bit_bitsandbytes_on_its_own_state(shape):
     expected = bnb.dequantize_4bit(packed, state)
     stored = from_bitsandbytes(packed, state)
     assert torch.equal(reference_dequantize_nf4(stored), expected)
-    assert torch.equal(dequantize_nf4(stored, torch.float32, bytes_per_program=128), expected)  # the kernel
+    assert torch.equal(dequantize_nf4(stored, torch.float32, blocks_per_program=4), expected)  # the kernel
 
 
 @pytest.mark.parametrize("shape", [(37, 51), (130, 64), (1, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dequantize_kernel_equals_reference(shape, dtype):
     q = quantize_nf4(torch.randn(*shape, device=DEVICE))
-    out = dequantize_nf4(q, dtype, bytes_per_program=256)
+    out = dequantize_nf4(q, dtype, blocks_per_program=8)
     assert out.shape == shape and out.dtype == dtype
     assert torch.equal(out, reference_dequantize_nf4(q, dtype))
 

@@ -5,7 +5,8 @@ import torch
 
 from helpers import relative_error
 
-from reference_impls.kernels.punica import MultiLoRALinear, bgmv, reference_shrink_expand, segments_of, sgmv
+from reference_impls.kernels.punica import (MultiLoRALinear, bgmv, bgmv_table, reference_shrink_expand, segments_of, sgmv,
+                                            stacked_table)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])
@@ -29,6 +30,17 @@ def test_bgmv_equals_reference(M, K, N, r, L, dtype, tolerance):
     assert relative_error(got, expected) < tolerance
     untouched = adapter_of_row < 0
     assert torch.equal(got[untouched], y[untouched])  # rows without an adapter are left exactly as they were
+
+
+@pytest.mark.parametrize("block_k", [16, 64])
+def test_bgmv_shrink_split_over_k(block_k):
+    """The shrink splits K over programs whose partial sums are added atomically: several blocks, the last partial."""
+    M, K, N, r, L = 9, 70, 33, 5, 4
+    x, y = torch.randn(M, K, device=DEVICE), torch.randn(M, N, device=DEVICE)
+    A, B = stacks(L, r, K, N, torch.float32)
+    adapter_of_row = torch.tensor([3, 0, -1, 3, 1, 2, 2, -1, 0], device=DEVICE)
+    got = bgmv_table(y.clone(), x, stacked_table(A, B, 0.5), adapter_of_row, block_k=block_k)
+    assert relative_error(got, reference_shrink_expand(y, x, A, B, adapter_of_row, 0.5)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype, tolerance", DTYPES)

@@ -194,7 +194,9 @@ def test_committed_gpu_benchmarks_show_on_implementation_pages(tmp_path):
                                        "max_relative_error": 0.004, "limit": 0.01, "ok": True, "module": "kernels.fused_lora"}],
            "timings": [{"kernel": "fused_lora forward", "shape": "M=1 K=4096 N=4096 r=16", "ours_ms": 0.0213,
                         "peft_ms": 0.04, "base_ms": 0.02, "ours_over_base": 1.065, "goal_ours_over_base": 1.25,
-                        "goal_met": True, "module": "kernels.fused_lora"},
+                        "floor_over_base": 1.008, "goal_met": True, "module": "kernels.fused_lora"},
+                       {"kernel": "punica timings", "error": "RuntimeError: <boom>", "ok": False, "goal_met": None,
+                        "module": "kernels.punica"},
                        {"kernel": "nf4 dequantize", "shape": "4096x11008 -> bfloat16", "ours_ms": 0.05,
                         "fraction_of_copy_bandwidth": 0.83, "goal_met": True, "module": "kernels.nf4"}]}
     (results / "kernels-NVIDIA_H100.json").write_text(json.dumps(run))
@@ -202,6 +204,10 @@ def test_committed_gpu_benchmarks_show_on_implementation_pages(tmp_path):
     site = build(root)
     page = (site / "impls" / "kernels.fused_lora" / "index.html").read_text()
     assert "NVIDIA H100 80GB HBM3" in page and "1.065" in page and "python benchmarks/kernels.py" in page
+    assert "1.008" in page  # the floor beside our ratio
+    # A section that failed on the GPU shows as an error (escaped), not as a missing row.
+    assert "error: RuntimeError: &lt;boom&gt;" in (site / "impls" / "kernels.punica" / "index.html").read_text()
+    assert "boom" not in (site / "papers" / "punica" / "index.html").read_text()
     assert "CPU interpreter" not in page  # smoke runs are not figures
     assert "83% of copy bandwidth" in (site / "papers" / "qlora" / "index.html").read_text()
     assert "Demo:" not in page  # kernels have no demo

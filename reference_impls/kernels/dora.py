@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reference_impls.kernels.fused_lora import gemm_lowrank, use_kernel
+from reference_impls.kernels.fused_lora import INTERPRETING, lora_gemm, shrink_in_kernel, use_kernel
 
 IMPLEMENTS = ("dora",)
 
@@ -52,13 +52,17 @@ def _weight_norm(w_ptr, a_ptr, b_ptr, out_ptr, N, K, R, scale, stride_wn, stride
                     mask=(rows[:, None] < N) & (k[None, :] < K), other=0.0).to(tl.float32)
         a = tl.load(a_ptr + j[:, None] * stride_ar + k[None, :] * stride_ak, mask=(j[:, None] < R) & (k[None, :] < K),
                     other=0.0).to(tl.float32)
-        v = w + scale * tl.dot(b, a, out_dtype=tl.float32)  # a tile of W + s·BA, in registers only
+        v = w + scale * tl.dot(b, a, input_precision="ieee", out_dtype=tl.float32)  # W + s·BA's tile, in registers
         squares += tl.sum(v * v, axis=1)
     tl.store(out_ptr + rows, tl.sqrt(squares), mask=rows < N)
 
 
-def weight_norm(W, A, B, scale: float, block_n=32, block_k=64) -> torch.Tensor:
+def weight_norm(W, A, B, scale: float, block_n=None, block_k=None) -> torch.Tensor:
     """‖W + s·BA‖ per output feature (row of W), in fp32."""
+    # Bound by reading W: on a GPU, narrow blocks of rows give every SM a share; the interpreter
+    # wants few, large programs.
+    block_n = block_n or (32 if INTERPRETING else 16)
+    block_k = block_k or (64 if INTERPRETING else 128)
     N, K = W.shape
     R = A.shape[0]
     out = torch.empty(N, device=W.device, dtype=torch.float32)
@@ -73,22 +77,25 @@ class FusedDoRAFunction(torch.autograd.Function):
     def forward(ctx, x, W, A, B, m, scale, bias):
         norm = weight_norm(W, A, B, scale)
         factor = (m.float() / norm).contiguous()
-        u = (x.float() @ A.float().T).to(x.dtype)
+        if shrink_in_kernel(x.shape[0]):
+            y, u = lora_gemm(x, W, B, scale, A_rk=A, bias=bias, col_scale=factor)
+        else:
+            y, u = lora_gemm(x, W, B, scale, u=x @ A.T, bias=bias, col_scale=factor)
         ctx.save_for_backward(x, W, A, B, u, norm, factor)
-        ctx.scale = scale
-        return gemm_lowrank(x, W, u, B, scale, bias, col_scale=factor)
+        ctx.scale, ctx.m_dtype = scale, m.dtype
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, W, A, B, u, norm, factor = ctx.saved_tensors
         s = ctx.scale
-        h = gemm_lowrank(x, W, u, B, s)  # recomputed: x Wᵀ + s u Bᵀ
-        dm = ((dy.float() * h.float()).sum(dim=0) / norm).to(W.dtype)
+        h, _ = lora_gemm(x, W, B, s, u=u)  # recomputed: x Wᵀ + s u Bᵀ
+        dm = ((dy.float() * h.float()).sum(dim=0) / norm).to(ctx.m_dtype)
         g = (dy.float() * factor).to(dy.dtype).contiguous()
-        gB = (g.float() @ B.float()).to(g.dtype)
-        dx = gemm_lowrank(g, W.T, gB, A.T, s)
-        dA = (s * gB.float().T @ x.float()).to(A.dtype)
-        dB = (s * g.float().T @ u.float()).to(B.dtype)
+        gB = g @ B
+        dx, _ = lora_gemm(g, W.T, A.T, s, u=gB)
+        dA = s * (gB.T @ x)
+        dB = s * (g.T @ u)
         return dx, None, dA, dB, dm, None, None
 
 

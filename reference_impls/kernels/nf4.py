@@ -24,6 +24,8 @@ of the gap between two codes instead of 50%), so a few of its codes are a step o
 bit for bit on the same stored state.
 """
 
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -114,32 +116,43 @@ def reference_dequantize_nf4(q: NF4Weight, dtype=torch.float32) -> torch.Tensor:
     return values.reshape(q.shape).to(dtype)
 
 
+@functools.lru_cache
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NF4 levels and the 8-bit code on a device, copied there once (a copy per call would also
+    stop the dequantisation from being captured in a CUDA graph)."""
+    return NF4_LEVELS.to(device), dynamic_map().to(device)
+
+
 @triton.jit
-def _dequantize_nf4(packed_ptr, absmax_codes_ptr, absmax_scales_ptr, levels_ptr, code8_ptr, out_ptr, n_bytes, n,
-                    mean, BYTES: tl.constexpr):
-    """Each program expands BYTES packed bytes into 2·BYTES values, dequantising their block maxima on the way."""
-    byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
-    packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
-    first, second = 2 * byte, 2 * byte + 1  # element indices; a byte never straddles a 64-block
-    block = first // 64
-    absmax = (tl.load(code8_ptr + tl.load(absmax_codes_ptr + block, mask=byte < n_bytes, other=0).to(tl.int32))
-              * tl.load(absmax_scales_ptr + block // 256, mask=byte < n_bytes, other=0.0) + mean)
-    high = tl.load(levels_ptr + (packed >> 4)) * absmax
-    low = tl.load(levels_ptr + (packed & 0xF)) * absmax
-    tl.store(out_ptr + first, high.to(out_ptr.dtype.element_ty), mask=first < n)
-    tl.store(out_ptr + second, low.to(out_ptr.dtype.element_ty), mask=second < n)
+def _dequantize_nf4(packed_ptr, absmax_codes_ptr, absmax_scales_ptr, levels_ptr, code8_ptr, out_ptr, n, mean,
+                    BLOCKS: tl.constexpr):
+    """Each program expands BLOCKS blocks of 64 values (32 packed bytes each), dequantising their maxima
+    on the way; the two halves of each byte are interleaved in registers so that the stores are contiguous."""
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    byte = block[:, None] * 32 + tl.arange(0, 32)[None, :]  # (BLOCKS, 32)
+    packed = tl.load(packed_ptr + byte, mask=byte < (n + 1) // 2, other=0).to(tl.int32)
+    real = block < tl.cdiv(n, 64)
+    code = tl.load(absmax_codes_ptr + block, mask=real, other=0).to(tl.int32)
+    absmax = tl.load(code8_ptr + code) * tl.load(absmax_scales_ptr + block // 256, mask=real, other=0.0) + mean
+    high = tl.load(levels_ptr + (packed >> 4)) * absmax[:, None]  # element 2i of the block
+    low = tl.load(levels_ptr + (packed & 0xF)) * absmax[:, None]  # element 2i + 1
+    values = tl.join(high, low).reshape(BLOCKS, 64)
+    element = block[:, None] * 64 + tl.arange(0, 64)[None, :]
+    tl.store(out_ptr + element, values.to(out_ptr.dtype.element_ty), mask=element < n)
 
 
-def dequantize_nf4(q: NF4Weight, dtype=torch.bfloat16, bytes_per_program: int = 1024) -> torch.Tensor:
+def dequantize_nf4(q: NF4Weight, dtype=torch.bfloat16, blocks_per_program: int = 32) -> torch.Tensor:
     """The NF4 weight in `dtype` (the kernel where it can run)."""
-    device = q.packed.device
     if not use_kernel(q.packed):
         return reference_dequantize_nf4(q, dtype)
-    n = int(torch.tensor(q.shape).prod())
-    out = torch.empty(n, device=device, dtype=dtype)
-    _dequantize_nf4[(triton.cdiv(q.packed.numel(), bytes_per_program),)](
-        q.packed, q.absmax_codes, q.absmax_scales, NF4_LEVELS.to(device), dynamic_map().to(device), out,
-        q.packed.numel(), n, q.absmax_mean, BYTES=bytes_per_program)
+    n = math.prod(q.shape)
+    out = torch.empty(n, device=q.packed.device, dtype=dtype)
+    levels, code8 = _tables(q.packed.device)
+    # No fused multiply-add: c = code8 · c2 + μ is rounded twice, as PyTorch and bitsandbytes' CPU
+    # code round it, so that the values are equal to the bit.
+    _dequantize_nf4[(triton.cdiv(n, 64 * blocks_per_program),)](
+        q.packed, q.absmax_codes, q.absmax_scales, levels, code8, out, n, q.absmax_mean, BLOCKS=blocks_per_program,
+        enable_fp_fusion=False)
     return out.reshape(q.shape)
 
 

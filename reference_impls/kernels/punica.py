@@ -15,7 +15,8 @@ y_m += s · v_m B_{i(m)}ᵀ (r → N). Two layouts of the batch:
   a request's prompt tokens). Each program takes a block of one segment's rows and multiplies it
   as a matrix, so the matrix units are used.
 - BGMV (batched gather matrix-vector): one row per request (decode). Each program takes one row
-  and gathers its adapter's matrices.
+  and gathers its adapter's matrices; the shrink also splits K over programs (partial sums added
+  atomically), since a few dozen rows alone would leave most of the GPU idle.
 
 `reference_shrink_expand` is the plain PyTorch function both must equal. `MultiLoRALinear` serves a
 mixed batch through them: a frozen linear layer plus L adapters.
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from reference_impls.kernels.fused_lora import use_kernel
+from reference_impls.kernels.fused_lora import dot_precision, use_kernel
 
 IMPLEMENTS = ("punica",)
 
@@ -94,20 +95,19 @@ def reference_table(y, x, table: LoRATable, adapter_of_row):
 @triton.jit
 def _bgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, idx_ptr, v_ptr, K, stride_xm, a_stride, table_stride,
                  stride_vm, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    m = tl.program_id(0)
+    """v[m] += x[m, k-block] · A_a[:, k-block]ᵀ: programs (row, block of K), their partial sums added
+    atomically, so that a few rows still spread their adapters' reads over every SM."""
+    m, pid_k = tl.program_id(0), tl.program_id(1)
     adapter = tl.load(idx_ptr + m)
     if adapter >= 0:
         rank = tl.load(ranks_ptr + adapter)
         j = tl.arange(0, BLOCK_R)
         rows = tl.load(a_rows_ptr + adapter * table_stride + j, mask=j < rank, other=0)
-        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + rows[:, None] + k[None, :] * a_stride, mask=(j[:, None] < rank) & (k[None, :] < K),
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(a * x[None, :], axis=1)
-        tl.store(v_ptr + m * stride_vm + j, acc, mask=j < rank)
+        k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + rows[:, None] + k[None, :] * a_stride, mask=(j[:, None] < rank) & (k[None, :] < K),
+                    other=0.0).to(tl.float32)
+        tl.atomic_add(v_ptr + m * stride_vm + j, tl.sum(a * x[None, :], axis=1), mask=j < rank)
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def _bgmv_expand(v_ptr, b_ptr, b_rows_ptr, ranks_ptr, scales_ptr, idx_ptr, y_ptr
         tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
-def bgmv_table(y, x, table: LoRATable, adapter_of_row, block_k=128, block_n=128):
+def bgmv_table(y, x, table: LoRATable, adapter_of_row, block_k=512, block_n=128):
     """In place: y_m += s_a (x_m A_aᵀ) B_aᵀ with a = adapter_of_row[m] (−1: none), one program per row."""
     x = x.contiguous()
     assert y.is_contiguous()
@@ -139,8 +139,9 @@ def bgmv_table(y, x, table: LoRATable, adapter_of_row, block_k=128, block_n=128)
     v = torch.zeros(M, table.r_max, device=x.device, dtype=torch.float32)
     block_r = max(16, triton.next_power_of_2(table.r_max))
     ids = adapter_of_row.to(torch.int32)
-    _bgmv_shrink[(M,)](x, table.a_pool, table.a_rows, table.ranks, ids, v, K, x.stride(0), table.a_stride,
-                       table.a_rows.stride(0), v.stride(0), BLOCK_K=block_k, BLOCK_R=block_r)
+    _bgmv_shrink[(M, triton.cdiv(K, block_k))](x, table.a_pool, table.a_rows, table.ranks, ids, v, K, x.stride(0),
+                                               table.a_stride, table.a_rows.stride(0), v.stride(0), BLOCK_K=block_k,
+                                               BLOCK_R=block_r)
     _bgmv_expand[(M, triton.cdiv(N, block_n))](v, table.b_pool, table.b_rows, table.ranks, table.scales, ids, y, N,
                                                table.b_stride, table.b_rows.stride(0), v.stride(0), y.stride(0),
                                                BLOCK_N=block_n, BLOCK_R=block_r)
@@ -156,7 +157,8 @@ def bgmv(y, x, A, B, adapter_of_row, scale: float):
 
 @triton.jit
 def _sgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, starts_ptr, seg_adapter_ptr, v_ptr, K, stride_xm, a_stride,
-                 table_stride, stride_vm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                 table_stride, stride_vm, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
     segment, block = tl.program_id(0), tl.program_id(1)
     adapter = tl.load(seg_adapter_ptr + segment)
     start, end = tl.load(starts_ptr + segment), tl.load(starts_ptr + segment + 1)
@@ -172,7 +174,7 @@ def _sgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, starts_ptr, seg_adapter_pt
                         other=0.0)
             a = tl.load(a_ptr + a_rows[None, :] + k[:, None] * a_stride, mask=(j[None, :] < rank) & (k[:, None] < K),
                         other=0.0)  # (K, r) view of A_a
-            acc += tl.dot(x, a, out_dtype=tl.float32)
+            acc += tl.dot(x, a, input_precision=PRECISION, out_dtype=tl.float32)
         tl.store(v_ptr + rows[:, None] * stride_vm + j[None, :], acc, mask=(rows[:, None] < end) & (j[None, :] < rank))
 
 
@@ -195,7 +197,7 @@ def _sgmv_expand(v_ptr, b_ptr, b_rows_ptr, ranks_ptr, scales_ptr, starts_ptr, se
                     other=0.0).to(tl.float32)  # (r, N) view of B_a
         mask = (rows[:, None] < end) & (n[None, :] < N)
         y = tl.load(y_ptr + rows[:, None] * stride_ym + n[None, :], mask=mask, other=0.0).to(tl.float32)
-        y += scale * tl.dot(v, b, out_dtype=tl.float32)
+        y += scale * tl.dot(v, b, input_precision="ieee", out_dtype=tl.float32)
         tl.store(y_ptr + rows[:, None] * stride_ym + n[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -213,7 +215,7 @@ def sgmv_table(y, x, table: LoRATable, segment_starts, segment_adapter, block_m=
     blocks = triton.cdiv(longest, block_m)
     _sgmv_shrink[(segments, blocks)](x, table.a_pool, table.a_rows, table.ranks, segment_starts, segment_adapter, v,
                                      K, x.stride(0), table.a_stride, table.a_rows.stride(0), v.stride(0),
-                                     BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
+                                     PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
     _sgmv_expand[(segments, blocks, triton.cdiv(N, block_n))](
         v, table.b_pool, table.b_rows, table.ranks, table.scales, segment_starts, segment_adapter, y, N,
         table.b_stride, table.b_rows.stride(0), v.stride(0), y.stride(0),
