@@ -6,10 +6,15 @@ import torch
 from reference_impls.kernels.nf4 import (NF4_LEVELS, NF4Weight, QLoRALinear, dequantize_nf4, dynamic_map,
                                          quantize_nf4, reference_dequantize_nf4)
 
-bnb = pytest.importorskip("bitsandbytes.functional")
+try:  # the oracle; CI installs it, the GPU machine has none (its tests of the kernel still run there)
+    import bitsandbytes.functional as bnb
+except ImportError:
+    bnb = None
+needs_bitsandbytes = pytest.mark.skipif(bnb is None, reason="bitsandbytes is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@needs_bitsandbytes
 def test_code_tables_equal_bitsandbytes():
     assert torch.equal(NF4_LEVELS, bnb.get_4bit_type("nf4", device="cpu").cpu())
     assert torch.equal(dynamic_map(), bnb.create_dynamic_map(signed=True))
@@ -20,6 +25,7 @@ def from_bitsandbytes(packed, state) -> NF4Weight:
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (37, 51), (3, 7), (300, 257), (512, 512)])
+@needs_bitsandbytes
 def test_quantisation_matches_bitsandbytes(shape):
     W = torch.randn(*shape) * torch.rand(shape[0], 1) * 3  # rows of different scales
     packed, state = bnb.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
@@ -42,6 +48,7 @@ def test_quantisation_matches_bitsandbytes(shape):
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (37, 51), (3, 7), (300, 257)])
+@needs_bitsandbytes
 def test_dequantisation_is_bit_for_bit_bitsandbytes_on_its_own_state(shape):
     W = torch.randn(*shape) * 2
     packed, state = bnb.quantize_4bit(W, blocksize=64, quant_type="nf4", compress_statistics=True)
