@@ -5,8 +5,8 @@ import torch
 
 from helpers import relative_error
 
-from reference_impls.kernels.punica import (MultiLoRALinear, bgmv, bgmv_table, reference_shrink_expand, segments_of, sgmv,
-                                            stacked_table)
+from reference_impls.kernels.punica import (MultiLoRALinear, bgmv, bgmv_table, reference_shrink_expand, rows_aligned,
+                                            segments_of, sgmv, stacked_table)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])
@@ -41,6 +41,16 @@ def test_bgmv_shrink_split_over_k(block_k):
     adapter_of_row = torch.tensor([3, 0, -1, 3, 1, 2, 2, -1, 0], device=DEVICE)
     got = bgmv_table(y.clone(), x, stacked_table(A, B, 0.5), adapter_of_row, block_k=block_k)
     assert relative_error(got, reference_shrink_expand(y, x, A, B, adapter_of_row, 0.5)) < 1e-5
+
+
+def test_vector_loads_of_a_only_where_every_row_is_aligned():
+    """The kernels may load A's rows as 16-byte vectors only when each row starts on 16 bytes."""
+    for K, aligned in ((64, True), (70, False), (36, False)):
+        A, B = stacks(3, 4, K, 8, torch.float32)
+        assert rows_aligned(stacked_table(A, B, 1.0), K) is aligned
+    storage, B = torch.randn(1 + 3 * 4 * 64, device=DEVICE), stacks(3, 4, 64, 8, torch.float32)[1]
+    shifted = storage[1:].view(3, 4, 64)  # contiguous, K a multiple of 8, but starting 4 bytes in
+    assert not rows_aligned(stacked_table(shifted, B, 1.0), 64)
 
 
 @pytest.mark.parametrize("dtype, tolerance", DTYPES)

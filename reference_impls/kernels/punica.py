@@ -90,11 +90,17 @@ def reference_table(y, x, table: LoRATable, adapter_of_row):
     return out.to(y.dtype)
 
 
+def rows_aligned(table: LoRATable, K: int) -> bool:
+    """Whether every row of A starts on 16 bytes: contiguous rows (a_stride 1) whose offsets, all
+    multiples of K in both layouts here (stacked and paged), are multiples of 8 elements."""
+    return table.a_stride == 1 and K % 8 == 0 and table.a_pool.data_ptr() % 16 == 0
+
+
 # ---- BGMV: one program per row ------------------------------------------------------------------
 
 @triton.jit
 def _bgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, idx_ptr, v_ptr, K, stride_xm, a_stride, table_stride,
-                 stride_vm, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                 stride_vm, ROWS_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """v[m] += x[m, k-block] · A_a[:, k-block]ᵀ: programs (row, block of K), their partial sums added
     atomically, so that a few rows still spread their adapters' reads over every SM."""
     m, pid_k = tl.program_id(0), tl.program_id(1)
@@ -103,11 +109,13 @@ def _bgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, idx_ptr, v_ptr, K, stride_
         rank = tl.load(ranks_ptr + adapter)
         j = tl.arange(0, BLOCK_R)
         rows = tl.load(a_rows_ptr + adapter * table_stride + j, mask=j < rank, other=0)
+        if ROWS_ALIGNED:  # every row starts 16 bytes aligned: the loads along K can be vectors
+            rows = tl.multiple_of(rows, 8)
         k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
         a = tl.load(a_ptr + rows[:, None] + k[None, :] * a_stride, mask=(j[:, None] < rank) & (k[None, :] < K),
                     other=0.0).to(tl.float32)
-        tl.atomic_add(v_ptr + m * stride_vm + j, tl.sum(a * x[None, :], axis=1), mask=j < rank)
+        tl.atomic_add(v_ptr + m * stride_vm + j, tl.sum(a * x[None, :], axis=1), mask=j < rank, sem="relaxed")
 
 
 @triton.jit
@@ -140,8 +148,8 @@ def bgmv_table(y, x, table: LoRATable, adapter_of_row, block_k=512, block_n=128)
     block_r = max(16, triton.next_power_of_2(table.r_max))
     ids = adapter_of_row.to(torch.int32)
     _bgmv_shrink[(M, triton.cdiv(K, block_k))](x, table.a_pool, table.a_rows, table.ranks, ids, v, K, x.stride(0),
-                                               table.a_stride, table.a_rows.stride(0), v.stride(0), BLOCK_K=block_k,
-                                               BLOCK_R=block_r)
+                                               table.a_stride, table.a_rows.stride(0), v.stride(0),
+                                               ROWS_ALIGNED=rows_aligned(table, K), BLOCK_K=block_k, BLOCK_R=block_r)
     _bgmv_expand[(M, triton.cdiv(N, block_n))](v, table.b_pool, table.b_rows, table.ranks, table.scales, ids, y, N,
                                                table.b_stride, table.b_rows.stride(0), v.stride(0), y.stride(0),
                                                BLOCK_N=block_n, BLOCK_R=block_r)
@@ -157,8 +165,8 @@ def bgmv(y, x, A, B, adapter_of_row, scale: float):
 
 @triton.jit
 def _sgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, starts_ptr, seg_adapter_ptr, v_ptr, K, stride_xm, a_stride,
-                 table_stride, stride_vm, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_R: tl.constexpr):
+                 table_stride, stride_vm, PRECISION: tl.constexpr, ROWS_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     segment, block = tl.program_id(0), tl.program_id(1)
     adapter = tl.load(seg_adapter_ptr + segment)
     start, end = tl.load(starts_ptr + segment), tl.load(starts_ptr + segment + 1)
@@ -167,6 +175,8 @@ def _sgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, starts_ptr, seg_adapter_pt
         rank = tl.load(ranks_ptr + adapter)
         j = tl.arange(0, BLOCK_R)
         a_rows = tl.load(a_rows_ptr + adapter * table_stride + j, mask=j < rank, other=0)
+        if ROWS_ALIGNED:
+            a_rows = tl.multiple_of(a_rows, 8)
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -215,7 +225,8 @@ def sgmv_table(y, x, table: LoRATable, segment_starts, segment_adapter, block_m=
     blocks = triton.cdiv(longest, block_m)
     _sgmv_shrink[(segments, blocks)](x, table.a_pool, table.a_rows, table.ranks, segment_starts, segment_adapter, v,
                                      K, x.stride(0), table.a_stride, table.a_rows.stride(0), v.stride(0),
-                                     PRECISION=dot_precision(x.dtype), BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
+                                     PRECISION=dot_precision(x.dtype), ROWS_ALIGNED=rows_aligned(table, K),
+                                     BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
     _sgmv_expand[(segments, blocks, triton.cdiv(N, block_n))](
         v, table.b_pool, table.b_rows, table.ranks, table.scales, segment_starts, segment_adapter, y, N,
         table.b_stride, table.b_rows.stride(0), v.stride(0), y.stride(0),
