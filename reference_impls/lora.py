@@ -54,7 +54,7 @@ from torch import nn
 
 from reference_impls._plumbing import count_parameters, find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
 from reference_impls.kernels.dora import fused_dora
-from reference_impls.kernels.fused_lora import fused_lora
+from reference_impls.kernels.fused_lora import fused_lora, kernel_takes
 
 # The papers.yaml entries this module implements (the site and `catalog check --strict-impl` read it).
 IMPLEMENTS = ("lora", "dora", "vera", "adalora")
@@ -80,7 +80,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and not self.merged and isinstance(self.dropout, nn.Identity) and type(self) is LoRALinear:
+        if (type(self) is LoRALinear and not self.merged and isinstance(self.dropout, nn.Identity)
+                and kernel_takes(x, self.base.weight, self.A, self.B, self.base.bias)):
             # On a GPU: the same function, with the update added inside the GEMM (kernels/fused_lora.py).
             return fused_lora(x, self.base.weight, self.A, self.B, self.scale, self.base.bias)
         h = self.base(x)
@@ -122,7 +123,7 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if x.is_cuda and isinstance(self.dropout, nn.Identity):
+        if isinstance(self.dropout, nn.Identity) and kernel_takes(x, self.base.weight, self.A, self.B, self.base.bias):
             # On a GPU: the norm without forming W₀ + s·BA, the rescale inside the GEMM (kernels/dora.py).
             return fused_dora(x, self.base.weight, self.A, self.B, self.m, self.scale, self.base.bias)
         factor = (self.m / self.column_norm().detach()).to(x.dtype)  # m / ‖W₀ + s·BA‖, norm as a constant

@@ -102,3 +102,15 @@ def test_both_ways_of_making_u_in_training(rows, monkeypatch):
         y.backward(dy)
         for ours, theirs in zip((x.grad, A.grad, B.grad), expected):
             assert relative_error(ours, theirs) < 1e-5
+
+
+def test_layers_hand_the_kernel_only_operands_it_can_multiply():
+    """LoRALinear and DoRALinear use the kernels on CUDA only for one dtype throughout and no autocast;
+    otherwise (mixed dtypes, autocast) they take the plain PyTorch path."""
+    from reference_impls.kernels.fused_lora import operands_match
+    x, W = torch.randn(3, 8), torch.randn(5, 8)
+    assert operands_match(x, W, torch.randn(2, 8), torch.randn(5, 2), None)
+    assert not operands_match(x.to(torch.bfloat16), W, None)  # bf16 activations, fp32 weights
+    assert not operands_match(x.to(torch.int64), W.to(torch.int64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not operands_match(x, W)

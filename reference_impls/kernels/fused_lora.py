@@ -54,6 +54,19 @@ def use_kernel(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda or INTERPRETING
 
 
+def kernel_takes(x: torch.Tensor, *operands) -> bool:
+    """Whether a layer can hand x and its operands (None for an absent bias) to the kernels on CUDA."""
+    return x.is_cuda and operands_match(x, *operands)
+
+
+def operands_match(x: torch.Tensor, *operands) -> bool:
+    """One floating dtype for all (tl.dot multiplies like with like), and no autocast, which would
+    want other dtypes than the ones stored."""
+    dtypes = {x.dtype} | {operand.dtype for operand in operands if operand is not None}
+    return (len(dtypes) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and not torch.is_autocast_enabled(x.device.type))
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input precision: what torch.matmul would use for this dtype (TF32 only where allowed)."""
     return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
