@@ -26,6 +26,12 @@ training starts from the frozen model exactly:
 
 Trainable parameters: L_top · (n·d + heads).
 
+MAM adapter ("mix and match"): He, Zhou, Ma, Berg-Kirkpatrick, Neubig. "Towards a Unified View of
+Parameter-Efficient Transfer Learning." ICLR 2022. arXiv:2110.04366. Their best combination:
+prefix tuning on attention (n = 30) and a scaled parallel adapter beside every FFN (bottleneck
+m = 512, s = 4; see bottleneck.py): FFN(x) + 4 · W_up ReLU(W_down x). Trainable parameters: the
+prefix's (above) plus L · (2·d·m + d + m). `inject_mam`.
+
 All three wrap a Hugging Face causal language model (any model whose forward takes
 inputs_embeds, attention_mask and past_key_values; LLaMA-Adapter needs LLaMA-style attention).
 Prompts and prefixes take positions, so the model sees positions n, n+1, ... for the real tokens.
@@ -39,8 +45,9 @@ from transformers import DynamicCache
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from reference_impls._plumbing import count_parameters
+from reference_impls.bottleneck import SCALED_PARALLEL, inject_adapters
 
-IMPLEMENTS = ("prompt-tuning", "prefix-tuning", "p-tuning-v2", "llama-adapter")
+IMPLEMENTS = ("prompt-tuning", "prefix-tuning", "p-tuning-v2", "llama-adapter", "unified-view-peft")
 
 
 def _freeze(model: nn.Module) -> None:
@@ -157,6 +164,18 @@ def inject_llama_adapter(model: nn.Module, n: int = 10, top_layers: int = 30) ->
     return model
 
 
+def inject_mam(model: nn.Module, ffn_names: tuple[str, ...] = ("mlp",), n: int = 30, hidden: int | None = 512,
+               m: int = 512) -> PrefixTuning:
+    """He et al.'s MAM adapter: a scaled parallel adapter beside each FFN named in ffn_names, then
+    prefix tuning around the whole model; only the adapters and the prefix are trained."""
+    inject_adapters(model, list(ffn_names), m=m, **SCALED_PARALLEL)  # freezes all but the adapters
+    adapters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    mam = PrefixTuning(model, n=n, hidden=hidden)  # freezes the model, adapters included
+    for parameter in adapters:
+        parameter.requires_grad_(True)
+    return mam
+
+
 def demo() -> None:
     """Steer a tiny random LLaMA to answer token 7 after any input, training only the prompts."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -172,7 +191,8 @@ def demo() -> None:
     for name, make in [("Prompt tuning n=8", lambda: PromptTuning(tiny(), n=8)),
                        ("Prefix tuning n=8", lambda: PrefixTuning(tiny(), n=8, hidden=64)),
                        ("P-tuning v2 n=8", lambda: PrefixTuning(tiny(), n=8, hidden=None)),
-                       ("LLaMA-Adapter n=8", lambda: inject_llama_adapter(tiny(), n=8, top_layers=2))]:
+                       ("LLaMA-Adapter n=8", lambda: inject_llama_adapter(tiny(), n=8, top_layers=2)),
+                       ("MAM (prefix n=8, parallel adapter m=16)", lambda: inject_mam(tiny(), n=8, hidden=64, m=16))]:
         model = make()
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(parameters, lr=1e-1)

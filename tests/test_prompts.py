@@ -9,7 +9,7 @@ from peft import AdaptionPromptConfig, PrefixTuningConfig, PromptTuningConfig, g
 from helpers import demo_losses
 from reference_impls._plumbing import count_parameters
 from reference_impls.interop import load_peft_adapter
-from reference_impls.prompts import AdaptedAttention, PrefixTuning, PromptTuning, inject_llama_adapter
+from reference_impls.prompts import AdaptedAttention, PrefixTuning, PromptTuning, inject_llama_adapter, inject_mam
 from test_interop import tiny_llama
 
 N = 5
@@ -128,12 +128,12 @@ def test_demo_runs_and_every_method_learns(capsys):
     from reference_impls.prompts import demo
     demo()
     losses = demo_losses(capsys.readouterr().out)
-    assert len(losses) == 4 and all(after < before - 0.3 for before, after in losses), losses
+    assert len(losses) == 5 and all(after < before - 0.3 for before, after in losses), losses
 
 
 def test_bf16_matches_fp32():
     for make in (lambda m: PromptTuning(m, n=3), lambda m: PrefixTuning(m, n=3, hidden=None),
-                 lambda m: inject_llama_adapter(m, n=3, top_layers=2)):
+                 lambda m: inject_llama_adapter(m, n=3, top_layers=2), lambda m: inject_mam(m, n=3, hidden=None, m=4)):
         model = make(tiny_llama()).eval()
         with torch.no_grad():
             for name, parameter in model.named_parameters():
@@ -144,3 +144,33 @@ def test_bf16_matches_fp32():
             expected = model(input_ids=ids).logits
             got = copy.deepcopy(model).to(torch.bfloat16)(input_ids=ids).logits.float()
         assert ((got - expected).norm() / expected.norm()).item() < 3e-2
+
+
+def test_mam_is_prefix_tuning_plus_a_scaled_parallel_adapter_beside_each_ffn():
+    """He et al.'s MAM: the prefix on attention, FFN(x) + 4 · (W_up ReLU(W_down x + b_down) + b_up) beside
+    every FFN; the count is the prefix's plus L · (2dm + d + m); only those are trained."""
+    d, L, d_kv, m, hidden = 32, 2, 16, 6, 16
+    mam = inject_mam(tiny_llama(), n=N, hidden=hidden, m=m).eval()
+    prefix = N * d_kv + (d_kv * hidden + hidden) + (hidden * 2 * L * d_kv + 2 * L * d_kv)
+    assert count_parameters(mam)[0] == prefix + L * (2 * d * m + d + m)
+    ids = IDS()
+    # The equation, on a fresh copy of the same model: the same prefix, the adapters as forward hooks.
+    reference = PrefixTuning(tiny_llama(), n=N, hidden=hidden).eval()
+    reference.load_state_dict({name: value for name, value in mam.state_dict().items()
+                               if name.startswith(("prefix_input", "mlp."))}, strict=False)
+    torch.testing.assert_close(mam(input_ids=ids).logits, reference(input_ids=ids).logits)  # adapters start at 0
+    adapters = []
+    for layer, theirs in zip(mam.model.model.layers, reference.model.model.layers):
+        adapter = layer.mlp.adapter
+        with torch.no_grad():
+            for parameter in adapter.parameters():
+                parameter.normal_(0, 0.3)
+        adapters.append(adapter)
+        theirs.mlp.register_forward_hook(lambda module, args, out, a=adapter: out + 4 * (
+            torch.relu(args[0] @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias))
+    torch.testing.assert_close(mam(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    mam.train()
+    mam(input_ids=ids).logits.sum().backward()
+    trained = {name for name, parameter in mam.named_parameters() if parameter.grad is not None}
+    assert trained == {name for name, parameter in mam.named_parameters() if parameter.requires_grad}
+    assert any(".adapter.up." in name for name in trained) and "prefix_input" in trained
