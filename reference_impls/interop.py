@@ -16,6 +16,11 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 (`use_dora`), VeRA, (IA)³ and AdaLoRA, which are injected into the model in place; and prompt
 tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix tuning
 return a wrapper around the model (they change its inputs), so always use the returned module.
+
+The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
+(ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
+loads them onto the same base model: every adapted layer by its full path, each layer's rank and
+α in rank_pattern/alpha_pattern where they differ from the most common ones.
 """
 
 import json
@@ -23,7 +28,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from collections import Counter
+
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reference_impls._plumbing import replace_module
@@ -205,3 +212,37 @@ def _load_adaption_prompt(model, config, tensors):
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
+
+
+def save_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Write the model's LoRALinear (or DoRALinear) layers as a PEFT LoRA checkpoint."""
+    layers = {path: module for path, module in model.named_modules() if isinstance(module, (LoRALinear, DoRALinear))}
+    others = [path for path, module in model.named_modules()
+              if isinstance(module, (VeRALinear, SVDLinear, IA3Linear)) and path not in layers]
+    if not layers or others:
+        raise UnsupportedAdapter("save_peft_adapter writes LoRA and DoRA layers only; "
+                                 + (f"found {others[0]!r} ({type(model.get_submodule(others[0])).__name__})"
+                                    if others else "the model has none"))
+    dora = {type(layer) is DoRALinear for layer in layers.values()}
+    rslora = {layer.scale != layer.alpha / layer.r for layer in layers.values()}  # α/√r rather than α/r
+    if len(dora) > 1 or len(rslora) > 1:
+        raise UnsupportedAdapter("PEFT keeps use_dora and use_rslora for the whole adapter: the layers mix them")
+    r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
+    alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
+    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
+              "r": r, "lora_alpha": alpha, "target_modules": sorted(layers), "use_dora": dora.pop(),
+              "use_rslora": rslora.pop(), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              # PEFT matches a pattern against the end of a module's path: the full path, escaped, is exact.
+              "rank_pattern": {re.escape(path): layer.r for path, layer in layers.items() if layer.r != r},
+              "alpha_pattern": {re.escape(path): layer.alpha for path, layer in layers.items() if layer.alpha != alpha}}
+    tensors = {}
+    for path, layer in layers.items():
+        key = WRAPPER_PREFIX + path
+        tensors[f"{key}.lora_A.weight"] = layer.A.detach().contiguous()
+        tensors[f"{key}.lora_B.weight"] = layer.B.detach().contiguous()
+        if isinstance(layer, DoRALinear):
+            tensors[f"{key}.lora_magnitude_vector"] = layer.m.detach().contiguous()
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(adapter_dir / "adapter_model.safetensors"))
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -8,7 +8,7 @@ import torch
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PromptEncoderConfig, VeraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from reference_impls.interop import UnsupportedAdapter, load_peft_adapter
+from reference_impls.interop import UnsupportedAdapter, load_peft_adapter, save_peft_adapter
 
 
 def tiny_llama():
@@ -82,3 +82,37 @@ def test_unsupported_types_and_fields_are_named(tmp_path):
     config_path.write_text(json.dumps({**config, "brand_new_option": 1}))
     with pytest.raises(UnsupportedAdapter, match="field 'brand_new_option' = 1 is not supported"):
         load_peft_adapter(tiny_llama(), tmp_path / "lora")
+
+
+@pytest.mark.parametrize("case", ["lora", "rslora", "rank_and_alpha_pattern", "dora"])
+def test_saved_adapters_load_into_peft_and_give_the_same_logits(case, tmp_path):
+    """PEFT checkpoint → our layers → save_peft_adapter → PeftModel.from_pretrained: PEFT computes
+    what it computed before the round trip (ranks, alphas, rsLoRA and DoRA's magnitudes kept)."""
+    from peft import PeftModel
+    make_model, config = CASES[case]
+    peft_model, fresh = save_with_nonzero_weights(make_model, config, tmp_path / "from_peft")
+    ours = load_peft_adapter(fresh, tmp_path / "from_peft")
+    save_peft_adapter(ours, tmp_path / "ours")
+    reloaded = PeftModel.from_pretrained(make_model(), tmp_path / "ours").eval()
+    input_ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        expected, got = peft_model(input_ids=input_ids).logits, reloaded(input_ids=input_ids).logits
+    assert ((got - expected).norm() / expected.norm()).item() <= 1e-6
+    assert load_peft_adapter(make_model(), tmp_path / "ours") is not None  # and back into ours
+
+
+def test_save_refuses_what_peft_lora_cannot_hold(tmp_path):
+    from reference_impls.lora import inject_lora, inject_vera
+    with pytest.raises(UnsupportedAdapter, match="the model has none"):
+        save_peft_adapter(tiny_llama(), tmp_path)
+    model = tiny_llama()
+    inject_lora(model, ["q_proj"], r=2)
+    inject_vera(model, ["v_proj"], r=4)
+    with pytest.raises(UnsupportedAdapter, match="VeRALinear"):
+        save_peft_adapter(model, tmp_path)
+    model = tiny_llama()
+    inject_lora(model, ["q_proj"], r=2)
+    inject_lora(model, ["v_proj"], r=2, use_rslora=True)
+    with pytest.raises(UnsupportedAdapter, match="mix them"):
+        save_peft_adapter(model, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
