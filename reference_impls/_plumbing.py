@@ -1,5 +1,6 @@
 """Shared plumbing of the reference implementations: finding target modules, swapping them,
-freezing the rest, counting parameters, and the toy task every demo trains on.
+freezing the rest, merging them into their base weights, counting parameters, and the toy task
+every demo trains on.
 
 Kept out of the method modules so that each of those reads like its paper.
 """
@@ -34,6 +35,14 @@ def freeze_all_but(model: nn.Module, trainable: type | tuple[type, ...], attribu
         if isinstance(module, trainable):
             for attribute in attribute_names:
                 getattr(module, attribute).requires_grad_(True)
+
+
+def set_merged(model: nn.Module, kinds: type | tuple[type, ...], merged: bool) -> None:
+    """Merge (merged=True) or unmerge every layer of the given kinds: each knows how, and does
+    nothing if it already is in that state."""
+    for module in model.modules():
+        if isinstance(module, kinds):
+            module.merge() if merged else module.unmerge()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -22,7 +22,8 @@ Trainable parameters per block: d_k + d_v + d_ff (2·d_model + d_ff for standard
 import torch
 from torch import nn
 
-from reference_impls._plumbing import find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
+from reference_impls._plumbing import (find_targets, freeze_all_but, replace_module, report, set_merged, toy_model,
+                                       toy_task, train)
 
 IMPLEMENTS = ("ia3",)
 
@@ -46,28 +47,25 @@ class IA3Linear(nn.Module):
         return h * self.l.to(h.dtype)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
+    def _fold(self, op) -> None:
+        """Apply op (Tensor.mul_ to merge, Tensor.div_ to unmerge) with l along the scaled axis:
+        W's columns for scaled inputs, W's rows and the bias for scaled outputs."""
         if self.scale_input:
-            self.base.weight.mul_(self.l.unsqueeze(0))
+            op(self.base.weight, self.l.unsqueeze(0))
         else:
-            self.base.weight.mul_(self.l.unsqueeze(1))
+            op(self.base.weight, self.l.unsqueeze(1))
             if self.base.bias is not None:
-                self.base.bias.mul_(self.l)
-        self.merged = True
+                op(self.base.bias, self.l)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
+    def merge(self) -> None:
         if not self.merged:
-            return
-        if self.scale_input:
-            self.base.weight.div_(self.l.unsqueeze(0))
-        else:
-            self.base.weight.div_(self.l.unsqueeze(1))
-            if self.base.bias is not None:
-                self.base.bias.div_(self.l)
-        self.merged = False
+            self._fold(torch.Tensor.mul_)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._fold(torch.Tensor.div_)
+            self.merged = False
 
 
 def inject_ia3(model: nn.Module, target_names: list[str], feedforward_names: list[str] = ()) -> list[str]:
@@ -82,15 +80,11 @@ def inject_ia3(model: nn.Module, target_names: list[str], feedforward_names: lis
 
 
 def merge_ia3(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, IA3Linear):
-            module.merge()
+    set_merged(model, IA3Linear, True)
 
 
 def unmerge_ia3(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, IA3Linear):
-            module.unmerge()
+    set_merged(model, IA3Linear, False)
 
 
 def demo() -> None:

@@ -52,7 +52,8 @@ import math
 import torch
 from torch import nn
 
-from reference_impls._plumbing import count_parameters, find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
+from reference_impls._plumbing import (count_parameters, find_targets, freeze_all_but, replace_module, report,
+                                       set_merged, toy_model, toy_task, train)
 from reference_impls.kernels.dora import fused_dora
 from reference_impls.kernels.fused_lora import fused_lora, kernel_takes
 
@@ -328,15 +329,11 @@ ADAPTED = (LoRALinear, VeRALinear, SVDLinear)  # DoRALinear is a LoRALinear
 
 def merge_lora(model: nn.Module) -> None:
     """Fold every LoRA-family update into its base weight (any of the four methods)."""
-    for module in model.modules():
-        if isinstance(module, ADAPTED):
-            module.merge()
+    set_merged(model, ADAPTED, True)
 
 
 def unmerge_lora(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, ADAPTED):
-            module.unmerge()
+    set_merged(model, ADAPTED, False)
 
 
 def demo() -> None:
