@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from reference_impls.kernels.fused_lora import INTERPRETING, lora_gemm, shrink_in_kernel, use_kernel
+from reference_impls.kernels.fused_lora import INTERPRETING, lora_gemm, lora_linear, use_kernel
 
 IMPLEMENTS = ("dora",)
 
@@ -77,10 +77,7 @@ class FusedDoRAFunction(torch.autograd.Function):
     def forward(ctx, x, W, A, B, m, scale, bias):
         norm = weight_norm(W, A, B, scale)
         factor = (m.float() / norm).contiguous()
-        if shrink_in_kernel(x.shape[0]):
-            y, u = lora_gemm(x, W, B, scale, A_rk=A, bias=bias, col_scale=factor)
-        else:
-            y, u = lora_gemm(x, W, B, scale, u=x @ A.T, bias=bias, col_scale=factor)
+        y, u = lora_linear(x, W, A, B, scale, bias=bias, col_scale=factor)
         ctx.save_for_backward(x, W, A, B, u, norm, factor)
         ctx.scale, ctx.m_dtype = scale, m.dtype
         return y
@@ -92,8 +89,7 @@ class FusedDoRAFunction(torch.autograd.Function):
         h, _ = lora_gemm(x, W, B, s, u=u)  # recomputed: x Wᵀ + s u Bᵀ
         dm = ((dy.float() * h.float()).sum(dim=0) / norm).to(ctx.m_dtype)
         g = (dy.float() * factor).to(dy.dtype).contiguous()
-        gB = g @ B
-        dx, _ = lora_gemm(g, W.T, A.T, s, u=gB)
+        dx, gB = lora_linear(g, W.T, B.T, A.T, s)  # g W + s (g B) A, and g B
         dA = s * (gB.T @ x)
         dB = s * (g.T @ u)
         return dx, None, dA, dB, dm, None, None

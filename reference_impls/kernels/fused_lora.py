@@ -14,8 +14,8 @@ thin product u = x Aᵀ (M × r) is made one of two ways:
 - beforehand (`u=`), as one thin GEMM: for many tokens, where re-reading x costs less than
   repeating the shrink in every column of tiles.
 
-`FusedLoRAFunction` picks by the number of rows (SHRINK_IN_KERNEL_UP_TO; the GPU benchmark times
-both). The same kernel, given transposed strides, computes the input gradient for a frozen W:
+`lora_linear` picks by the number of rows (SHRINK_IN_KERNEL_UP_TO; the GPU benchmark times both).
+The same kernel, given transposed strides, computes the input gradient for a frozen W:
 
     dx = dy W + s · (dy B) A            (the same shape: a GEMM plus a rank-r epilogue)
     dA = s · (dy B)ᵀ x,   dB = s · dyᵀ u           (thin products; torch.matmul)
@@ -187,15 +187,20 @@ def shrink_in_kernel(rows: int) -> bool:
     return rows <= SHRINK_IN_KERNEL_UP_TO
 
 
+def lora_linear(x, W_nk, A_rk, B_nr, scale: float, *, bias=None, col_scale=None):
+    """lora_gemm with u = x A_rkᵀ made the way that suits the number of rows: in the kernel for few,
+    as one thin GEMM beforehand for many. Returns y and u."""
+    if shrink_in_kernel(x.shape[0]):
+        return lora_gemm(x, W_nk, B_nr, scale, A_rk=A_rk, bias=bias, col_scale=col_scale)
+    return lora_gemm(x, W_nk, B_nr, scale, u=x @ A_rk.T, bias=bias, col_scale=col_scale)
+
+
 class FusedLoRAFunction(torch.autograd.Function):
     """Forward and backward of y = x Wᵀ + b + s (x Aᵀ) Bᵀ for a frozen W (and b)."""
 
     @staticmethod
     def forward(ctx, x, W, A, B, scale, bias):
-        if shrink_in_kernel(x.shape[0]):
-            y, u = lora_gemm(x, W, B, scale, A_rk=A, bias=bias)
-        else:
-            y, u = lora_gemm(x, W, B, scale, u=x @ A.T, bias=bias)
+        y, u = lora_linear(x, W, A, B, scale, bias=bias)
         ctx.save_for_backward(x, W, A, B, u)
         ctx.scale = scale
         return y
@@ -204,12 +209,8 @@ class FusedLoRAFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, W, A, B, u = ctx.saved_tensors
         dy = dy.contiguous()
-        # dx = dy W + s (dy B) A: the forward kernel with W seen as (K, N), B as the shrink and A as (K, r).
-        if shrink_in_kernel(dy.shape[0]):
-            dx, dyB = lora_gemm(dy, W.T, A.T, ctx.scale, A_rk=B.T)
-        else:
-            dyB = dy @ B
-            dx, _ = lora_gemm(dy, W.T, A.T, ctx.scale, u=dyB)
+        # dx = dy W + s (dy B) A: the forward with W seen as (K, N), Bᵀ as the shrink and A as (K, r).
+        dx, dyB = lora_linear(dy, W.T, B.T, A.T, ctx.scale)
         dA = ctx.scale * (dyB.T @ x)
         dB = ctx.scale * (dy.T @ u)
         return dx, None, dA, dB, None, None
