@@ -21,6 +21,7 @@ bandwidth and flops / measured GEMM rate, both measured in this run.
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace as Namespace
 
 SMOKE = "--smoke" in sys.argv
 if SMOKE:
@@ -80,17 +82,19 @@ def input_sets(set_bytes: int) -> int:
     return max(2, min(MAX_SETS, L2_BYTES // max(set_bytes, 1) + 1))
 
 
-def time_variants(variants: dict, set_bytes: int, repeats: int, graph: bool = True, eager=()) -> tuple[dict, dict]:
+def time_variants(build, calls: dict, set_bytes: int, repeats: int, graph: bool = True,
+                  eager=()) -> tuple[dict, dict]:
     """Median milliseconds of one call of each variant, and how each was timed.
 
-    variants maps a name to make_call(i), which returns a closure over input set i (building the
-    set on first use). graph=False for autograd's backward, which allocates as it goes; the variants
-    named in `eager` do host-side work in every call, so they are timed with events, not captured."""
-    sets = input_sets(set_bytes) if graph else 1
+    build() makes one input set (a namespace), as many distinct ones as rotating past L2 takes;
+    calls[name](input_set) runs a variant on one. graph=False for autograd's backward, which
+    allocates as it goes; the variants named in `eager` do host-side work in every call, so they
+    are timed with events, not captured."""
+    sets = [build() for _ in range(input_sets(set_bytes) if graph else 1)]
     times, methods = {}, {}
-    for name, make_call in variants.items():
-        calls = [make_call(i) for i in range(sets)]
-        times[name], methods[name] = _time_calls(calls, repeats, graph and name not in eager)
+    for name, call in calls.items():
+        bound = [functools.partial(call, input_set) for input_set in sets]
+        times[name], methods[name] = _time_calls(bound, repeats, graph and name not in eager)
     return times, methods
 
 
@@ -143,7 +147,8 @@ def measure_ceilings(dtype, repeats) -> dict:
     target = torch.empty_like(source)
     size = 8192 if DEVICE == "cuda" else 128
     a, b = torch.randn(size, size, device=DEVICE, dtype=dtype), torch.randn(size, size, device=DEVICE, dtype=dtype)
-    times, _ = time_variants({"copy": lambda i: (lambda: target.copy_(source)), "gemm": lambda i: (lambda: a @ b)},
+    times, _ = time_variants(lambda: Namespace(source=source, target=target, a=a, b=b),
+                             {"copy": lambda s: s.target.copy_(s.source), "gemm": lambda s: s.a @ s.b},
                              2 * source.numel() * source.element_size(), repeats)
     return {"copy_bytes_per_s": 2 * source.numel() * source.element_size() / (times["copy"] / 1e3),
             "gemm_flops_per_s": 2 * size ** 3 / (times["gemm"] / 1e3)}
@@ -211,24 +216,16 @@ def time_fused_lora(token_counts, K, N, r, dtype, ceilings, repeats) -> list[dic
     rows = []
     size = torch.tensor([], dtype=dtype).element_size()
     for M in token_counts:
-        sets = []
+        def build():
+            x, W, A, B = lora_inputs(M, K, N, r, dtype)
+            return Namespace(x=x, W=W, A=A, B=B, peft=peft_lora_layer(W, A, B, r))
 
-        def variant(kind):
-            def make_call(i):
-                while len(sets) <= i:
-                    x, W, A, B = lora_inputs(M, K, N, r, dtype)
-                    sets.append((x, W, A, B, peft_lora_layer(W, A, B, r)))
-                x, W, A, B, peft_layer = sets[i]
-                return {"shrink_in_kernel": lambda: lora_gemm(x, W, B, 1.0, A_rk=A),
-                        "shrink_before": lambda: lora_gemm(x, W, B, 1.0, u=x @ A.T),
-                        "peft": lambda: peft_layer(x),
-                        "base": lambda: nn.functional.linear(x, W)}[kind]
-            return make_call
-
+        calls = {"shrink_in_kernel": lambda s: lora_gemm(s.x, s.W, s.B, 1.0, A_rk=s.A),
+                 "shrink_before": lambda s: lora_gemm(s.x, s.W, s.B, 1.0, u=s.x @ s.A.T),
+                 "peft": lambda s: s.peft(s.x), "base": lambda s: nn.functional.linear(s.x, s.W)}
         set_bytes = (M * K + N * K + M * N + r * (K + N)) * size
         with torch.no_grad():
-            times, methods = time_variants({kind: variant(kind) for kind in
-                                            ("shrink_in_kernel", "shrink_before", "peft", "base")}, set_bytes, repeats)
+            times, methods = time_variants(build, calls, set_bytes, repeats)
         picked = "shrink_in_kernel" if fused_lora_module.shrink_in_kernel(M) else "shrink_before"
         times["ours"], methods["ours"] = times[picked], methods[picked]
         flops = 2 * M * N * K + 2 * M * r * (K + N)
@@ -240,19 +237,20 @@ def time_fused_lora(token_counts, K, N, r, dtype, ceilings, repeats) -> list[dic
 
 def time_training_step(M, K, N, r, dtype, ceilings, repeats) -> dict:
     """Forward and backward with W frozen: ours, PEFT, and the frozen base alone (x still needs its gradient)."""
-    x, W, A, B = lora_inputs(M, K, N, r, dtype, requires_grad=True)
-    peft_layer = peft_lora_layer(W, A, B, r)
-    for parameter in peft_layer.parameters():
-        parameter.requires_grad_(parameter is not peft_layer[0].weight)
-    dy = torch.randn(M, N, device=DEVICE, dtype=dtype)
-    steps = {"ours": lambda: FusedLoRAFunction.apply(x, W, A, B, 1.0, None).backward(dy),
-             "peft": lambda: peft_layer(x).backward(dy),
-             "base": lambda: nn.functional.linear(x, W).backward(dy)}
+    def build():
+        x, W, A, B = lora_inputs(M, K, N, r, dtype, requires_grad=True)
+        peft_layer = peft_lora_layer(W, A, B, r)
+        for parameter in peft_layer.parameters():
+            parameter.requires_grad_(parameter is not peft_layer[0].weight)
+        return Namespace(x=x, W=W, A=A, B=B, peft=peft_layer, dy=torch.randn(M, N, device=DEVICE, dtype=dtype))
+
+    steps = {"ours": lambda s: FusedLoRAFunction.apply(s.x, s.W, s.A, s.B, 1.0, None).backward(s.dy),
+             "peft": lambda s: s.peft(s.x).backward(s.dy),
+             "base": lambda s: nn.functional.linear(s.x, s.W).backward(s.dy)}
     # One set of operands (x, W, dy: 200 MB at 8,192 tokens) is far larger than L2: no rotation needed.
-    times, methods = time_variants({name: (lambda i, step=step: step) for name, step in steps.items()}, 0, repeats,
-                                   graph=False)
+    times, methods = time_variants(build, steps, 0, repeats, graph=False)
     flops = 4 * M * N * K + 8 * M * r * (K + N)  # two big GEMMs; the thin products of both passes
-    bytes_moved = (2 * (M * K + N * K + M * N) + 2 * r * (K + N)) * x.element_size()
+    bytes_moved = (2 * (M * K + N * K + M * N) + 2 * r * (K + N)) * torch.tensor([], dtype=dtype).element_size()
     return timing_row("LoRA training step (fwd+bwd, frozen W)", f"M={M} K={K} N={N} r={r}", times, methods, goal=1.10,
                       floor=floor_ms(bytes_moved, flops, ceilings))
 
@@ -279,24 +277,18 @@ def check_dora(shapes, dtypes) -> list[dict]:
 
 
 def time_dora_forward(M, K, N, r, dtype, ceilings, repeats) -> dict:
-    sets = []
+    def build():
+        x, W, A, B = lora_inputs(M, K, N, r, dtype)
+        peft_model = peft_lora_layer(W, A, B, r, use_dora=True).eval()
+        return Namespace(x=x, W=W, A=A, B=B, peft=peft_model,
+                         m=peft_model[0].lora_magnitude_vector["default"].weight.detach().clone())
 
-    def variant(kind):
-        def make_call(i):
-            while len(sets) <= i:
-                x, W, A, B = lora_inputs(M, K, N, r, dtype)
-                peft_model = peft_lora_layer(W, A, B, r, use_dora=True).eval()
-                m = peft_model[0].lora_magnitude_vector["default"].weight.detach().clone()
-                sets.append((x, W, A, B, m, peft_model))
-            x, W, A, B, m, peft_model = sets[i]
-            return {"ours": lambda: FusedDoRAFunction.apply(x, W, A, B, m, 1.0, None), "peft": lambda: peft_model(x),
-                    "base": lambda: nn.functional.linear(x, W)}[kind]
-        return make_call
-
+    calls = {"ours": lambda s: FusedDoRAFunction.apply(s.x, s.W, s.A, s.B, s.m, 1.0, None),
+             "peft": lambda s: s.peft(s.x), "base": lambda s: nn.functional.linear(s.x, s.W)}
     size = torch.tensor([], dtype=dtype).element_size()
     set_bytes = (M * K + N * K + M * N) * size
     with torch.no_grad():
-        times, methods = time_variants({kind: variant(kind) for kind in ("ours", "peft", "base")}, set_bytes, repeats)
+        times, methods = time_variants(build, calls, set_bytes, repeats)
     # The floor reads W twice (its norm, then the GEMM): W can be 32 MB, too much to count on L2.
     floor = floor_ms(set_bytes + N * K * size, 2 * M * N * K + 2 * M * r * (K + N) + 2 * N * K * r, ceilings)
     return timing_row("dora forward", f"M={M} K={K} N={N} r={r}", times, methods, floor=floor)
@@ -319,29 +311,21 @@ def time_nf4_dequantize(shape, dtype, ceilings, repeats) -> dict:
     bitsandbytes' own CUDA kernel beside it where bitsandbytes is installed."""
     n = shape[0] * shape[1]
     moved = n // 2 + n // 64 + n * torch.tensor([], dtype=dtype).element_size()
-    sets = []
-
-    def ours(i):
-        while len(sets) <= i:
-            sets.append(quantize_nf4(torch.randn(*shape, device=DEVICE)))
-        return lambda: dequantize_nf4(sets[i], dtype)
-
-    variants = {"ours": ours}
+    times, methods = time_variants(lambda: Namespace(q=quantize_nf4(torch.randn(*shape, device=DEVICE))),
+                                   {"ours": lambda s: dequantize_nf4(s.q, dtype)}, moved, repeats)
     try:
         import bitsandbytes.functional as bnb
-        bnb_sets = []
-
-        def theirs(i):
-            while len(bnb_sets) <= i:
-                bnb_sets.append(bnb.quantize_4bit(torch.randn(*shape, device=DEVICE, dtype=dtype), blocksize=64,
-                                                  quant_type="nf4", compress_statistics=True))
-            packed, state = bnb_sets[i]
-            return lambda: bnb.dequantize_4bit(packed, state)
-        if DEVICE == "cuda":
-            variants["bitsandbytes"] = theirs
     except ImportError:
+        bnb = None
         print("    (bitsandbytes is not installed: no comparison with its kernel)")
-    times, methods = time_variants(variants, moved, repeats)
+    if bnb is not None and DEVICE == "cuda":
+        def quantized():
+            packed, state = bnb.quantize_4bit(torch.randn(*shape, device=DEVICE, dtype=dtype), blocksize=64,
+                                              quant_type="nf4", compress_statistics=True)
+            return Namespace(packed=packed, state=state)
+        theirs, how = time_variants(quantized, {"bitsandbytes": lambda s: bnb.dequantize_4bit(s.packed, s.state)},
+                                    moved, repeats)
+        times, methods = times | theirs, methods | how
     fraction = moved / (times["ours"] / 1e3) / ceilings["copy_bytes_per_s"]
     return {"kernel": "nf4 dequantize", "shape": f"{shape[0]}x{shape[1]} -> {dtype_name(dtype)}",
             **{f"{name}_ms": ms for name, ms in times.items()}, "timed_with": methods, "bytes_moved": moved,
@@ -401,9 +385,8 @@ def time_decode_many_adapters(requests, K, N, r, dtype, ceilings, repeats) -> di
     """`requests` decode rows, each on its own adapter: our BGMV, gather + bmm, PEFT's mixed batch, base.
     The adapters' page table is built once, as a server builds it when adapters are loaded."""
     from peft import LoraConfig, inject_adapter_in_model
-    sets = []
 
-    def build_set():
+    def build():
         x = torch.randn(requests, K, device=DEVICE, dtype=dtype)
         W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
         A = torch.randn(requests, r, K, device=DEVICE, dtype=dtype) / K ** 0.5
@@ -418,29 +401,22 @@ def time_decode_many_adapters(requests, K, N, r, dtype, ceilings, repeats) -> di
             for index in range(requests):
                 base[0].lora_A[f"a{index}"].weight.copy_(A[index])
                 base[0].lora_B[f"a{index}"].weight.copy_(B[index])
-        return x, W, A, B, ids, stacked_table(A, B, 1.0), base
+        return Namespace(x=x, W=W, A=A, B=B, ids=ids, table=stacked_table(A, B, 1.0), peft=base,
+                         A_rows=A[ids.long()].transpose(1, 2), B_rows=B[ids.long()].transpose(1, 2))
 
-    def variant(kind):
-        def make_call(i):
-            while len(sets) <= i:
-                sets.append(build_set())
-            x, W, A, B, ids, table, peft_model = sets[i]
-            names = [f"a{index}" for index in range(requests)]
-            gathered_A, gathered_B = A[ids.long()].transpose(1, 2), B[ids.long()].transpose(1, 2)
-            return {"ours": lambda: bgmv_table(nn.functional.linear(x, W), x, table, ids),
-                    "gather_bmm": lambda: nn.functional.linear(x, W) + torch.bmm(
-                        torch.bmm(x.unsqueeze(1), A[ids.long()].transpose(1, 2)), B[ids.long()].transpose(1, 2)).squeeze(1),
-                    "bmm_pregathered": lambda: nn.functional.linear(x, W) + torch.bmm(
-                        torch.bmm(x.unsqueeze(1), gathered_A), gathered_B).squeeze(1),
-                    "peft": lambda: peft_model[0](x, adapter_names=names),
-                    "base": lambda: nn.functional.linear(x, W)}[kind]
-        return make_call
-
+    names = [f"a{index}" for index in range(requests)]
+    calls = {"ours": lambda s: bgmv_table(nn.functional.linear(s.x, s.W), s.x, s.table, s.ids),
+             "gather_bmm": lambda s: nn.functional.linear(s.x, s.W) + torch.bmm(
+                 torch.bmm(s.x.unsqueeze(1), s.A[s.ids.long()].transpose(1, 2)),
+                 s.B[s.ids.long()].transpose(1, 2)).squeeze(1),
+             "bmm_pregathered": lambda s: nn.functional.linear(s.x, s.W) + torch.bmm(
+                 torch.bmm(s.x.unsqueeze(1), s.A_rows), s.B_rows).squeeze(1),
+             "peft": lambda s: s.peft[0](s.x, adapter_names=names),
+             "base": lambda s: nn.functional.linear(s.x, s.W)}
     size = torch.tensor([], dtype=dtype).element_size()
     set_bytes = (requests * K + N * K + requests * N + requests * r * (K + N)) * size
     with torch.no_grad():
-        times, methods = time_variants({kind: variant(kind) for kind in
-                                        ("ours", "gather_bmm", "bmm_pregathered", "peft", "base")}, set_bytes, repeats,
+        times, methods = time_variants(build, calls, set_bytes, repeats,
                                        eager={"peft"})  # PEFT groups the rows by adapter name on the host
     flops = 2 * requests * N * K + 2 * requests * r * (K + N)
     return timing_row("punica bgmv decode, one adapter per request", f"M={requests} K={K} N={N} r={r}", times, methods,
