@@ -216,13 +216,12 @@ def _load_adaption_prompt(model, config, tensors):
 
 def save_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
     """Write the model's LoRALinear (or DoRALinear) layers as a PEFT LoRA checkpoint."""
-    layers = {path: module for path, module in model.named_modules() if isinstance(module, (LoRALinear, DoRALinear))}
-    others = [path for path, module in model.named_modules()
-              if isinstance(module, (VeRALinear, SVDLinear, IA3Linear)) and path not in layers]
+    layers = {path: module for path, module in model.named_modules() if isinstance(module, LoRALinear)}  # DoRA too
+    others = [(path, type(module).__name__) for path, module in model.named_modules()
+              if isinstance(module, (VeRALinear, SVDLinear, IA3Linear))]
     if not layers or others:
         raise UnsupportedAdapter("save_peft_adapter writes LoRA and DoRA layers only; "
-                                 + (f"found {others[0]!r} ({type(model.get_submodule(others[0])).__name__})"
-                                    if others else "the model has none"))
+                                 + ("found {!r} ({})".format(*others[0]) if others else "the model has none"))
     dora = {type(layer) is DoRALinear for layer in layers.values()}
     rslora = {layer.scale != layer.alpha / layer.r for layer in layers.values()}  # α/√r rather than α/r
     if len(dora) > 1 or len(rslora) > 1:
