@@ -9,14 +9,25 @@ and a bottleneck size m ≪ d, with its own skip connection:
 Placements (the module a layer wraps is its "sublayer" F, with input x and output F(x)):
 
     sequential:   F(x) + A(F(x))    Houlsby: after the attention and the FFN output projections,
-                                    before the residual add; Pfeiffer et al. (AdapterFusion, EACL
-                                    2021, arXiv:2005.00247): after the FFN only.
+                                    before the residual add.
     parallel:     F(x) + A(x)       He, Zhou, Ma, Berg-Kirkpatrick, Neubig, "Towards a Unified View of
                                     Parameter-Efficient Transfer Learning", ICLR 2022, arXiv:2110.04366:
                                     beside the FFN, with s = 1 or s = 4 ("scaled parallel"); their
                                     MAM adapter adds prefix tuning on attention (prompts.inject_mam).
                                     Chen et al., "AdaptFormer", NeurIPS 2022, arXiv:2205.13535: beside a
                                     ViT's MLP, f = ReLU, s = 0.1.
+
+In a post-norm Transformer (BERT) a sublayer ends in an "Add & Norm" output block, LN(y + r) with
+y = dense(h) and r the sublayer's input. Wrapping that block (AddNormAdapter) gives the adapter
+both, and one more placement:
+
+    sequential:   LN(y + A(y) + r)                as wrapping the dense layer (Houlsby)
+    parallel:     LN(y + A(r) + r)                beside the whole attention or FFN sublayer (He et al.)
+    after_norm:   LN(y + A(LN(y + r)) + r)        Pfeiffer et al. (AdapterFusion, EACL 2021,
+                                                  arXiv:2005.00247), after the FFN only: the adapter
+                                                  reads the block's normalised output, and the block's
+                                                  own LayerNorm runs again after the adapter's residual
+                                                  add (as in the authors' AdapterHub)
 
 Bapna & Firat ("Simple, Scalable Adaptation for Neural Machine Translation", EMNLP 2019,
 arXiv:1909.08478) normalise the adapter's input: A(h) = W_up ReLU(W_down LN(h)) (+ biases).
@@ -99,6 +110,36 @@ class ParallelAdapter(SequentialAdapter):
         return h + a
 
 
+def is_add_norm_block(module: nn.Module) -> bool:
+    """A post-norm output block, LN(dropout(dense(h)) + r): BERT's SelfOutput and Output, RoBERTa's, ..."""
+    return (isinstance(getattr(module, "dense", None), nn.Linear) and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
+            and isinstance(getattr(module, "dropout", None), nn.Module))
+
+
+class AddNormAdapter(SequentialAdapter):
+    """An adapter inside an Add & Norm block, which knows y = dropout(dense(h)) and the residual r."""
+
+    def __init__(self, block: nn.Module, adapter: nn.Module, placement: str, track: bool = False):
+        super().__init__(block, adapter, track)
+        self.placement = placement
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        block = self.sublayer
+        y = block.dropout(block.dense(hidden_states))
+        if self.dropped:
+            return block.LayerNorm(y + residual)
+        if self.placement == "sequential":
+            read = y
+        elif self.placement == "parallel":
+            read = residual  # the input of the whole attention or FFN sublayer
+        else:  # after_norm
+            read = block.LayerNorm(y + residual)
+        a = self.adapter(read)
+        if self.track:
+            self.last = (read, a)
+        return block.LayerNorm(y + a + residual)
+
+
 def _width(sublayer: nn.Module, placement: str) -> int:
     """d: the sublayer's output width (sequential) or its input width, which must equal its output (parallel)."""
     linears = [module for module in sublayer.modules() if isinstance(module, nn.Linear)]
@@ -113,25 +154,33 @@ def _width(sublayer: nn.Module, placement: str) -> int:
 def inject_adapters(model: nn.Module, target_names: list[str], m: int = 64, placement: str = "sequential",
                     activation: str = "relu", scale: float = 1.0, layer_norm: bool = False,
                     track: bool = False) -> list[str]:
-    """Wrap the named sublayers (any module) with adapters and freeze all else; track=True keeps
-    what orthogonality_penalty needs."""
-    if placement not in ("sequential", "parallel"):
-        raise ValueError(f"placement is 'sequential' or 'parallel', not {placement!r}")
-    wrapper = SequentialAdapter if placement == "sequential" else ParallelAdapter
+    """Wrap the named sublayers (any module; an Add & Norm block as AddNormAdapter) with adapters and
+    freeze all else; track=True keeps what orthogonality_penalty needs."""
+    if placement not in ("sequential", "parallel", "after_norm"):
+        raise ValueError(f"placement is 'sequential', 'parallel' or 'after_norm', not {placement!r}")
     targets = find_targets(model, target_names, kind=nn.Module)
     for name in targets:
         sublayer = model.get_submodule(name)
         weight = next(sublayer.parameters())
-        adapter = Adapter(_width(sublayer, placement), m, activation, scale, layer_norm, weight.device, weight.dtype)
-        replace_module(model, name, wrapper(sublayer, adapter, track))
+        if is_add_norm_block(sublayer):
+            adapter = Adapter(sublayer.dense.out_features, m, activation, scale, layer_norm, weight.device, weight.dtype)
+            wrapped = AddNormAdapter(sublayer, adapter, placement, track)
+        elif placement == "after_norm":
+            raise ValueError(f"{name}: placement 'after_norm' needs a post-norm output block with dense, dropout and "
+                             f"LayerNorm (as BERT's SelfOutput and Output), not {type(sublayer).__name__}")
+        else:
+            adapter = Adapter(_width(sublayer, placement), m, activation, scale, layer_norm, weight.device, weight.dtype)
+            wrapper = SequentialAdapter if placement == "sequential" else ParallelAdapter
+            wrapped = wrapper(sublayer, adapter, track)
+        replace_module(model, name, wrapped)
     freeze_all_but(model, Adapter, ("down", "up", "norm"))
     return targets
 
 
 # The configurations of the papers, as arguments of inject_adapters (m is chosen per model).
 HOULSBY = dict(placement="sequential", activation="swish")  # targets: attention and FFN output projections
-PFEIFFER = dict(placement="sequential", activation="relu")  # target: the FFN output projection only
-PARALLEL = dict(placement="parallel", activation="relu", scale=1.0)  # target: the whole FFN
+PFEIFFER = dict(placement="after_norm", activation="relu")  # target: the FFN's Add & Norm block only
+PARALLEL = dict(placement="parallel", activation="relu", scale=1.0)  # target: the whole FFN (or its Add & Norm block)
 SCALED_PARALLEL = dict(placement="parallel", activation="relu", scale=4.0)
 ADAPTFORMER = dict(placement="parallel", activation="relu", scale=0.1)  # target: the ViT MLP
 BAPNA_FIRAT = dict(placement="sequential", activation="relu", layer_norm=True)

@@ -1,4 +1,5 @@
-"""Bottleneck adapters against the papers' formulas and, for Houlsby, against AdapterHub `adapters`."""
+"""Bottleneck adapters against the papers' formulas and, for Houlsby, Pfeiffer and (scaled) parallel, against
+AdapterHub `adapters`."""
 
 import copy
 
@@ -9,8 +10,8 @@ from torch import nn
 from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.bottleneck import (BAPNA_FIRAT, HOULSBY, SCALED_PARALLEL, Adapter, inject_adapters,
-                                        orthogonality_penalty)
+from reference_impls.bottleneck import (BAPNA_FIRAT, HOULSBY, PARALLEL, PFEIFFER, SCALED_PARALLEL, Adapter,
+                                        drop_adapters, inject_adapters, orthogonality_penalty)
 
 
 def block(d=21, d_ff=37):
@@ -104,29 +105,67 @@ def test_bad_placements_are_refused():
         inject_adapters(Net(), ["ffn"], placement="diagonal")
 
 
-def test_houlsby_equals_adapterhub_on_a_tiny_bert():
+def hub_config(name: str):
+    from adapters import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
+    return {"houlsby": DoubleSeqBnConfig(reduction_factor=4), "pfeiffer": SeqBnConfig(reduction_factor=4),
+            "parallel": ParBnConfig(reduction_factor=4, scaling=1.0),
+            "scaled parallel": ParBnConfig(reduction_factor=4)}[name]  # ParBn's default scaling is 4
+
+
+@pytest.mark.parametrize("hub, config, places, suffix", [
+    ("houlsby", HOULSBY, ("attention.output", "output"), ".dense"),  # around the dense layer
+    ("houlsby", HOULSBY, ("attention.output", "output"), ""),  # around the Add & Norm block: the same
+    ("pfeiffer", PFEIFFER, ("output",), ""),
+    ("parallel", PARALLEL, ("output",), ""),
+    ("scaled parallel", SCALED_PARALLEL, ("output",), ""),
+    ("parallel", PARALLEL, ("attention.output", "output"), ""),  # beside attention too (ParBn with mh_adapter)
+])
+def test_placements_equal_adapterhub_on_a_tiny_bert(hub, config, places, suffix):
+    """Each paper's configuration computes what the authors' library computes with the same weights."""
     import adapters
-    from adapters import DoubleSeqBnConfig
 
     base = tiny_bert()
     ours = copy.deepcopy(base)
     theirs = copy.deepcopy(base)
     adapters.init(theirs)
-    theirs.add_adapter("task", config=DoubleSeqBnConfig(reduction_factor=4))
+    their_config = hub_config(hub)
+    if places == ("attention.output", "output") and hub != "houlsby":
+        their_config = their_config.replace(mh_adapter=True)
+    theirs.add_adapter("task", config=their_config)
     theirs.set_active_adapters("task")
-    targets = [f"encoder.layer.{i}.{where}.dense" for i in range(2) for where in ("attention.output", "output")]
-    inject_adapters(ours, targets, m=8, **HOULSBY)
+    targets = [f"encoder.layer.{i}.{where}{suffix}" for i in range(2) for where in places]
+    inject_adapters(ours, targets, m=8, **config)
+    assert count_parameters(ours)[0] == len(targets) * (2 * 32 * 8 + 32 + 8)
     with torch.no_grad():
-        for i in range(2):
-            for where in ("attention.output", "output"):
-                hub = theirs.get_submodule(f"encoder.layer.{i}.{where}").adapters["task"]
-                mine = ours.get_submodule(f"encoder.layer.{i}.{where}.dense").adapter
-                for source, target in ((hub.adapter_down[0], mine.down), (hub.adapter_up, mine.up)):
-                    source.weight.normal_(0, 0.2)
-                    source.bias.normal_(0, 0.2)
-                    target.weight.copy_(source.weight)
-                    target.bias.copy_(source.bias)
+        for target in targets:
+            hub_adapter = theirs.get_submodule(target.removesuffix(suffix)).adapters["task"]
+            mine = ours.get_submodule(target).adapter
+            for source, destination in ((hub_adapter.adapter_down[0], mine.down), (hub_adapter.adapter_up, mine.up)):
+                source.weight.normal_(0, 0.2)
+                source.bias.normal_(0, 0.2)
+                destination.weight.copy_(source.weight)
+                destination.bias.copy_(source.bias)
     assert_same_encoding(ours, theirs, base)
+
+
+def test_after_norm_needs_an_add_and_norm_block():
+    with pytest.raises(ValueError, match="after_norm.*needs a post-norm output block"):
+        inject_adapters(Net(), ["out"], m=2, **PFEIFFER)
+
+
+def test_add_norm_adapters_drop_and_track():
+    base = tiny_bert()
+    model = copy.deepcopy(base)
+    targets = ["encoder.layer.0.output", "encoder.layer.1.output"]  # "output" alone would match attention.output too
+    inject_adapters(model, targets, m=4, track=True, **PFEIFFER)
+    assert [name for name, module in model.named_modules() if hasattr(module, "placement")] == targets
+    randomise(model)
+    ids = torch.randint(0, 99, (2, 7))
+    model(input_ids=ids).last_hidden_state.sum().backward()
+    assert orthogonality_penalty(model) > 0
+    drop_adapters(model, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, base(input_ids=ids).last_hidden_state)
 
 
 def test_demo_runs_and_learns(capsys):
