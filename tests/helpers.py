@@ -43,3 +43,17 @@ def assert_same_encoding(ours, theirs, base, length: int = 9):
         plain = base(input_ids=ids).last_hidden_state
     assert (expected - plain).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def run_demo(module: str) -> str:
+    """Run `python -m <module>` as a user would and return what it printed. For the kernel modules on a
+    CPU that means their PyTorch twins: in the test process the interpreter would run the kernels,
+    far too slowly for a demo's hundreds of training steps."""
+    import os
+    import subprocess
+    import sys
+
+    from repo_inputs import REPO
+    environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, env=environment, cwd=REPO,
+                          check=True, timeout=300).stdout

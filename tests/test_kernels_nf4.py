@@ -1,10 +1,13 @@
 """NF4 with double quantisation against bitsandbytes (bit for bit), the kernel against its twin, QLoRALinear."""
 
+
 import pytest
 import torch
 
-from reference_impls.kernels.nf4 import (NF4_LEVELS, NF4Weight, QLoRALinear, dequantize_nf4, dynamic_map,
-                                         quantize_nf4, reference_dequantize_nf4)
+from helpers import demo_losses, run_demo
+from reference_impls._plumbing import count_parameters
+from reference_impls.kernels.nf4 import (NF4_LEVELS, NF4Weight, QLoRALinear, dequantize_nf4, dynamic_map, inject_qlora,
+                                         quantize_nf4, reference_dequantize_nf4, storage_bytes)
 
 try:  # the oracle; CI installs it, the GPU machine has none (its tests of the kernel still run there)
     import bitsandbytes.functional as bnb
@@ -88,3 +91,46 @@ def test_qlora_linear_trains_only_the_adapter_and_computes_lora_on_nf4():
     y.sum().backward()
     assert layer.A.grad is not None and layer.B.grad is not None and not layer.bias.requires_grad
     assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["A", "B"]
+
+
+class Block(torch.nn.Module):
+    """Odd widths, a layer that stays in full precision, and one without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(37, 70), torch.nn.Linear(70, 37, bias=False)
+        self.head = torch.nn.Linear(37, 5)
+
+    def forward(self, x):
+        return self.head(self.down(torch.relu(self.up(x))))
+
+
+def test_inject_qlora_quantises_the_targets_and_trains_only_the_adapters():
+    torch.manual_seed(0)
+    model = Block().to(DEVICE)
+    with torch.no_grad():  # what the model computes with its weights rounded to NF4 (B = 0 at the start)
+        rounded = Block().to(DEVICE)
+        rounded.load_state_dict(model.state_dict())
+        for name in ("up", "down"):
+            layer = getattr(rounded, name)
+            layer.weight.copy_(reference_dequantize_nf4(quantize_nf4(layer.weight)))
+    assert inject_qlora(model, ["up", "down"], r=3, alpha=6, compute_dtype=torch.float32) == ["up", "down"]
+    assert count_parameters(model)[0] == 3 * (37 + 70) + 3 * (70 + 37)  # r (K + N) per layer
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {"up.A", "up.B", "down.A", "down.B"}
+    x = torch.randn(11, 37, device=DEVICE)
+    torch.testing.assert_close(model(x), rounded(x))
+    # 4 bits per weight, plus one 8-bit code per 64 weights and an fp32 scale and mean per layer.
+    assert storage_bytes(model) == (37 * 70 // 2 + 41 + 4 + 4 + 37 * 70 // 2 + 41 + 4 + 4, 2 * 2 * 37 * 70)
+
+    with torch.no_grad():
+        model.up.B.normal_()
+    fresh = Block().to(DEVICE)  # other random weights: everything must come from the state_dict
+    inject_qlora(fresh, ["up", "down"], r=3, alpha=6, compute_dtype=torch.float32)
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_demo_runs_and_learns():
+    output = run_demo("reference_impls.kernels.nf4")
+    (before, after), = demo_losses(output)
+    assert after < 0.1 * before

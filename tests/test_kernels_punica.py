@@ -1,12 +1,15 @@
-"""Punica's SGMV and BGMV kernels against the dense per-row computation."""
+"""Punica's SGMV and BGMV kernels against the dense per-row computation; serving a model's mixed batch."""
+
+import copy
 
 import pytest
 import torch
+from torch import nn
 
-from helpers import relative_error
+from helpers import demo_losses, relative_error, run_demo
 
-from reference_impls.kernels.punica import (MultiLoRALinear, bgmv, bgmv_table, reference_shrink_expand, rows_aligned,
-                                            segments_of, sgmv, stacked_table)
+from reference_impls.kernels.punica import (MultiLoRALinear, bgmv, bgmv_table, inject_multi_lora, load_lora,
+                                            reference_shrink_expand, route, rows_aligned, segments_of, sgmv, stacked_table)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])
@@ -94,3 +97,66 @@ def test_multi_lora_layer_serves_mixed_batches_like_separate_lora_layers():
                     single.B.copy_(layer.B[adapter])
                 expected = single(x[row:row + 1])[0]
             assert relative_error(got[row], expected) < 1e-4
+
+
+class Encoder(nn.Module):
+    """Token vectors through two odd-width projections and a head that stays unadapted."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o, self.head = nn.Linear(19, 27), nn.Linear(27, 19), nn.Linear(19, 3)
+
+    def forward(self, x):  # x: (requests, tokens, 19)
+        return self.head(x + self.o(torch.tanh(self.q(x))))
+
+
+def test_a_served_model_gives_each_request_what_its_own_lora_model_gives():
+    from reference_impls.lora import inject_lora
+    torch.manual_seed(0)
+    base = Encoder().to(DEVICE)
+    trained = []
+    for _ in range(3):  # three "trained" adapters: LoRA models with random non-zero B
+        model = copy.deepcopy(base)
+        inject_lora(model, ["q", "o"], r=3, alpha=5)
+        with torch.no_grad():
+            for name in ("q", "o"):
+                model.get_submodule(name).B.normal_()
+        trained.append(model)
+    served = copy.deepcopy(base)
+    assert inject_multi_lora(served, ["q", "o"], adapters=3, r=3, alpha=5) == ["q", "o"]
+    assert not any(parameter.requires_grad for parameter in served.parameters())
+    for index, model in enumerate(trained):
+        load_lora(served, index, model)
+
+    adapter_of_request = torch.tensor([1, -1, 0, 2, 1], device=DEVICE)
+    x = torch.randn(5, 4, 19, device=DEVICE)  # 5 requests of 4 tokens: each token uses its request's adapter
+    with torch.no_grad(), route(served, adapter_of_request):
+        got = served(x)
+    with torch.no_grad():
+        for request, adapter in enumerate(adapter_of_request.tolist()):
+            expected = (trained[adapter] if adapter >= 0 else base)(x[request:request + 1])[0]
+            assert relative_error(got[request], expected) < 1e-4
+    with pytest.raises(ValueError, match="route"):  # route() is over: the layers no longer know the adapters
+        served(x)
+
+
+def test_serving_refuses_what_does_not_fit():
+    layer = MultiLoRALinear(nn.Linear(8, 6).to(DEVICE), adapters=2, r=4)
+    with pytest.raises(ValueError, match="3 adapter indices for a batch of 5 rows"):
+        layer(torch.randn(5, 8, device=DEVICE), torch.tensor([0, 1, 0], device=DEVICE))
+    with pytest.raises(ValueError, match="does not fit"):
+        layer.load_adapter(0, torch.zeros(2, 8), torch.zeros(6, 2))  # rank 2 into rank-4 slots
+    from reference_impls.lora import inject_lora
+    model, served = nn.Sequential(nn.Linear(8, 6)), nn.Sequential(nn.Linear(8, 6))
+    inject_lora(model, ["0"], r=4, alpha=8)
+    inject_multi_lora(served, ["0"], adapters=2, r=4, alpha=4)
+    with pytest.raises(ValueError, match="scale"):
+        load_lora(served, 0, model)
+
+
+def test_demo_runs_and_serves_what_it_trained():
+    output = run_demo("reference_impls.kernels.punica")
+    losses = demo_losses(output)
+    assert len(losses) == 3 and all(after < 0.1 * before for before, after in losses)
+    difference = float(output.rsplit(" ", 1)[-1])
+    assert difference < 1e-4

@@ -2,11 +2,12 @@
 served through the kernels, always equal to the dense computation with the original matrices."""
 
 import random
+import re
 
 import pytest
 import torch
 
-from helpers import relative_error
+from helpers import relative_error, run_demo
 
 from reference_impls.kernels.punica import reference_shrink_expand, reference_table, stacked_table
 from reference_impls.kernels.slora import AdapterPool, PoolFull, SLoRALinear
@@ -72,3 +73,26 @@ def test_reference_table_reads_stacked_tensors_like_the_direct_computation():
     x, y, ids = torch.randn(6, 10), torch.randn(6, 12), torch.tensor([0, 2, -1, 1, 1, 0])
     torch.testing.assert_close(reference_table(y, x, stacked_table(A, B, 0.5), ids),
                                reference_shrink_expand(y, x, A, B, ids, 0.5))
+
+
+def test_adapters_are_fetched_per_batch_and_the_least_recently_used_evicted():
+    adapters = {name: adapter(rank) for name, rank in [("a", 4), ("b", 4), ("c", 4), ("d", 6), ("e", 8), ("f", 16)]}
+    pool = AdapterPool(20, K, N, device=DEVICE)
+    base = torch.nn.Linear(K, N).to(DEVICE)
+    layer = SLoRALinear(base, pool, host=adapters)
+    for names, resident in [(["a", "b", None], ["a", "b"]),
+                            (["c", "a"], ["b", "a", "c"]),  # a was used again: b is now the oldest
+                            (["d", None], ["b", "a", "c", "d"]),  # 18 of 20 pages
+                            (["e", "a"], ["d", "a", "e"])]:  # e needs 8 pages: b, then c go; d is younger
+        x = torch.randn(len(names), K, device=DEVICE)
+        assert relative_error(layer(x, names), dense(base, x, names, adapters)) < 1e-4
+        assert list(pool.resident) == resident  # oldest used first
+    with pytest.raises(PoolFull, match="do not fit in the pool together"):
+        layer(torch.randn(2, K, device=DEVICE), ["e", "f"])  # 8 + 16 > 20
+
+
+def test_demo_serves_every_batch_exactly():
+    output = run_demo("reference_impls.kernels.slora")
+    differences = [float(value) for value in re.findall(r"dense computation ([\d.e+-]+)", output)]
+    assert len(differences) == 6 and max(differences) < 1e-4
+    assert "8 of 32 pages free" in output  # a batch needed a rank-16 adapter and evicted others for it

@@ -33,6 +33,8 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from reference_impls._plumbing import (count_parameters, find_targets, freeze_all_but, replace_module, toy_model, toy_task,
+                                      train)
 from reference_impls.kernels.fused_lora import fused_lora, use_kernel
 
 IMPLEMENTS = ("qlora",)
@@ -157,11 +159,18 @@ def dequantize_nf4(q: NF4Weight, dtype=torch.bfloat16, blocks_per_program: int =
 
 
 class QLoRALinear(nn.Module):
-    """An NF4-quantised frozen linear layer with a 16-bit LoRA adapter on top."""
+    """An NF4-quantised frozen linear layer with a 16-bit LoRA adapter on top. The 4-bit state is
+    kept as buffers (and the offset μ as extra state), so it moves with .to() and is saved in the
+    state_dict, but is never trained.
+    There is no merge: s·BA added to W would have to be quantised again, losing the adapter's precision."""
 
     def __init__(self, base: nn.Linear, r: int = 16, alpha: float = 16.0, compute_dtype=torch.bfloat16):
         super().__init__()
-        self.weight = quantize_nf4(base.weight.detach())
+        q = quantize_nf4(base.weight.detach())
+        self.register_buffer("packed", q.packed)
+        self.register_buffer("absmax_codes", q.absmax_codes)
+        self.register_buffer("absmax_scales", q.absmax_scales)
+        self.absmax_mean, self.shape = q.absmax_mean, q.shape
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().to(compute_dtype), requires_grad=False)
         self.compute_dtype, self.scale = compute_dtype, alpha / r
         device = base.weight.device
@@ -169,6 +178,59 @@ class QLoRALinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=compute_dtype))
         nn.init.kaiming_uniform_(self.A, a=5 ** 0.5)
 
+    def get_extra_state(self) -> dict:  # saved in the state_dict beside the buffers
+        return {"absmax_mean": self.absmax_mean, "shape": self.shape}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.absmax_mean, self.shape = state["absmax_mean"], tuple(state["shape"])
+
+    @property
+    def weight(self) -> NF4Weight:
+        return NF4Weight(self.packed, self.absmax_codes, self.absmax_scales, self.absmax_mean, self.shape)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         W = dequantize_nf4(self.weight, self.compute_dtype)  # 16-bit for this product only, then dropped
         return fused_lora(x.to(self.compute_dtype), W, self.A, self.B, self.scale, self.bias)
+
+
+def inject_qlora(model: nn.Module, target_names: list[str], r: int = 16, alpha: float = 16.0,
+                 compute_dtype=torch.bfloat16) -> list[str]:
+    """Quantise the named nn.Linear layers to NF4, put a LoRA adapter on each, freeze all else.
+    (The paper adapts every linear layer of the Transformer blocks.)"""
+    targets = find_targets(model, target_names)
+    for name in targets:
+        replace_module(model, name, QLoRALinear(model.get_submodule(name), r, alpha, compute_dtype))
+    freeze_all_but(model, QLoRALinear, ("A", "B"))
+    return targets
+
+
+def storage_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the NF4 layers' 4-bit state, bytes the same weights take in 16 bits)."""
+    layers = [module for module in model.modules() if isinstance(module, QLoRALinear)]
+    four_bit = sum(sum(buffer.numel() * buffer.element_size() for buffer in layer.buffers()) + 4  # + the fp32 mean
+                   for layer in layers)
+    return four_bit, sum(2 * math.prod(layer.shape) for layer in layers)
+
+
+def demo() -> None:
+    """Quantise the toy model's three linear layers to NF4 and train only the LoRA adapters on top (CPU, fp32)."""
+    x, y = toy_task()
+    model = toy_model()
+    with torch.no_grad():
+        full_precision = model(x)
+    inject_qlora(model, ["0", "2", "4"], r=4, alpha=8, compute_dtype=torch.float32)
+    with torch.no_grad():
+        error = (model(x) - full_precision).norm() / full_precision.norm()
+    four_bit, sixteen_bit = storage_bytes(model)
+    print(f"NF4 base: {four_bit:,} bytes instead of {sixteen_bit:,} in 16 bits; "
+          f"output changed by {100 * error:.1f}% (relative) by the quantisation")
+    before, after = train(model, x, y)
+    trainable, _ = count_parameters(model)
+    frozen = sum(math.prod(layer.shape) for layer in model.modules() if isinstance(layer, QLoRALinear))
+    print(f"QLoRA r=4: {trainable:,} trainable parameters beside {frozen:,} frozen 4-bit weights "
+          f"({100 * trainable / (trainable + frozen):.2f}%)")
+    print(f"loss on the new task: {before:.4g} before, {after:.4g} after training")
+
+
+if __name__ == "__main__":
+    demo()

@@ -19,9 +19,12 @@ y_m += s · v_m B_{i(m)}ᵀ (r → N). Two layouts of the batch:
   atomically), since a few dozen rows alone would leave most of the GPU idle.
 
 `reference_shrink_expand` is the plain PyTorch function both must equal. `MultiLoRALinear` serves a
-mixed batch through them: a frozen linear layer plus L adapters.
+mixed batch through them: a frozen linear layer plus L adapters. `inject_multi_lora` gives a model's
+layers adapter slots, `load_lora` fills a slot from a model trained with `lora.inject_lora`, and
+`route(model, adapter_of_row)` says which adapter each request of the next batch uses.
 """
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
+from reference_impls._plumbing import find_targets, replace_module, report, toy_model, toy_task, train
 from reference_impls.kernels.fused_lora import dot_precision, use_kernel
 
 IMPLEMENTS = ("punica",)
@@ -265,11 +269,99 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, adapters: int, r: int = 16, alpha: float = 16.0):
         super().__init__()
-        self.base, self.scale = base, alpha / r
+        self.base, self.r, self.alpha, self.scale = base, r, alpha, alpha / r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.A = nn.Parameter(torch.randn(adapters, r, base.in_features, **factory) / base.in_features ** 0.5)
         self.B = nn.Parameter(torch.zeros(adapters, base.out_features, r, **factory))
+        self.adapter_of_row: torch.Tensor | None = None  # set by route() for a whole model's forward pass
 
-    def forward(self, x: torch.Tensor, adapter_of_row: torch.Tensor) -> torch.Tensor:
-        """x: (M, K); adapter_of_row: (M,) adapter index per row, −1 for the base model alone."""
-        return add_lora(self.base(x), x, stacked_table(self.A, self.B, self.scale), adapter_of_row)
+    @torch.no_grad()
+    def load_adapter(self, index: int, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Put a trained adapter (A: r × K, B: N × r) in slot `index`."""
+        if A.shape != self.A.shape[1:] or B.shape != self.B.shape[1:]:
+            raise ValueError(f"adapter of shapes A {tuple(A.shape)}, B {tuple(B.shape)} does not fit slots of "
+                             f"A {tuple(self.A.shape[1:])}, B {tuple(self.B.shape[1:])}")
+        self.A[index], self.B[index] = A, B
+
+    def forward(self, x: torch.Tensor, adapter_of_row: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (M, K) or (M, ..., K); adapter_of_row: (M,) adapter index per row (a request: all its
+        tokens use its adapter), −1 for the base model alone. Without it, the one route() set."""
+        routing = adapter_of_row if adapter_of_row is not None else self.adapter_of_row
+        if routing is None:
+            raise ValueError("MultiLoRALinear needs an adapter index per row: pass adapter_of_row, or call the "
+                             "model inside `with route(model, adapter_of_row):`")
+        if len(routing) != x.shape[0]:
+            raise ValueError(f"{len(routing)} adapter indices for a batch of {x.shape[0]} rows")
+        rows = x.reshape(-1, x.shape[-1])
+        per_row = routing.to(x.device).repeat_interleave(rows.shape[0] // max(len(routing), 1))
+        out = add_lora(self.base(rows), rows, stacked_table(self.A, self.B, self.scale), per_row)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def inject_multi_lora(model: nn.Module, target_names: list[str], adapters: int, r: int = 16,
+                      alpha: float = 16.0) -> list[str]:
+    """Give the named nn.Linear layers L adapter slots each, for serving: every parameter is frozen."""
+    targets = find_targets(model, target_names)
+    for name in targets:
+        replace_module(model, name, MultiLoRALinear(model.get_submodule(name), adapters, r, alpha))
+    model.requires_grad_(False)
+    return targets
+
+
+def load_lora(served: nn.Module, index: int, trained: nn.Module) -> None:
+    """Copy the LoRA adapter of a model trained with lora.inject_lora into slot `index` of the served
+    model, layer by layer (same names, ranks and α)."""
+    from reference_impls.lora import LoRALinear
+
+    for name, layer in trained.named_modules():
+        if isinstance(layer, LoRALinear):
+            slot = served.get_submodule(name)
+            if layer.scale != slot.scale:
+                raise ValueError(f"{name}: adapter scale {layer.scale} differs from the served layer's {slot.scale}")
+            slot.load_adapter(index, layer.A, layer.B)
+
+
+@contextmanager
+def route(model: nn.Module, adapter_of_row: torch.Tensor):
+    """Within the block, every MultiLoRALinear of the model reads the batch's adapter indices."""
+    layers = [module for module in model.modules() if isinstance(module, MultiLoRALinear)]
+    for layer in layers:
+        layer.adapter_of_row = adapter_of_row
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.adapter_of_row = None
+
+
+def demo() -> None:
+    """Train three LoRA adapters on three tasks, then serve them and the base model in one mixed batch."""
+    from reference_impls.lora import inject_lora
+
+    targets, tasks = ["0", "2", "4"], [toy_task(seed=seed) for seed in (1, 2, 3)]
+    trained = []
+    for index, (x, y) in enumerate(tasks):
+        model = toy_model()
+        inject_lora(model, targets, r=4, alpha=8)
+        before, after = train(model, x, y)
+        report(f"LoRA adapter {index} (task {index})", model, before, after)
+        trained.append(model.eval())
+
+    served = toy_model()
+    inject_multi_lora(served, targets, adapters=3, r=4, alpha=8)
+    for index, model in enumerate(trained):
+        load_lora(served, index, model)
+    # 16 requests per adapter and 16 for the base model alone, in random order.
+    adapter_of_row = torch.arange(-1, 3).repeat_interleave(16)[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), route(served, adapter_of_row):
+        y = served(x)
+    base = toy_model()
+    with torch.no_grad():
+        expected = torch.stack([(trained[index] if index >= 0 else base)(row) for row, index in zip(x, adapter_of_row.tolist())])
+    print(f"One batch of 64 requests on 3 adapters and the base model: largest difference from running each "
+          f"request through its own model {(y - expected).abs().max().item():.1e}")
+
+
+if __name__ == "__main__":
+    demo()

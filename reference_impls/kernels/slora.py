@@ -61,6 +61,23 @@ class AdapterPool:
             self.b_pages[b_pages] = B.T.to(self.b_pages)  # column j of B becomes page b_pages[j]
         self.resident[name] = Resident(a_pages, b_pages, rank, alpha / rank)
 
+    def make_resident(self, names: list[str], host: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Load the batch's adapters that are not in the pool from host memory (name → A, B, α),
+        evicting the least recently used adapters the batch does not need when pages run out."""
+        needed = dict.fromkeys(names)
+        for name in needed:  # resident is kept oldest-used first: move the batch's adapters to the end
+            if name in self.resident:
+                self.resident[name] = self.resident.pop(name)
+        for name in needed:
+            while name not in self.resident:
+                try:
+                    self.load(name, *host[name])
+                except PoolFull:
+                    idle = [other for other in self.resident if other not in needed]
+                    if not idle:
+                        raise PoolFull(f"the batch's adapters {list(needed)} do not fit in the pool together") from None
+                    self.evict(idle[0])
+
     def evict(self, name: str) -> None:
         resident = self.resident.pop(name)
         self.free_a += resident.a_pages
@@ -83,17 +100,53 @@ class AdapterPool:
 
 
 class SLoRALinear(nn.Module):
-    """A frozen nn.Linear serving, per row of a batch, any adapter resident in its pool."""
+    """A frozen nn.Linear serving, per row of a batch, any adapter resident in its pool; with `host`
+    (name → A, B, α in host memory), adapters a batch needs are fetched into the pool first."""
 
-    def __init__(self, base: nn.Linear, pool: AdapterPool):
+    def __init__(self, base: nn.Linear, pool: AdapterPool, host: dict | None = None):
         super().__init__()
-        self.base, self.pool = base, pool
+        self.base, self.pool, self.host = base, pool, host
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, adapter_names: list[str | None]) -> torch.Tensor:
         """x: (M, K); adapter_names[m]: the adapter of row m, or None for the base model alone."""
         active = sorted({name for name in adapter_names if name is not None})
+        if self.host is not None:
+            self.pool.make_resident(active, self.host)
         index = {name: position for position, name in enumerate(active)}
         adapter_of_row = torch.tensor([index[name] if name is not None else -1 for name in adapter_names],
                                       device=x.device)
         return add_lora(self.base(x), x, self.pool.table(active), adapter_of_row)
+
+
+def demo() -> None:
+    """Serve 8 adapters of ranks 2 to 16 (60 rank-rows) from a pool of 32 pages: each batch fetches
+    the adapters it needs from host memory, evicting the least recently used."""
+    generator = torch.Generator().manual_seed(0)
+    K = N = 64
+    torch.manual_seed(0)
+    base = nn.Linear(K, N)
+    host = {f"adapter-{i}": (torch.randn(rank, K, generator=generator) / K ** 0.5,
+                             torch.randn(N, rank, generator=generator), 2.0 * rank)
+            for i, rank in enumerate([2, 4, 8, 16, 2, 4, 8, 16])}
+    layer = SLoRALinear(base, AdapterPool(32, K, N), host)
+    for batch in range(6):
+        pair = [f"adapter-{i}" for i in torch.randperm(8, generator=generator)[:2].tolist()]
+        if batch % 2:  # decode: one row per request, adapters mixed
+            names = [pair[i] if i < 2 else None for i in torch.randint(0, 3, (12,), generator=generator).tolist()]
+        else:  # prefill: each request's prompt is a segment of rows
+            names = [pair[0]] * 9 + [None] * 3 + [pair[1]] * 14
+        x = torch.randn(len(names), K, generator=generator)
+        y = layer(x, names)
+        expected = base(x)
+        for row, name in enumerate(names):
+            if name is not None:
+                A, B, alpha = host[name]
+                expected[row] += (alpha / A.shape[0]) * (x[row] @ A.T) @ B.T
+        print(f"batch {batch} ({'decode' if batch % 2 else 'prefill'}, {len(names)} rows) on {', '.join(sorted(pair))}: "
+              f"resident now {', '.join(sorted(layer.pool.resident))} ({len(layer.pool.free_a)} of 32 pages free); "
+              f"largest difference from the dense computation {(y - expected).abs().max().item():.1e}")
+
+
+if __name__ == "__main__":
+    demo()
