@@ -1,0 +1,198 @@
+"""Composing adapters that were trained separately: AdapterFusion, stacking, and weight arithmetic.
+
+Pfeiffer, Kamath, Rücklé, Cho, Gurevych. "AdapterFusion: Non-Destructive Task Composition for
+Transfer Learning." EACL 2021. arXiv:2005.00247. N task adapters are trained one by one and frozen;
+then, at every place that has them, a fusion layer learns which to listen to, token by token. With
+h the hidden state the adapters read and z_n = A_n(h) what adapter n would add:
+
+    s = softmax_n( (h Q + b_Q) · (z_n K + b_K) ),      o = Σ_n s_n · z_n V,      added like one adapter
+
+Q, K, V ∈ ℝ^{d×d}; V starts at the identity (and a penalty λ‖I − V‖²_F keeps it near there), so at
+the start o is a mix of the adapters' own outputs. Trainable parameters per place: 3d² + 2d.
+
+Stacking (Pfeiffer, Vulić, Gurevych, Ruder, "MAD-X", EMNLP 2020, arXiv:2005.00052): a task adapter
+reads what a language adapter produced, y_k = y_{k−1} + A_k(read(y_{k−1})), so that the language
+adapter can be swapped at test time. (MAD-X's invertible adapters on the embeddings are not here.)
+
+Both compose bottleneck adapters (bottleneck.py) in the same places: around any sublayer, where
+read(y) = y, or inside a post-norm Add & Norm block LN(y + r), where, as in Pfeiffer's placement,
+read(y) = LN(y + r) and the block's LayerNorm is applied once more at the end.
+
+Arithmetic on the weights of trained modules makes a new module without training:
+- Chronopoulou, Peters, Fraser, Dodge. "AdapterSoup: Weight Averaging to Improve Generalization of
+  Pretrained Language Models." Findings of EACL 2023. arXiv:2302.07027: the uniform average of the
+  adapters of related domains (the paper picks them by text similarity or clustering; not here).
+- Zhang, Chen, Liu, He. "Composing Parameter-Efficient Modules with Arithmetic Operations."
+  NeurIPS 2023. arXiv:2306.14870: addition θ = Σ_i λ_i θ_i (Σ λ_i = 1), parameter by parameter,
+  and negation: LoRA (A, B) → (A, −B), so that ΔW → −ΔW; (IA)³ l → 2 − l, so that the update
+  (l − 1) ⊙ h becomes −(l − 1) ⊙ h. Adding (IA)³ vectors adds their updates; adding LoRA's A and B
+  separately does not add the updates B A (cross terms appear), which is why the paper starts all
+  LoRA modules from the same A.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+from reference_impls._plumbing import find_targets, replace_module, report, toy_model, toy_task, train
+from reference_impls.bottleneck import HOULSBY, Adapter, SequentialAdapter, inject_adapters, is_add_norm_block
+from reference_impls.ia3 import IA3Linear, inject_ia3
+from reference_impls.lora import LoRALinear, inject_lora
+
+IMPLEMENTS = ("adapterfusion", "adaptersoup", "pem-arithmetic")
+
+
+class Fusion(nn.Module):
+    """Attention over the adapters' outputs: o = Σ_n softmax_n((h Q)·(z_n K)) · z_n V."""
+
+    def __init__(self, d: int, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.query, self.key = nn.Linear(d, d, **factory), nn.Linear(d, d, **factory)
+        self.value = nn.Linear(d, d, bias=False, **factory)
+        for layer in (self.query, self.key):
+            nn.init.normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+        nn.init.eye_(self.value.weight)  # the adapters' outputs themselves, at the start
+
+    def forward(self, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """h: (..., d); z: (..., N, d), the N adapters' outputs for h."""
+        scores = (self.key(z) @ self.query(h).unsqueeze(-1)).squeeze(-1)  # (..., N)
+        return (scores.softmax(dim=-1).unsqueeze(-2) @ self.value(z)).squeeze(-2)
+
+
+class ComposedAdapters(nn.Module):
+    """N bottleneck adapters at one place, stacked ("stack") or fused ("fuse")."""
+
+    def __init__(self, sublayer: nn.Module, adapters: list[Adapter], mode: str):
+        super().__init__()
+        self.sublayer, self.adapters, self.mode = sublayer, nn.ModuleList(adapters), mode
+        d = adapters[0].up.out_features
+        self.fusion = Fusion(d, adapters[0].up.weight.device, adapters[0].up.weight.dtype) if mode == "fuse" else None
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if is_add_norm_block(self.sublayer):  # inputs: the hidden states and the residual r
+            block, residual = self.sublayer, inputs[1]
+            y = block.dropout(block.dense(inputs[0]))
+            read = finish = lambda y: block.LayerNorm(y + residual)
+        else:
+            y = self.sublayer(*inputs)
+            read = finish = lambda y: y
+        if self.mode == "stack":
+            for adapter in self.adapters:
+                y = y + adapter(read(y))
+            return finish(y)
+        h = read(y)
+        z = torch.stack([adapter(h) for adapter in self.adapters], dim=-2)
+        return finish(y + self.fusion(h, z))
+
+
+def inject_composition(model: nn.Module, target_names: list[str], adapters: int, m: int, mode: str = "fuse",
+                       activation: str = "relu") -> list[str]:
+    """Give each named sublayer `adapters` bottleneck adapters (fill them with load_adapter). Trainable:
+    the fusion layers ("fuse"), or the last adapter of each stack ("stack": the task adapter on top
+    of the language adapters)."""
+    if mode not in ("fuse", "stack"):
+        raise ValueError(f"mode is 'fuse' or 'stack', not {mode!r}")
+    targets = find_targets(model, target_names, kind=nn.Module)
+    for name in targets:
+        sublayer = model.get_submodule(name)
+        weight = next(sublayer.parameters())
+        d = sublayer.dense.out_features if is_add_norm_block(sublayer) else [
+            module for module in sublayer.modules() if isinstance(module, nn.Linear)][-1].out_features
+        slots = [Adapter(d, m, activation, device=weight.device, dtype=weight.dtype) for _ in range(adapters)]
+        replace_module(model, name, ComposedAdapters(sublayer, slots, mode))
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, ComposedAdapters):
+            (module.fusion if mode == "fuse" else module.adapters[-1]).requires_grad_(True)
+    return targets
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, index: int, trained: nn.Module) -> None:
+    """Copy the adapters of a model trained with bottleneck.inject_adapters into slot `index`, place by place."""
+    for name, module in trained.named_modules():
+        if isinstance(module, SequentialAdapter):
+            model.get_submodule(name).adapters[index].load_state_dict(module.adapter.state_dict())
+
+
+def fusion_penalty(model: nn.Module) -> torch.Tensor:
+    """Σ ‖I − V‖²_F over the fusion layers: add λ times it to the loss (the paper's regulariser)."""
+    terms = [((module.value.weight - torch.eye(module.value.weight.shape[0], device=module.value.weight.device)) ** 2).sum()
+             for module in model.modules() if isinstance(module, Fusion)]
+    return torch.stack(terms).sum()
+
+
+# ---- arithmetic on trained modules ------------------------------------------------------------
+
+def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters a PEFT method trains (the ones left trainable by its inject function)."""
+    return {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+
+
+@torch.no_grad()
+def add_modules(models: list[nn.Module], weights: list[float] | None = None) -> nn.Module:
+    """A copy of models[0] whose method parameters are Σ_i λ_i θ_i (λ uniform by default: AdapterSoup)."""
+    weights = weights if weights is not None else [1 / len(models)] * len(models)
+    if abs(sum(weights) - 1) > 1e-6:
+        raise ValueError(f"the weights of an addition sum to 1, not {sum(weights)}")
+    combined = copy.deepcopy(models[0])
+    parameters = [method_parameters(model) for model in models]
+    for name, parameter in method_parameters(combined).items():
+        parameter.copy_(sum(weight * theta[name] for weight, theta in zip(weights, parameters)))
+    return combined
+
+
+@torch.no_grad()
+def negate(model: nn.Module) -> nn.Module:
+    """A copy whose LoRA and (IA)³ updates point the other way: B → −B, l → 2 − l."""
+    negated = copy.deepcopy(model)
+    for module in negated.modules():
+        if isinstance(module, LoRALinear):
+            module.B.neg_()
+        elif isinstance(module, IA3Linear):
+            module.l.copy_(2 - module.l)
+        elif any(parameter.requires_grad for parameter in module.parameters(recurse=False)):
+            raise ValueError(f"negation is defined for LoRA and (IA)³, not {type(module).__name__}")
+    return negated
+
+
+def demo() -> None:
+    """Fuse two task adapters for a task that mixes them; average two (IA)³ modules trained on
+    different data of one task (a soup); negate a LoRA module to unlearn its task."""
+    (x, y1), (_, y2) = toy_task(seed=1), toy_task(seed=2)  # the same inputs, two tasks
+    y_mixed = (y1 + y2) / 2
+    fused = toy_model()
+    inject_composition(fused, ["2", "4"], adapters=2, m=8, mode="fuse", activation=HOULSBY["activation"])
+    for index, y in enumerate((y1, y2)):
+        model = toy_model()
+        inject_adapters(model, ["2", "4"], m=8, **HOULSBY)
+        train(model, x, y)
+        load_adapter(fused, index, model)
+    before, after = train(fused, x, y_mixed)
+    report("AdapterFusion of two task adapters, on their mixed task", fused, before, after)
+
+    loss, held_out = nn.MSELoss(), slice(256, 512)
+    halves = []
+    for rows in (slice(0, 32), slice(32, 64)):  # few examples each: each module overfits its own
+        model = toy_model()
+        inject_ia3(model, ["0", "2", "4"])
+        train(model, x[rows], y1[rows])
+        halves.append(model)
+    with torch.no_grad():
+        alone = ", ".join(f"{loss(model(x[held_out]), y1[held_out]):.4g}" for model in halves)
+        print(f"(IA)³ modules trained on two sets of 32 examples, loss on held-out examples: {alone}; "
+              f"their average (no training): {loss(add_modules(halves)(x[held_out]), y1[held_out]):.4g}")
+
+    model = toy_model()
+    inject_lora(model, ["0", "2", "4"], r=4, alpha=8)
+    train(model, x, y1)
+    with torch.no_grad():
+        print(f"LoRA on its task: loss {loss(model(x), y1):.4g}; the base model: {loss(toy_model()(x), y1):.4g}; "
+              f"the negated module (unlearning): {loss(negate(model)(x), y1):.4g}")
+
+
+if __name__ == "__main__":
+    demo()

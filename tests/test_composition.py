@@ -1,0 +1,207 @@
+"""Fusion and stacking against their equations and against AdapterHub `adapters`; arithmetic on
+trained modules against the definitions of Zhang et al."""
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import assert_same_encoding, demo_losses, tiny_bert
+
+from reference_impls._plumbing import count_parameters
+from reference_impls.bottleneck import PFEIFFER, Adapter, inject_adapters
+from reference_impls.composition import (ComposedAdapters, Fusion, add_modules, fusion_penalty, inject_composition,
+                                         load_adapter, negate)
+from reference_impls.ia3 import inject_ia3
+from reference_impls.lora import inject_lora
+
+
+def ffn(d=21, d_ff=37):
+    return nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d))
+
+
+def net(*head):
+    """A model whose FFN is the module named "ffn" (a name no inner layer shares)."""
+    return nn.Sequential(OrderedDict(ffn=ffn(), **{f"head{i}": layer for i, layer in enumerate(head)}))
+
+
+def randomise(model, std=0.5):
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (Adapter, Fusion)):
+                for parameter in module.parameters():
+                    parameter.add_(torch.randn_like(parameter) * std)
+
+
+@pytest.mark.parametrize("mode", ["fuse", "stack"])
+def test_composition_equals_adapterhub_on_a_tiny_bert(mode):
+    """Pfeiffer adapters "a" and "b" after every FFN, fused (dynamic fusion: Q, K, V) or stacked."""
+    import adapters
+    from adapters import Fuse, SeqBnConfig, Stack
+
+    base = tiny_bert()
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    adapters.init(theirs)
+    for name in ("a", "b"):
+        theirs.add_adapter(name, config=SeqBnConfig(reduction_factor=4))
+    if mode == "fuse":
+        theirs.add_adapter_fusion(Fuse("a", "b"))
+        theirs.set_active_adapters(Fuse("a", "b"))
+    else:
+        theirs.set_active_adapters(Stack("a", "b"))
+    places = [f"encoder.layer.{i}.output" for i in range(2)]
+    inject_composition(ours, places, adapters=2, m=8, mode=mode)
+    with torch.no_grad():
+        for place in places:
+            hub, mine = theirs.get_submodule(place), ours.get_submodule(place)
+            for index, name in enumerate(("a", "b")):
+                for source, target in ((hub.adapters[name].adapter_down[0], mine.adapters[index].down),
+                                       (hub.adapters[name].adapter_up, mine.adapters[index].up)):
+                    source.weight.normal_(0, 0.2)
+                    source.bias.normal_(0, 0.2)
+                    target.load_state_dict(source.state_dict())
+            if mode == "fuse":
+                fusion = hub.adapter_fusion_layer["a,b"]
+                for layer in ("query", "key", "value"):
+                    getattr(fusion, layer).weight.normal_(0, 0.3)
+                    getattr(mine.fusion, layer).load_state_dict(getattr(fusion, layer).state_dict())
+    assert_same_encoding(ours, theirs, base)
+
+
+def test_fusion_follows_its_equation_and_trains_alone():
+    torch.manual_seed(0)
+    model = net(nn.Linear(21, 5))
+    inject_composition(model, ["ffn"], adapters=3, m=4, mode="fuse")
+    composed = model.ffn
+    assert count_parameters(model)[0] == 3 * 21 * 21 + 2 * 21  # 3d² + 2d
+    randomise(model)
+    x = torch.randn(4, 6, 21)
+    with torch.no_grad():
+        y = composed.sublayer(x)
+        z = torch.stack([adapter(y) for adapter in composed.adapters], dim=-2)  # (4, 6, 3, 21)
+        fusion = composed.fusion
+        q = y @ fusion.query.weight.T + fusion.query.bias
+        k = z @ fusion.key.weight.T + fusion.key.bias
+        s = torch.einsum("btd,btnd->btn", q, k).softmax(-1)
+        expected = y + torch.einsum("btn,btnd->btd", s, z @ fusion.value.weight.T)
+        torch.testing.assert_close(composed(x), expected)
+    model(x).sum().backward()
+    assert {name for name, p in model.named_parameters() if p.grad is not None} == {
+        "ffn.fusion.query.weight", "ffn.fusion.query.bias", "ffn.fusion.key.weight", "ffn.fusion.key.bias",
+        "ffn.fusion.value.weight"}
+
+
+def test_fusion_starts_from_the_adapters_own_outputs():
+    """V = I at the start, and the penalty ‖I − V‖² is zero there; with equal scores, the mean of the adapters."""
+    model = net()
+    inject_composition(model, ["ffn"], adapters=2, m=4, mode="fuse")
+    assert fusion_penalty(model).item() == 0
+    randomise(model)
+    composed = model.ffn
+    with torch.no_grad():
+        composed.fusion.value.weight.copy_(torch.eye(21))
+        composed.fusion.query.weight.zero_()
+        composed.fusion.query.bias.zero_()  # every score 0: equal weights
+        x = torch.randn(5, 21)
+        y = composed.sublayer(x)
+        mean = (composed.adapters[0](y) + composed.adapters[1](y)) / 2
+        torch.testing.assert_close(composed(x), y + mean)
+        composed.fusion.value.weight.add_(0.5)
+    assert fusion_penalty(model).item() == pytest.approx(0.25 * 21 * 21)
+
+
+def test_stacking_feeds_each_adapter_the_previous_output_and_trains_the_top():
+    model = net()
+    inject_composition(model, ["ffn"], adapters=2, m=4, mode="stack")
+    randomise(model)
+    composed, x = model.ffn, torch.randn(5, 21)
+    with torch.no_grad():
+        y0 = composed.sublayer(x)
+        y1 = y0 + composed.adapters[0](y0)
+        torch.testing.assert_close(composed(x), y1 + composed.adapters[1](y1))
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == [
+        "ffn.adapters.1.down.weight", "ffn.adapters.1.down.bias", "ffn.adapters.1.up.weight", "ffn.adapters.1.up.bias"]
+
+
+def test_load_adapter_copies_trained_adapters_place_by_place():
+    base = tiny_bert()
+    places = [f"encoder.layer.{i}.output" for i in range(2)]
+    trained = copy.deepcopy(base)
+    inject_adapters(trained, places, m=8, **PFEIFFER)
+    randomise(trained)
+    composed = copy.deepcopy(base)
+    inject_composition(composed, places, adapters=2, m=8, mode="stack")
+    load_adapter(composed, 1, trained)
+    for place in places:
+        for name, value in trained.get_submodule(place).adapter.state_dict().items():
+            torch.testing.assert_close(composed.get_submodule(place).adapters[1].state_dict()[name], value)
+    with pytest.raises(ValueError, match="mode"):
+        inject_composition(copy.deepcopy(base), places, adapters=2, m=8, mode="average")
+
+
+def lora_model(seed):
+    model = nn.Sequential(nn.Linear(13, 17), nn.Tanh(), nn.Linear(17, 7))
+    torch.manual_seed(seed)
+    inject_lora(model, ["0", "2"], r=3, alpha=6)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.normal_()
+    return model
+
+
+def test_addition_is_a_weighted_sum_of_the_method_parameters_only():
+    models = [lora_model(seed) for seed in (1, 2, 3)]
+    combined = add_modules(models, [0.5, 0.3, 0.2])
+    for name, parameter in combined.named_parameters():
+        if parameter.requires_grad:  # A and B, each summed on its own
+            expected = sum(w * dict(m.named_parameters())[name] for w, m in zip([0.5, 0.3, 0.2], models))
+            torch.testing.assert_close(parameter, expected)
+        else:  # the frozen base is the first model's, untouched
+            torch.testing.assert_close(parameter, dict(models[0].named_parameters())[name])
+    soup = add_modules(models[:2])  # AdapterSoup: the uniform average
+    torch.testing.assert_close(soup[0].A, (models[0][0].A + models[1][0].A) / 2)
+    with pytest.raises(ValueError, match="sum to 1"):
+        add_modules(models[:2], [0.5, 0.6])
+
+
+def test_negation_reverses_the_update():
+    model = lora_model(4)
+    negated = negate(model)
+    torch.testing.assert_close(negated[0].delta_weight(), -model[0].delta_weight())
+    torch.testing.assert_close(negated[0].A, model[0].A)  # only B changes sign
+
+    ia3 = nn.Sequential(nn.Linear(9, 11))
+    inject_ia3(ia3, ["0"])
+    with torch.no_grad():
+        ia3[0].l.normal_(1, 0.3)
+    x = torch.randn(4, 9)
+    base = ia3[0].base(x)
+    # (2 − l) h = h − (l − 1) h: the base output minus the module's update.
+    torch.testing.assert_close(negate(ia3)(x), base - (ia3(x) - base))
+
+    adapter_model = net()
+    inject_adapters(adapter_model, ["ffn"], m=4)
+    with pytest.raises(ValueError, match="negation is defined for LoRA and"):
+        negate(adapter_model)
+
+
+def test_composed_places_accept_both_kinds_of_sublayer():
+    base = tiny_bert()
+    model = copy.deepcopy(base)
+    inject_composition(model, ["encoder.layer.0.output", "encoder.layer.1.attention.output.dense"], adapters=2, m=4)
+    assert sum(isinstance(module, ComposedAdapters) for module in model.modules()) == 2
+    ids = torch.randint(0, 99, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, base(input_ids=ids).last_hidden_state)
+
+
+def test_demo_runs_and_learns(capsys):
+    from reference_impls.composition import demo
+    demo()
+    output = capsys.readouterr().out
+    (before, after), = demo_losses(output)
+    assert after < 0.5 * before
+    assert "their average (no training)" in output and "unlearning" in output
