@@ -12,7 +12,13 @@ the start o is a mix of the adapters' own outputs. Trainable parameters per plac
 
 Stacking (Pfeiffer, Vulić, Gurevych, Ruder, "MAD-X", EMNLP 2020, arXiv:2005.00052): a task adapter
 reads what a language adapter produced, y_k = y_{k−1} + A_k(read(y_{k−1})), so that the language
-adapter can be swapped at test time. (MAD-X's invertible adapters on the embeddings are not here.)
+adapter can be swapped at test time. Each language also gets an invertible adapter on the token
+embeddings, a NICE coupling (Dinh et al. 2015) of the two halves of an embedding e = [e₁, e₂]:
+
+    o₁ = e₁ + F(e₂),   o₂ = e₂ + G(o₁);        inverse:  e₂ = o₂ − G(o₁),   e₁ = o₁ − F(e₂)
+
+with F, G small bottleneck MLPs (halving the width). The inverse runs before the tied output
+embeddings, so that language-specific input and output vocabularies are both adapted.
 
 Both compose bottleneck adapters (bottleneck.py) in the same places: around any sublayer, where
 read(y) = y, or inside a post-norm Add & Norm block LN(y + r), where, as in Pfeiffer's placement,
@@ -36,11 +42,12 @@ import torch
 from torch import nn
 
 from reference_impls._plumbing import find_targets, replace_module, report, toy_model, toy_task, train
-from reference_impls.bottleneck import HOULSBY, Adapter, SequentialAdapter, inject_adapters, is_add_norm_block
+from reference_impls.bottleneck import (ACTIVATIONS, HOULSBY, Adapter, SequentialAdapter, inject_adapters,
+                                        is_add_norm_block)
 from reference_impls.ia3 import IA3Linear, inject_ia3
 from reference_impls.lora import LoRALinear, inject_lora
 
-IMPLEMENTS = ("adapterfusion", "adaptersoup", "pem-arithmetic")
+IMPLEMENTS = ("adapterfusion", "mad-x", "adaptersoup", "pem-arithmetic")
 
 
 class Fusion(nn.Module):
@@ -86,6 +93,71 @@ class ComposedAdapters(nn.Module):
         h = read(y)
         z = torch.stack([adapter(h) for adapter in self.adapters], dim=-2)
         return finish(y + self.fusion(h, z))
+
+
+class InvertibleAdapter(nn.Module):
+    """MAD-X's NICE coupling on token embeddings: exactly invertible, whatever F and G compute."""
+
+    def __init__(self, d: int, reduction: int = 2, activation: str = "relu", device=None, dtype=None):
+        super().__init__()
+        self.half = d // 2
+        factory = {"device": device, "dtype": dtype}
+
+        def mlp(width_in: int, width_out: int) -> nn.Sequential:
+            return nn.Sequential(nn.Linear(width_in, width_in // reduction, **factory), ACTIVATIONS[activation](),
+                                 nn.Linear(width_in // reduction, width_out, **factory))
+
+        self.F, self.G = mlp(d - self.half, self.half), mlp(self.half, d - self.half)
+        for net in (self.F, self.G):  # the identity at the start, like every adapter here
+            nn.init.zeros_(net[-1].weight)
+            nn.init.zeros_(net[-1].bias)
+
+    def forward(self, e: torch.Tensor) -> torch.Tensor:
+        e1, e2 = e[..., :self.half], e[..., self.half:]
+        o1 = e1 + self.F(e2)
+        return torch.cat([o1, e2 + self.G(o1)], dim=-1)
+
+    def inverse(self, o: torch.Tensor) -> torch.Tensor:
+        o1, o2 = o[..., :self.half], o[..., self.half:]
+        e2 = o2 - self.G(o1)
+        return torch.cat([o1 - self.F(e2), e2], dim=-1)
+
+
+class ThenInvertible(nn.Module):
+    """The embedding layer, then the invertible adapter."""
+
+    def __init__(self, embeddings: nn.Module, invertible: InvertibleAdapter):
+        super().__init__()
+        self.embeddings, self.invertible = embeddings, invertible
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.invertible(self.embeddings(*args, **kwargs))
+
+
+class InverseThen(nn.Module):
+    """The invertible adapter's inverse, then the output embeddings (the same adapter's parameters)."""
+
+    def __init__(self, output: nn.Module, invertible: InvertibleAdapter):
+        super().__init__()
+        self.output, self.invertible = output, invertible
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output(self.invertible.inverse(hidden))
+
+
+def inject_invertible(model: nn.Module, embeddings_name: str, output_name: str | None = None, reduction: int = 2,
+                      activation: str = "relu", trainable: bool = True) -> InvertibleAdapter:
+    """Put an invertible adapter after the named embedding module and, if output_name names the output
+    embeddings (a language-model head), its inverse before them. Trainable with the language adapter
+    (trainable=True), frozen while a task adapter is trained on top (False); the rest is left as it is."""
+    embeddings = model.get_submodule(embeddings_name)
+    weight = next(embeddings.parameters())
+    invertible = InvertibleAdapter(weight.shape[-1], reduction, activation, weight.device, weight.dtype)
+    invertible.requires_grad_(trainable)
+    replace_module(model, embeddings_name, ThenInvertible(embeddings, invertible))
+    if output_name is not None:
+        replace_module(model, output_name, InverseThen(model.get_submodule(output_name), invertible))
+    return invertible
 
 
 def inject_composition(model: nn.Module, target_names: list[str], adapters: int, m: int, mode: str = "fuse",

@@ -12,8 +12,8 @@ from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.bottleneck import PFEIFFER, Adapter, inject_adapters
-from reference_impls.composition import (ComposedAdapters, Fusion, add_modules, fusion_penalty, inject_composition,
-                                         load_adapter, negate)
+from reference_impls.composition import (ComposedAdapters, Fusion, InvertibleAdapter, add_modules, fusion_penalty,
+                                         inject_composition, inject_invertible, load_adapter, negate)
 from reference_impls.ia3 import inject_ia3
 from reference_impls.lora import inject_lora
 
@@ -33,6 +33,16 @@ def randomise(model, std=0.5):
             if isinstance(module, (Adapter, Fusion)):
                 for parameter in module.parameters():
                     parameter.add_(torch.randn_like(parameter) * std)
+
+
+def share_random_adapters(hub_place, our_place, names):
+    """Give AdapterHub's adapters `names` at one place random weights, and ours (slots 0, 1, ...) the same."""
+    for index, name in enumerate(names):
+        for source, target in ((hub_place.adapters[name].adapter_down[0], our_place.adapters[index].down),
+                               (hub_place.adapters[name].adapter_up, our_place.adapters[index].up)):
+            source.weight.normal_(0, 0.2)
+            source.bias.normal_(0, 0.2)
+            target.load_state_dict(source.state_dict())
 
 
 @pytest.mark.parametrize("mode", ["fuse", "stack"])
@@ -56,12 +66,7 @@ def test_composition_equals_adapterhub_on_a_tiny_bert(mode):
     with torch.no_grad():
         for place in places:
             hub, mine = theirs.get_submodule(place), ours.get_submodule(place)
-            for index, name in enumerate(("a", "b")):
-                for source, target in ((hub.adapters[name].adapter_down[0], mine.adapters[index].down),
-                                       (hub.adapters[name].adapter_up, mine.adapters[index].up)):
-                    source.weight.normal_(0, 0.2)
-                    source.bias.normal_(0, 0.2)
-                    target.load_state_dict(source.state_dict())
+            share_random_adapters(hub, mine, ("a", "b"))
             if mode == "fuse":
                 fusion = hub.adapter_fusion_layer["a,b"]
                 for layer in ("query", "key", "value"):
@@ -205,3 +210,65 @@ def test_demo_runs_and_learns(capsys):
     (before, after), = demo_losses(output)
     assert after < 0.5 * before
     assert "their average (no training)" in output and "unlearning" in output
+
+
+def test_mad_x_equals_adapterhub_on_a_tiny_masked_lm():
+    """Language adapter (Pfeiffer, with its invertible adapter) stacked under a task adapter, on a BERT
+    masked LM: the invertible adapter after the embeddings, its inverse before the output embeddings.
+    AdapterHub applies the inverse in its own heads only, so its side is a BertAdapterModel with a
+    masked-LM head, given the same weights as our transformers BertForMaskedLM."""
+    from adapters import BertAdapterModel, SeqBnConfig, SeqBnInvConfig, Stack
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=40)
+    torch.manual_seed(0)
+    theirs = BertAdapterModel(config).eval()
+    theirs.add_masked_lm_head("lm")
+    ours = BertForMaskedLM(config).eval()
+    ours.bert.load_state_dict(theirs.bert.state_dict(), strict=False)  # no pooler in a masked LM
+    head, predictions = theirs.heads["lm"], ours.cls.predictions
+    with torch.no_grad():
+        predictions.transform.dense.load_state_dict(head[0].state_dict())
+        predictions.transform.LayerNorm.load_state_dict(head[2].state_dict())
+        predictions.bias.copy_(head[3].bias)
+    ids = torch.randint(0, 99, (2, 9))
+    with torch.no_grad():
+        plain = ours(input_ids=ids).logits
+        torch.testing.assert_close(theirs(input_ids=ids).logits, plain)  # the same model before adapters
+
+    theirs.add_adapter("lang", config=SeqBnInvConfig(reduction_factor=4))
+    theirs.add_adapter("task", config=SeqBnConfig(reduction_factor=4))
+    theirs.set_active_adapters(Stack("lang", "task"))
+    places = [f"encoder.layer.{i}.output" for i in range(2)]
+    inject_composition(ours, [f"bert.{place}" for place in places], adapters=2, m=8, mode="stack")
+    invertible = inject_invertible(ours, "bert.embeddings", "cls.predictions.decoder", trainable=False)
+    with torch.no_grad():
+        for place in places:
+            share_random_adapters(theirs.bert.get_submodule(place), ours.bert.get_submodule(place), ("lang", "task"))
+        hub_invertible = theirs.bert.invertible_adapters["lang"]
+        for net in ("F", "G"):
+            for layer in (0, 2):
+                source, target = getattr(hub_invertible, net)[layer], getattr(invertible, net)[layer]
+                source.weight.normal_(0, 0.3)
+                source.bias.normal_(0, 0.3)
+                target.load_state_dict(source.state_dict())
+        expected, got = theirs(input_ids=ids).logits, ours(input_ids=ids).logits
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert [name for name, p in ours.named_parameters() if p.requires_grad][0].endswith("adapters.1.down.weight")
+
+
+def test_invertible_adapter_inverts_and_starts_as_the_identity():
+    invertible = InvertibleAdapter(15)  # odd width: halves of 7 and 8
+    e = torch.randn(3, 4, 15, dtype=torch.float64)
+    invertible.double()
+    torch.testing.assert_close(invertible(e), e)
+    with torch.no_grad():
+        for parameter in invertible.parameters():
+            parameter.normal_()
+    o = invertible(e)
+    assert (o - e).abs().max() > 1e-1
+    torch.testing.assert_close(invertible.inverse(o), e)
+    torch.testing.assert_close(invertible(invertible.inverse(e)), e)
+    assert sum(p.numel() for p in invertible.parameters()) == (8 * 4 + 4 + 4 * 7 + 7) + (7 * 3 + 3 + 3 * 8 + 8)
