@@ -92,3 +92,13 @@ def report(name: str, model: nn.Module, before: float, after: float) -> None:
     trainable, total = count_parameters(model)
     print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
     print(f"loss on the new task: {before:.4g} before, {after:.4g} after training")
+
+
+def report_merge(model: nn.Module, x: torch.Tensor, merge) -> float:
+    """Merge the method into the weights (merge(model)) and print how much the output moved."""
+    with torch.no_grad():
+        unmerged = model(x)
+        merge(model)
+        change = (model(x) - unmerged).abs().max().item()
+    print(f"  merged into the weights: max output change {change:.2e}")
+    return change

@@ -112,7 +112,8 @@ class ParallelAdapter(SequentialAdapter):
 
 def is_add_norm_block(module: nn.Module) -> bool:
     """A post-norm output block, LN(dropout(dense(h)) + r): BERT's SelfOutput and Output, RoBERTa's, ..."""
-    return (isinstance(getattr(module, "dense", None), nn.Linear) and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
+    return (isinstance(getattr(module, "dense", None), nn.Linear)
+            and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
             and isinstance(getattr(module, "dropout", None), nn.Module))
 
 
@@ -162,16 +163,15 @@ def inject_adapters(model: nn.Module, target_names: list[str], m: int = 64, plac
     for name in targets:
         sublayer = model.get_submodule(name)
         weight = next(sublayer.parameters())
-        if is_add_norm_block(sublayer):
-            adapter = Adapter(sublayer.dense.out_features, m, activation, scale, layer_norm, weight.device, weight.dtype)
-            wrapped = AddNormAdapter(sublayer, adapter, placement, track)
-        elif placement == "after_norm":
+        if placement == "after_norm" and not is_add_norm_block(sublayer):
             raise ValueError(f"{name}: placement 'after_norm' needs a post-norm output block with dense, dropout and "
                              f"LayerNorm (as BERT's SelfOutput and Output), not {type(sublayer).__name__}")
+        d = sublayer.dense.out_features if is_add_norm_block(sublayer) else _width(sublayer, placement)
+        adapter = Adapter(d, m, activation, scale, layer_norm, weight.device, weight.dtype)
+        if is_add_norm_block(sublayer):
+            wrapped = AddNormAdapter(sublayer, adapter, placement, track)
         else:
-            adapter = Adapter(_width(sublayer, placement), m, activation, scale, layer_norm, weight.device, weight.dtype)
-            wrapper = SequentialAdapter if placement == "sequential" else ParallelAdapter
-            wrapped = wrapper(sublayer, adapter, track)
+            wrapped = (SequentialAdapter if placement == "sequential" else ParallelAdapter)(sublayer, adapter, track)
         replace_module(model, name, wrapped)
     freeze_all_but(model, Adapter, ("down", "up", "norm"))
     return targets

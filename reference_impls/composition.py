@@ -192,8 +192,8 @@ def load_adapter(model: nn.Module, index: int, trained: nn.Module) -> None:
 
 def fusion_penalty(model: nn.Module) -> torch.Tensor:
     """Σ ‖I − V‖²_F over the fusion layers: add λ times it to the loss (the paper's regulariser)."""
-    terms = [((module.value.weight - torch.eye(module.value.weight.shape[0], device=module.value.weight.device)) ** 2).sum()
-             for module in model.modules() if isinstance(module, Fusion)]
+    values = [module.value.weight for module in model.modules() if isinstance(module, Fusion)]
+    terms = [((value - torch.eye(value.shape[0], device=value.device, dtype=value.dtype)) ** 2).sum() for value in values]
     return torch.stack(terms).sum()
 
 

@@ -22,8 +22,8 @@ Trainable parameters per block: d_k + d_v + d_ff (2·d_model + d_ff for standard
 import torch
 from torch import nn
 
-from reference_impls._plumbing import (find_targets, freeze_all_but, replace_module, report, set_merged, toy_model,
-                                       toy_task, train)
+from reference_impls._plumbing import (find_targets, freeze_all_but, replace_module, report, report_merge, set_merged,
+                                       toy_model, toy_task, train)
 
 IMPLEMENTS = ("ia3",)
 
@@ -102,10 +102,7 @@ def demo() -> None:
     inject_ia3(model, ["2", "4"], feedforward_names=["2"])
     before, after = train(model, x, y, lr=3e-2)
     report("(IA)³ on 2 layers", model, before, after)
-    with torch.no_grad():
-        unmerged = model(x)
-        merge_ia3(model)
-        print(f"  merged into the weights: max output change {(model(x) - unmerged).abs().max().item():.2e}")
+    report_merge(model, x, merge_ia3)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 from reference_impls._plumbing import (count_parameters, find_targets, freeze_all_but, replace_module, report,
-                                       set_merged, toy_model, toy_task, train)
+                                       report_merge, set_merged, toy_model, toy_task, train)
 from reference_impls.kernels.dora import fused_dora
 from reference_impls.kernels.fused_lora import fused_lora, kernel_takes
 
@@ -349,10 +349,7 @@ def demo() -> None:
         inject(model)
         before, after = train(model, x, y, lr=lr)
         report(name, model, before, after)
-        with torch.no_grad():
-            unmerged = model(x)
-            merge_lora(model)
-            print(f"  merged into the weights: max output change {(model(x) - unmerged).abs().max().item():.2e}")
+        report_merge(model, x, merge_lora)
     assert count_parameters(model)[0] == 3 * 4 * (64 + 64 + 1)  # AdaLoRA: r (d_in + d_out + 1) per layer
 
 
