@@ -1,0 +1,115 @@
+"""HyperFormer++ against its equations and its parameter-count formula."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from helpers import demo_losses
+
+from reference_impls._plumbing import count_parameters
+from reference_impls.hypernetwork import HyperAdapter, HyperNetwork, inject_hyperformer, use_task
+
+D = 13
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.ffn = nn.Linear(D, D), nn.Sequential(nn.Linear(D, 29), nn.GELU(), nn.Linear(29, D))
+
+    def forward(self, x):
+        x = x + self.attn(x)
+        return x + self.ffn(x)
+
+
+def model_of(layers=3):
+    torch.manual_seed(0)
+    return nn.Sequential(*[Block() for _ in range(layers)])
+
+
+def randomise(hypernetwork):
+    with torch.no_grad():
+        for parameter in hypernetwork.parameters():
+            parameter.normal_(0, 0.3)
+
+
+def test_places_and_layers_come_from_the_target_names():
+    model = model_of()
+    inject_hyperformer(model, ["attn", "ffn"], tasks=2, m=3, t=4, hidden=6, t_projected=5)
+    adapters = {name: (module.layer, module.place) for name, module in model.named_modules()
+                if isinstance(module, HyperAdapter)}
+    assert adapters == {f"{i}.{name}": (i, place) for i in range(3) for place, name in enumerate(["attn", "ffn"])}
+    hypernetworks = {id(module) for module in model.modules() if isinstance(module, HyperNetwork)}
+    assert len(hypernetworks) == 1  # one, shared by all six places
+
+
+def test_parameter_count_is_the_papers_formula_and_does_not_grow_with_layers():
+    T, t, k, tp, m = 3, 4, 6, 5, 3
+    formula = (T * t + (3 + 2) * t + (3 * t * k + k) + (k * tp + tp) + 2 * tp + 2 * (tp * D * m + D * m)
+               + (tp * m + m) + (tp * D + D) + 2 * (tp * D + D))
+    for layers in (3, 5):
+        model = model_of(layers)
+        inject_hyperformer(model, ["attn", "ffn"], tasks=T, m=m, t=t, hidden=k, t_projected=tp)
+        assert count_parameters(model)[0] == formula + (2 * t if layers == 5 else 0)  # + a layer embedding each
+
+
+def test_each_adapter_follows_the_equations():
+    model = model_of()
+    hypernetwork = inject_hyperformer(model, ["attn", "ffn"], tasks=2, m=3, t=4, hidden=6, t_projected=5)
+    randomise(hypernetwork)
+    adapter, x = model[2].ffn, torch.randn(2, 7, D)
+    with torch.no_grad():
+        project = hypernetwork.project
+        joined = torch.cat([hypernetwork.tasks.weight[1], hypernetwork.layers.weight[2], hypernetwork.places.weight[1]])
+        hidden = torch.relu(joined @ project[0].weight.T + project[0].bias)
+        I = F.layer_norm(hidden @ project[2].weight.T + project[2].bias, (5,), project[3].weight, project[3].bias)
+
+        def generated(linear, *shape):
+            return (linear.weight @ I + linear.bias).view(*shape)
+
+        D_, U_ = generated(hypernetwork.down, 3, D), generated(hypernetwork.up, D, 3)
+        h = adapter.sublayer(x)
+        a = torch.nn.functional.gelu(h @ D_.T + generated(hypernetwork.down_bias, 3)) @ U_.T + generated(hypernetwork.up_bias, D)
+        mean, var = a.mean(-1, keepdim=True), a.var(-1, unbiased=False, keepdim=True)
+        expected = h + (a - mean) / torch.sqrt(var + 1e-5) * generated(hypernetwork.norm_weight, D) \
+            + generated(hypernetwork.norm_bias, D)
+        with use_task(model, 1):
+            torch.testing.assert_close(adapter(x), expected)
+
+
+def test_tasks_differ_only_the_hypernetwork_trains_and_a_task_must_be_named():
+    model = model_of()
+    hypernetwork = inject_hyperformer(model, ["attn", "ffn"], tasks=2, m=3, t=4, hidden=6, t_projected=5)
+    randomise(hypernetwork)
+    x = torch.randn(4, D)
+    with use_task(model, 0):
+        first = model(x)
+    with use_task(model, 1):
+        second = model(x)
+    assert (first - second).abs().max() > 1e-3
+    second.sum().backward()
+    assert {name.split(".")[-2] for name, p in model.named_parameters() if p.grad is not None} >= {"down", "up", "tasks"}
+    assert all(p.grad is None for name, p in model.named_parameters() if "sublayer" in name)
+    with pytest.raises(ValueError, match="use_task"):
+        model(x)  # outside the block, no task is set
+
+
+def test_state_dict_round_trip():
+    model = model_of()
+    randomise(inject_hyperformer(model, ["attn", "ffn"], tasks=2, m=3, t=4, hidden=6, t_projected=5))
+    fresh = model_of()
+    inject_hyperformer(fresh, ["attn", "ffn"], tasks=2, m=3, t=4, hidden=6, t_projected=5)
+    fresh.load_state_dict(copy.deepcopy(model.state_dict()))
+    x = torch.randn(3, D)
+    with torch.no_grad(), use_task(model, 1), use_task(fresh, 1):
+        torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_demo_runs_and_learns_both_tasks(capsys):
+    from reference_impls.hypernetwork import demo
+    demo()
+    losses = demo_losses(capsys.readouterr().out)
+    assert len(losses) == 2 and all(after < 0.8 * before for before, after in losses)
