@@ -5,6 +5,8 @@ every demo trains on.
 Kept out of the method modules so that each of those reads like its paper.
 """
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -43,6 +45,20 @@ def set_merged(model: nn.Module, kinds: type | tuple[type, ...], merged: bool) -
     for module in model.modules():
         if isinstance(module, kinds):
             module.merge() if merged else module.unmerge()
+
+
+@contextmanager
+def setting(model: nn.Module, kind: type, attribute: str, value):
+    """For the duration of the block, `attribute` of every `kind` module of the model is `value`
+    (then None): how a batch tells its layers which task or adapter each row uses."""
+    modules = [module for module in model.modules() if isinstance(module, kind)]
+    for module in modules:
+        setattr(module, attribute, value)
+    try:
+        yield model
+    finally:
+        for module in modules:
+            setattr(module, attribute, None)
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -18,14 +18,13 @@ with k the MLP's hidden width. As in the authors' code, generators start at N(0,
 so adapters start close to, not exactly at, the identity.
 """
 
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from reference_impls._plumbing import find_targets, replace_module, toy_model, toy_task
+from reference_impls._plumbing import find_targets, replace_module, setting, toy_model, toy_task
 
 IMPLEMENTS = ("hyperformer",)
 
@@ -109,15 +108,9 @@ def inject_hyperformer(model: nn.Module, target_names: list[str], tasks: int, m:
     return hypernetwork
 
 
-@contextmanager
 def use_task(model: nn.Module, task: int):
-    """Within the block, the model's generated adapters are those of `task`."""
-    hypernetwork = next(module for module in model.modules() if isinstance(module, HyperNetwork))
-    hypernetwork.task = task
-    try:
-        yield model
-    finally:
-        hypernetwork.task = None
+    """`with use_task(model, task):` the model's generated adapters are those of `task`."""
+    return setting(model, HyperNetwork, "task", task)
 
 
 def use_task_and_run(model: nn.Module, task: int, x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,6 @@ layers adapter slots, `load_lora` fills a slot from a model trained with `lora.i
 `route(model, adapter_of_row)` says which adapter each request of the next batch uses.
 """
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from reference_impls._plumbing import find_targets, replace_module, report, toy_model, toy_task, train
+from reference_impls._plumbing import find_targets, replace_module, report, setting, toy_model, toy_task, train
 from reference_impls.kernels.fused_lora import dot_precision, use_kernel
 
 IMPLEMENTS = ("punica",)
@@ -321,17 +320,9 @@ def load_lora(served: nn.Module, index: int, trained: nn.Module) -> None:
             slot.load_adapter(index, layer.A, layer.B)
 
 
-@contextmanager
 def route(model: nn.Module, adapter_of_row: torch.Tensor):
-    """Within the block, every MultiLoRALinear of the model reads the batch's adapter indices."""
-    layers = [module for module in model.modules() if isinstance(module, MultiLoRALinear)]
-    for layer in layers:
-        layer.adapter_of_row = adapter_of_row
-    try:
-        yield model
-    finally:
-        for layer in layers:
-            layer.adapter_of_row = None
+    """`with route(model, adapter_of_row):` every MultiLoRALinear reads the batch's adapter indices."""
+    return setting(model, MultiLoRALinear, "adapter_of_row", adapter_of_row)
 
 
 def demo() -> None:

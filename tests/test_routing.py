@@ -1,0 +1,136 @@
+"""Polytropon and MHR against HF PEFT's Poly; MoV and AdaMix against their equations."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from helpers import demo_losses
+
+from reference_impls._plumbing import count_parameters
+from reference_impls.routing import (AdaMixAdapter, MoVLinear, consistency_loss, inject_adamix, inject_mov, inject_poly,
+                                     use_tasks)
+
+
+class Net(nn.Module):
+    """Two odd-width layers that read (batch, tokens, features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.o = nn.Linear(12, 18), nn.Linear(18, 6)
+
+    def forward(self, x):
+        return self.o(torch.tanh(self.q(x)))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("training", [False, True])
+def test_poly_equals_peft(heads, training):
+    """The same skills, logits and random numbers give PEFT's output, in evaluation (sigmoid) and in
+    training (relaxed Bernoulli samples) mode."""
+    from peft import PolyConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = Net()
+    theirs = get_peft_model(copy.deepcopy(base), PolyConfig(r=3, n_tasks=4, n_skills=5, n_splits=heads,
+                                                            target_modules=["q", "o"]))
+    ours = copy.deepcopy(base)
+    inject_poly(ours, ["q", "o"], tasks=4, skills=5, r=3, heads=heads)
+    with torch.no_grad():
+        for name in ("q", "o"):
+            hub, mine = theirs.base_model.model.get_submodule(name), ours.get_submodule(name)
+            for parameter in (hub.poly_lora_A["default"], hub.poly_lora_B["default"],
+                              hub.poly_router["default"].module_logits):
+                parameter.normal_()
+            mine.A.copy_(hub.poly_lora_A["default"])
+            mine.B.copy_(hub.poly_lora_B["default"])
+            mine.logits.copy_(hub.poly_router["default"].module_logits.view(4, heads, 5))
+    theirs.train(training)
+    ours.train(training)
+    x, task_ids = torch.randn(3, 7, 12), torch.tensor([2, 0, 3])
+    with torch.no_grad():
+        torch.manual_seed(1)
+        expected = theirs.base_model(x, task_ids=task_ids)
+        torch.manual_seed(1)
+        with use_tasks(ours, task_ids):
+            got = ours(x)
+    assert (expected - base(x)).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected)
+
+
+def test_poly_counts_starts_as_the_base_model_and_needs_tasks():
+    torch.manual_seed(0)
+    base = Net()
+    model = copy.deepcopy(base)
+    inject_poly(model, ["q", "o"], tasks=4, skills=5, r=3, heads=2)
+    S, r, T, H = 5, 3, 4, 2
+    assert count_parameters(model)[0] == S * r * (12 + 18) + T * H * S + S * r * (18 + 6) + T * H * S
+    x = torch.randn(2, 3, 12)
+    with torch.no_grad(), use_tasks(model, torch.tensor([1, 3])):
+        torch.testing.assert_close(model(x), base(x))
+    with pytest.raises(ValueError, match="use_tasks"):
+        model(x)
+    with pytest.raises(ValueError, match="must divide"):
+        inject_poly(Net(), ["q"], tasks=2, skills=2, heads=5)
+
+
+def test_mov_mixes_ia3_vectors_per_token():
+    torch.manual_seed(0)
+    base = Net()
+    model = copy.deepcopy(base)
+    inject_mov(model, ["q"], experts=3)
+    x = torch.randn(2, 5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x))  # every vector 1, and the router's weights sum to 1
+    layer = model.q
+    with torch.no_grad():
+        layer.vectors.normal_(1, 0.5)
+        layer.router.weight.normal_()
+        s = torch.softmax(x @ layer.router.weight.T, dim=-1)  # (2, 5, 3): a mix per token
+        expected = torch.einsum("bte,en->btn", s, layer.vectors) * base.q(x)
+        torch.testing.assert_close(layer(x), expected)
+    assert count_parameters(model)[0] == 3 * 18 + 3 * 12  # E·N + E·K
+    model(x).sum().backward()
+    assert {name for name, p in model.named_parameters() if p.grad is not None} == {"q.router.weight", "q.vectors"}
+    assert isinstance(model.q, MoVLinear)
+
+
+def test_adamix_routes_to_one_copy_while_training_and_averages_them_after():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10))
+    inject_adamix(model, ["0"], m=4, copies=3)
+    adapter = model[0]
+    assert isinstance(adapter, AdaMixAdapter)
+    assert count_parameters(model)[0] == 3 * (10 * 4 + 4) + (4 * 10 + 10)
+    x = torch.randn(6, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), adapter.sublayer(x))  # U = 0 at the start
+        for parameter in adapter.parameters():
+            parameter.normal_()
+        h = adapter.sublayer(x)
+        candidates = [h + adapter.up(F.gelu(down(h))) for down in adapter.downs]
+        for _ in range(10):
+            out = model.train()(x)
+            assert any(torch.allclose(out, candidate) for candidate in candidates)
+        merged_down = nn.Linear(10, 4)
+        merged_down.weight.copy_(sum(down.weight for down in adapter.downs) / 3)
+        merged_down.bias.copy_(sum(down.bias for down in adapter.downs) / 3)
+        torch.testing.assert_close(model.eval()(x), h + adapter.up(F.gelu(merged_down(h))))
+
+
+def test_consistency_loss_is_a_symmetric_kl():
+    p, q = torch.randn(5, 4), torch.randn(5, 4)
+    assert consistency_loss(p, p).item() == pytest.approx(0, abs=1e-7)
+    assert consistency_loss(p, q).item() == pytest.approx(consistency_loss(q, p).item())
+    P, Q = p.softmax(-1), q.softmax(-1)
+    kl = lambda a, b: (a * (a / b).log()).sum(-1).mean()  # noqa: E731
+    assert consistency_loss(p, q).item() == pytest.approx(((kl(P, Q) + kl(Q, P)) / 2).item(), rel=1e-5)
+
+
+def test_demo_runs_and_learns(capsys):
+    from reference_impls.routing import demo
+    demo()
+    losses = demo_losses(capsys.readouterr().out)
+    assert len(losses) == 3 and all(after < 0.8 * before for before, after in losses)
