@@ -1,29 +1,29 @@
 """Routing among several small modules: skills per task (Polytropon, MHR), experts per token (MoV),
 and a random expert per step that is averaged away at the end (AdaMix).
 
-Ponti, Sordoni, Bengio, Reddy. "Combining Modular Skills in Multitask Learning." EACL 2023.
-arXiv:2202.13914 (Polytropon). An inventory of S LoRA "skills" (A_s, B_s) per layer, and for every task
-τ a learned allocation: logits θ_τs turned into weights z_τs by a Gumbel-sigmoid (a relaxed Bernoulli
-sample, temperature 1) while training and a sigmoid at test time, normalised over the skills:
+Ponti, Sordoni, Reddy. "Combining Modular Skills in Multitask Learning." 2022. arXiv:2202.13914
+(Polytropon). An inventory of S LoRA "skills" (A_s, B_s) per layer, and for every task τ a learned
+allocation: logits θ_τs turned into weights z_τs by a Gumbel-sigmoid (a relaxed Bernoulli sample,
+temperature 1) while training and a sigmoid at test time, normalised over the skills:
 
     w_τs = z_τs / Σ_s' z_τs',    A_τ = Σ_s w_τs A_s,    B_τ = Σ_s w_τs B_s,    y = x W₀ᵀ + (1/r) x A_τ B_τ
 
-with A_s ∈ ℝ^{K×r}, B_s ∈ ℝ^{r×N}. Caccia, Ponti, Su, Pereira, Le Roux, Sordoni. "Multi-Head Adapter
-Routing for Cross-Task Generalization." NeurIPS 2023. arXiv:2211.03831 (MHR) cuts A's rows and B's
-columns into H heads that each mix the skills with their own weights (H = 1 is Polytropon).
+with A_s ∈ ℝ^{K×r}, B_s ∈ ℝ^{r×N}. Caccia, Ponti, Liu, Pereira, Le Roux, Sordoni. "Multi-Head Adapter
+Routing for Data-Efficient Fine-Tuning." 2022. arXiv:2211.03831 (MHR): A's rows and B's columns are
+cut into H heads that each mix the skills with their own weights (H = 1 is Polytropon).
 Trainable: layers · (S·r·(K + N) + T·H·S).
 
 Zadouri, Üstün, Ahmadian, Ermiş, Locatelli, Hooker. "Pushing Mixture of Experts to the Limit:
-Extremely Parameter Efficient MoE for Instruction Tuning." ICLR 2024. arXiv:2309.05444 (MoV). E (IA)³
+Extremely Parameter Efficient MoE for Instruction Tuning." 2023. arXiv:2309.05444 (MoV). E (IA)³
 vectors l_e per layer and a router that mixes them for every token x (soft merging, no top-k):
 
     s = softmax(W_g x),     h = (Σ_e s_e l_e) ⊙ W₀ x          trainable per layer: E·N + E·K
 
-Wang, Agarwal, Mukherjee, Liu, Gao, Awadallah, Gao. "AdaMix: Mixture-of-Adaptations for
-Parameter-efficient Model Tuning." EMNLP 2022. arXiv:2205.12410. A bottleneck adapter with M copies
-of its down-projection (the up-projection shared, as in the authors' runs); each training step routes
-through one copy drawn at random, a consistency loss makes two such passes agree, and at the end the
-copies are averaged into one adapter, so inference costs what a single adapter costs:
+Wang et al. "AdaMix: Mixture-of-Adaptations for Parameter-efficient Model Tuning." EMNLP 2022.
+arXiv:2205.12410. A bottleneck adapter with M copies of its down-projection (the up-projection
+shared, as in the authors' runs); each training step routes through one copy drawn at random, a
+consistency loss makes two such passes agree, and at the end the copies are averaged into one
+adapter, so inference costs what a single adapter costs:
 
     training:  h + U f(D_k h),  k ~ Uniform{1..M};       inference:  h + U f(D̄ h),  D̄ = (1/M) Σ_k D_k
 """
