@@ -100,7 +100,8 @@ def inject_hyperformer(model: nn.Module, target_names: list[str], tasks: int, m:
     layer_of = {name: sum(place_of[other] == place_of[name] for other in targets[:i]) for i, name in enumerate(targets)}
     d = [module for module in model.get_submodule(targets[0]).modules() if isinstance(module, nn.Linear)][-1].out_features
     hypernetwork = HyperNetwork(d, m, tasks, max(layer_of.values()) + 1, len(target_names), t, hidden, t_projected)
-    hypernetwork.to(next(model.parameters()).device)
+    weight = next(model.parameters())
+    hypernetwork.to(device=weight.device, dtype=weight.dtype)
     for name in targets:
         replace_module(model, name, HyperAdapter(model.get_submodule(name), hypernetwork, layer_of[name], place_of[name]))
     model.requires_grad_(False)

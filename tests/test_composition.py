@@ -272,3 +272,18 @@ def test_invertible_adapter_inverts_and_starts_as_the_identity():
     torch.testing.assert_close(invertible.inverse(o), e)
     torch.testing.assert_close(invertible(invertible.inverse(e)), e)
     assert sum(p.numel() for p in invertible.parameters()) == (8 * 4 + 4 + 4 * 7 + 7) + (7 * 3 + 3 + 3 * 8 + 8)
+
+
+@pytest.mark.parametrize("mode", ["fuse", "stack"])
+def test_bfloat16_compositions(mode):
+    model = net().to(torch.bfloat16)
+    inject_composition(model, ["ffn"], adapters=2, m=4, mode=mode)
+    randomise(model, std=0.1)
+    y = model(torch.randn(3, 21, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    if mode == "fuse":
+        assert fusion_penalty(model).dtype == torch.bfloat16
+    invertible = InvertibleAdapter(21).to(torch.bfloat16)
+    e = torch.randn(3, 21, dtype=torch.bfloat16)
+    torch.testing.assert_close(invertible.inverse(invertible(e)), e)

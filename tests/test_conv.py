@@ -120,3 +120,13 @@ def test_demo_runs_and_learns(capsys):
     losses = demo_losses(output)
     assert len(losses) == 2 and all(after < 0.8 * before for before, after in losses)
     assert float(output.rsplit(" ", 1)[-1]) < 1e-5
+
+
+@pytest.mark.parametrize("placement", ["series", "parallel"])
+def test_bfloat16(placement):
+    model = net().to(torch.bfloat16)
+    inject_residual_adapters(model, ["0", "3"], placement=placement)
+    y = model(torch.randn(2, 3, 9, 13, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

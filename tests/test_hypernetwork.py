@@ -113,3 +113,14 @@ def test_demo_runs_and_learns_both_tasks(capsys):
     demo()
     losses = demo_losses(capsys.readouterr().out)
     assert len(losses) == 2 and all(after < 0.8 * before for before, after in losses)
+
+
+def test_bfloat16_model_gets_a_bfloat16_hypernetwork():
+    model = model_of().to(torch.bfloat16)
+    hypernetwork = inject_hyperformer(model, ["attn", "ffn"], tasks=2, m=3, t=4, hidden=6, t_projected=5)
+    assert {p.dtype for p in hypernetwork.parameters()} == {torch.bfloat16}
+    with use_task(model, 1):
+        y = model(torch.randn(3, D, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert hypernetwork.down.weight.grad is not None

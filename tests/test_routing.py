@@ -134,3 +134,17 @@ def test_demo_runs_and_learns(capsys):
     demo()
     losses = demo_losses(capsys.readouterr().out)
     assert len(losses) == 3 and all(after < 0.8 * before for before, after in losses)
+
+
+@pytest.mark.parametrize("inject", [lambda m: inject_poly(m, ["q", "o"], tasks=2, skills=3, r=2, heads=2),
+                                    lambda m: inject_mov(m, ["q", "o"], experts=3),
+                                    lambda m: inject_adamix(m, ["q"], m=4, copies=2)])
+def test_bfloat16_in_training_and_evaluation(inject):
+    model = Net().to(torch.bfloat16)
+    inject(model)
+    x = torch.randn(2, 5, 12, dtype=torch.bfloat16)
+    with use_tasks(model, torch.tensor([0, 1])):
+        y = model.train()(x)
+        y.float().sum().backward()
+        assert y.dtype == model.eval()(x).dtype == torch.bfloat16
+    assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
