@@ -62,7 +62,7 @@ class PolyLoRALinear(nn.Module):
     def skill_weights(self, task_ids: torch.Tensor) -> torch.Tensor:
         """w (batch, H, S): a relaxed Bernoulli sample while training, the sigmoid otherwise, normalised."""
         logits = self.logits[task_ids]
-        z = RelaxedBernoulli(temperature=torch.tensor(1.0), logits=logits).rsample() if self.training else logits.sigmoid()
+        z = RelaxedBernoulli(temperature=1.0, logits=logits).rsample() if self.training else logits.sigmoid()
         return z / (z.sum(dim=-1, keepdim=True) + 1e-12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
