@@ -1,0 +1,95 @@
+"""Ladder side-tuning against its equations and parameter count; no gradient through the backbone."""
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import demo_losses, tiny_bert
+
+from reference_impls._plumbing import count_parameters
+from reference_impls.side import LadderSideNetwork, ladder_side_tuning
+
+D = 21
+
+
+def backbone(layers=3):
+    torch.manual_seed(0)
+    return [nn.Sequential(nn.Linear(D, D), nn.Tanh()) for _ in range(layers)], nn.Linear(D, 4)
+
+
+def randomise(model):
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.normal_(0, 0.3)
+
+
+def test_side_network_follows_the_equations():
+    blocks, head = backbone()
+    model = ladder_side_tuning(blocks, d=D, reduction=4, head=head)  # d_s = 5
+    randomise(model)
+    x = torch.randn(6, D)
+    with torch.no_grad():
+        s = model.first_down(x)
+        h = x
+        for i in range(3):
+            h = blocks[i](h)
+            mu = torch.sigmoid(model.gates[i] / 0.1)
+            s = model.side_blocks[i](mu * s + (1 - mu) * model.downs[i](h))
+        expected = head(model.up(nn.functional.layer_norm(s, (5,), model.norm.weight, model.norm.bias)))
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_parameter_count():
+    blocks, head = backbone(layers=3)
+    model = ladder_side_tuning(blocks, d=D, reduction=4, head=head)
+    d, ds, L = D, 5, 3
+    side_blocks = L * (ds * ds + ds)
+    assert count_parameters(model)[0] == (d * ds + ds) + L * (d * ds + ds) + L + side_blocks + 2 * ds + (ds * d + d)
+
+
+def test_nothing_flows_through_the_backbone():
+    blocks, head = backbone()
+    model = ladder_side_tuning(blocks, d=D, reduction=4, head=head)
+    x = torch.randn(6, D)
+    states = model.backbone_states(x)
+    assert all(state.grad_fn is None and not state.requires_grad for state in states)  # nothing kept for backward
+    model(x).sum().backward()
+    assert all(p.grad is None for block in blocks for p in block.parameters())
+    assert all(p.grad is None for p in head.parameters())  # frozen, though the gradient passes through it
+    assert model.gates.grad is not None and model.first_down.weight.grad is not None
+
+
+def test_transformer_layers_as_the_backbone():
+    bert = tiny_bert()
+    model = ladder_side_tuning(list(bert.encoder.layer), d=32, reduction=4)
+    ids = torch.randint(0, 99, (2, 7))
+    with torch.no_grad():  # the embeddings belong to the frozen backbone too
+        embeddings = bert.embeddings(input_ids=ids)
+    out = model(embeddings)
+    assert out.shape == (2, 7, 32)
+    out.sum().backward()
+    assert all(p.grad is None for p in bert.parameters())
+
+
+def test_one_side_block_per_backbone_block():
+    blocks, _ = backbone(2)
+    with pytest.raises(ValueError, match="one side block per backbone block"):
+        LadderSideNetwork(blocks, [nn.Identity()], D, 5)
+
+
+def test_demo_runs_and_learns(capsys):
+    from reference_impls.side import demo
+    demo()
+    (before, after), = demo_losses(capsys.readouterr().out)
+    assert after < 0.2 * before
+
+
+def test_bfloat16_backbone_gets_a_bfloat16_side_network():
+    blocks, head = backbone()
+    model = ladder_side_tuning([block.to(torch.bfloat16) for block in blocks], d=D, reduction=4,
+                               head=head.to(torch.bfloat16))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    out = model(torch.randn(3, D, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
