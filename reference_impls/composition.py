@@ -26,7 +26,7 @@ read(y) = LN(y + r) and the block's LayerNorm is applied once more at the end.
 
 Arithmetic on the weights of trained modules makes a new module without training:
 - Chronopoulou, Peters, Fraser, Dodge. "AdapterSoup: Weight Averaging to Improve Generalization of
-  Pretrained Language Models." Findings of EACL 2023. arXiv:2302.07027: the uniform average of the
+  Pretrained Language Models." Findings of EACL 2023 (2023.findings-eacl.153): the uniform average of the
   adapters of related domains (the paper picks them by text similarity or clustering; not here).
 - Zhang, Chen, Liu, He. "Composing Parameter-Efficient Modules with Arithmetic Operations."
   NeurIPS 2023. arXiv:2306.14870: addition θ = Σ_i λ_i θ_i (Σ λ_i = 1), parameter by parameter,

@@ -1,7 +1,8 @@
-"""Adapters whose weights a shared hypernetwork generates from task and layer embeddings (HyperFormer++).
+"""Adapters whose weights are generated: from task and layer embeddings (HyperFormer++), or from a
+language's typological features (UDapter).
 
 Karimi Mahabadi, Ruder, Dehghani, Henderson. "Parameter-efficient Multi-task Fine-tuning for
-Transformers via Shared Hypernetworks." ACL 2021. arXiv:2106.04489. One frozen model learns many
+Transformers via Shared Hypernetworks." ACL 2021 (2021.acl-long.47). One frozen model learns many
 tasks at once. Instead of one adapter per task and place, a single hypernetwork makes every adapter's
 weights from three learned embeddings (width t): the task's z_τ, the layer's l_i and the place's
 p_j (after attention or after the FFN), joined and projected by a small MLP:
@@ -16,6 +17,20 @@ The trainable parameters do not grow with the number of layers or places, only b
 T·t + (L + P)·t + (3t·k + k) + (k·t' + t') + 2t' + 2·(t'·d·m + d·m) + (t'·m + m) + (t'·d + d) + 2·(t'·d + d),
 with k the MLP's hidden width. As in the authors' code, generators start at N(0, 0.01²) with zero bias,
 so adapters start close to, not exactly at, the identity.
+
+Üstün, Bisazza, Bouma, van Noord. "UDapter: Language Adaptation for Truly Universal Dependency
+Parsing." EMNLP 2020 (ACL Anthology 2020.emnlp-main.180). One multilingual model with "contextual
+parameter generation": each adapter's weights are a linear function of a language embedding e
+(width k), itself computed from the language's typological feature vector v (lang2vec: syntax,
+phonology, phoneme inventory), so that a language never seen in training gets adapters from its
+features alone:
+
+    e = W₂ ReLU(W₁ v + b₁) + b₂,     D = Σ_j e_j 𝐃_j,  b_D = Σ_j e_j 𝐛_j,  U = Σ_j e_j 𝐔_j,  b_U = Σ_j e_j 𝐜_j
+    A(h) = h + U GELU(D h + b_D) + b_U              (after the attention and FFN output projections)
+
+with one set of tensors 𝐃 ∈ ℝ^{k×m×d}, 𝐔 ∈ ℝ^{k×d×m} (and biases) per place: k·(2·d·m + d + m) per
+place plus the embedding MLP. As in the authors' code, 𝐃 and 𝐔 start at N(0, 0.0002²), biases at 0.
+(The authors can also append a one-hot language id to v, dropped at random while training; not here.)
 """
 
 from typing import NamedTuple
@@ -24,9 +39,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from reference_impls._plumbing import find_targets, replace_module, setting, toy_model, toy_task
+from reference_impls._plumbing import (count_parameters, find_targets, replace_module, report, setting, toy_model,
+                                      toy_task)
 
-IMPLEMENTS = ("hyperformer",)
+IMPLEMENTS = ("hyperformer", "udapter")
 
 
 class AdapterWeights(NamedTuple):
@@ -114,37 +130,117 @@ def use_task(model: nn.Module, task: int):
     return setting(model, HyperNetwork, "task", task)
 
 
+# ---- UDapter: adapters generated from language features ------------------------------------------
+
+class LanguageEmbedding(nn.Module):
+    """e = W₂ ReLU(W₁ v + b₁) + b₂ for the language of the batch, v its row of the feature table."""
+
+    def __init__(self, features: torch.Tensor, k: int = 32, hidden: int = 64):
+        super().__init__()
+        self.register_buffer("features", features)  # (languages, F): fixed, not trained
+        self.project = nn.Sequential(nn.Linear(features.shape[1], hidden), nn.ReLU(), nn.Linear(hidden, k))
+        self.language: int | None = None  # set by use_language() for a batch
+
+    def forward(self) -> torch.Tensor:
+        if self.language is None:
+            raise ValueError("which language is this batch? Call the model inside `with use_language(model, index):`")
+        return self.project(self.features[self.language])
+
+
+class GeneratedAdapter(nn.Module):
+    """A sublayer F, then h + U GELU(D h + b_D) + b_U with D, U, b_D, b_U linear in the language embedding."""
+
+    def __init__(self, sublayer: nn.Module, language: LanguageEmbedding, d: int, m: int, k: int):
+        super().__init__()
+        weight = next(sublayer.parameters())
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.sublayer, self.language = sublayer, language  # the embedding is shared by every place
+        self.down = nn.Parameter(torch.empty(k, m, d, **factory).normal_(0, 2e-4))
+        self.down_bias = nn.Parameter(torch.zeros(k, m, **factory))
+        self.up = nn.Parameter(torch.empty(k, d, m, **factory).normal_(0, 2e-4))
+        self.up_bias = nn.Parameter(torch.zeros(k, d, **factory))
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        h = self.sublayer(*inputs)
+        e = self.language()
+        down = torch.einsum("k,kmd->md", e, self.down)
+        up = torch.einsum("k,kdm->dm", e, self.up)
+        return h + F.linear(F.gelu(F.linear(h, down, e @ self.down_bias)), up, e @ self.up_bias)
+
+
+def inject_udapter(model: nn.Module, target_names: list[str], features: torch.Tensor, m: int = 64, k: int = 32,
+                   hidden: int = 64) -> LanguageEmbedding:
+    """Generated adapters after the named sublayers, for languages described by the rows of `features`;
+    everything else frozen. Returns the language embedding (shared by all places)."""
+    targets = find_targets(model, target_names, kind=nn.Module)
+    weight = next(model.parameters())
+    language = LanguageEmbedding(features.to(device=weight.device, dtype=weight.dtype), k, hidden)
+    language.to(device=weight.device, dtype=weight.dtype)
+    for name in targets:
+        sublayer = model.get_submodule(name)
+        d = [module for module in sublayer.modules() if isinstance(module, nn.Linear)][-1].out_features
+        replace_module(model, name, GeneratedAdapter(sublayer, language, d, m, k))
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, GeneratedAdapter):
+            for parameter in module.parameters(recurse=False):  # its generator tensors, not the sublayer
+                parameter.requires_grad_(True)
+    language.requires_grad_(True)
+    return language
+
+
+def use_language(model: nn.Module, language: int):
+    """`with use_language(model, index):` the adapters are generated for that row of the feature table."""
+    return setting(model, LanguageEmbedding, "language", language)
+
+
 def use_task_and_run(model: nn.Module, task: int, x: torch.Tensor) -> torch.Tensor:
     with use_task(model, task):
         return model(x)
 
 
 def demo() -> None:
-    """Two tasks on one frozen MLP, learnt together through one hypernetwork (a batch of one task per step)."""
+    """HyperFormer++: two tasks on one frozen MLP through one hypernetwork (one task per step).
+    UDapter: three training languages described by two features; a fourth, unseen, by its features only."""
     x, y1 = toy_task(seed=1)
     _, y2 = toy_task(seed=2)
+    loss_fn = nn.MSELoss()
     model = toy_model()
     inject_hyperformer(model, ["2", "4"], tasks=2, m=8, t=16, hidden=32, t_projected=16)
-    loss_fn = nn.MSELoss()
-
-    def losses() -> list[float]:
-        with torch.no_grad():
-            return [loss_fn(use_task_and_run(model, task, x), y).item() for task, y in enumerate((y1, y2))]
-
-    before = losses()
+    with torch.no_grad():
+        before = [loss_fn(use_task_and_run(model, task, x), y).item() for task, y in enumerate((y1, y2))]
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for step in range(400):
-        task, y = step % 2, (y1, y2)[step % 2]
         optimizer.zero_grad()
-        loss_fn(use_task_and_run(model, task, x), y).backward()
+        loss_fn(use_task_and_run(model, step % 2, x), (y1, y2)[step % 2]).backward()
         optimizer.step()
-    after = losses()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        after = [loss_fn(use_task_and_run(model, task, x), y).item() for task, y in enumerate((y1, y2))]
+    trainable, total = count_parameters(model)
     print(f"HyperFormer++ (2 tasks, 2 places, m=8): {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.2f}%)")
     for task in range(2):
         print(f"loss on the new task: {before[task]:.4g} before, {after[task]:.4g} after training (task {task})")
+
+    features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])  # the last language is unseen
+    targets = [f[0] * y1 + f[1] * y2 for f in features]
+    model = toy_model()
+    inject_udapter(model, ["2", "4"], features, m=8, k=8, hidden=16)
+
+    def unseen_loss() -> float:
+        with torch.no_grad(), use_language(model, 3):
+            return loss_fn(model(x), targets[3]).item()
+
+    before = unseen_loss()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(600):
+        language = step % 3
+        optimizer.zero_grad()
+        with use_language(model, language):
+            loss_fn(model(x), targets[language]).backward()
+        optimizer.step()
+    report("UDapter (3 training languages, 2 places, m=8, k=8), on a 4th language never trained on",
+           model, before, unseen_loss())
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from torch.nn import functional as F
 from helpers import demo_losses
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.hypernetwork import HyperAdapter, HyperNetwork, inject_hyperformer, use_task
+from reference_impls.hypernetwork import (GeneratedAdapter, HyperAdapter, HyperNetwork, inject_hyperformer,
+                                          inject_udapter, use_language, use_task)
 
 D = 13
 
@@ -108,11 +109,59 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(fresh(x), model(x))
 
 
-def test_demo_runs_and_learns_both_tasks(capsys):
+def test_demo_runs_and_learns_both_tasks_and_the_unseen_language(capsys):
     from reference_impls.hypernetwork import demo
     demo()
     losses = demo_losses(capsys.readouterr().out)
-    assert len(losses) == 2 and all(after < 0.8 * before for before, after in losses)
+    assert len(losses) == 3 and all(after < 0.8 * before for before, after in losses)
+
+
+FEATURES = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.3, 0.3, 0.0]])  # 3 languages, 3 features
+
+
+def test_udapter_generates_adapters_from_language_features():
+    model = model_of()
+    language = inject_udapter(model, ["ffn"], FEATURES, m=4, k=5, hidden=6)
+    adapter = model[1].ffn
+    assert isinstance(adapter, GeneratedAdapter)
+    with torch.no_grad():
+        for parameter in (adapter.down, adapter.down_bias, adapter.up, adapter.up_bias):
+            parameter.normal_(0, 0.3)
+    x = torch.randn(2, 7, D)
+    with torch.no_grad():
+        project = language.project
+        e = project[2](torch.relu(project[0](FEATURES[2])))
+        down = sum(e[j] * adapter.down[j] for j in range(5))
+        up = sum(e[j] * adapter.up[j] for j in range(5))
+        h = adapter.sublayer(x)
+        expected = h + F.gelu(h @ down.T + e @ adapter.down_bias) @ up.T + e @ adapter.up_bias
+        with use_language(model, 2):
+            torch.testing.assert_close(adapter(x), expected)
+            third = model(x)
+        with use_language(model, 0):
+            assert (model(x) - third).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="use_language"):
+        model(x)
+
+
+def test_udapter_parameter_count_and_gradients():
+    model = model_of()
+    inject_udapter(model, ["attn", "ffn"], FEATURES, m=4, k=5, hidden=6)
+    per_place = 5 * (4 * D + 4 + D * 4 + D)
+    assert count_parameters(model)[0] == 6 * per_place + (3 * 6 + 6) + (6 * 5 + 5)  # 3 layers × 2 places + the MLP
+    with use_language(model, 1):
+        model(torch.randn(4, D)).sum().backward()
+    assert all(p.grad is None for name, p in model.named_parameters() if "sublayer" in name)
+    assert model[0].attn.language.project[0].weight.grad is not None
+
+
+def test_udapter_in_bfloat16():
+    model = model_of().to(torch.bfloat16)
+    language = inject_udapter(model, ["ffn"], FEATURES, m=4, k=5, hidden=6)
+    assert language.features.dtype == torch.bfloat16
+    with use_language(model, 0):
+        y = model(torch.randn(3, D, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
 
 
 def test_bfloat16_model_gets_a_bfloat16_hypernetwork():
