@@ -19,14 +19,29 @@ adapter has a batch normalisation inside and no merge while it trains.
 In both papers the batch-normalisation layers are per domain too (train_norms=True trains every
 BatchNorm of the model besides the adapters). α starts at zero, so the network starts as it was.
 Trainable per adapted convolution: series C² + 2C, parallel C_out · C_in (plus the BatchNorms).
+
+Chen, Tao, Zhang, Wang, Li, Ye, Wang, Hu, Savvides. "Conv-Adapter: Exploring Parameter Efficient
+Transfer Learning for ConvNets." CVPR 2024 Workshops. arXiv:2208.07463. A bottleneck made of
+convolutions that keep the spatial structure, beside a whole conv block F (in a ResNet bottleneck
+block, the 3×3 conv with its BatchNorm and ReLU), reading the block's input at the block's stride:
+
+    F(x) + α ⊙ W_up ∗ ReLU(W_dw ∗ x)
+
+W_dw: a k×k convolution in C_in/γ groups, from C_in down to C_in/γ channels (each output channel
+reads γ input channels); W_up: 1×1, back up to C_out; α: a learned scale per output channel, 1 at
+first. Trainable: C_in·k² + C_in/γ (W_dw) + (C_in/γ)·C_out + C_out (W_up) + C_out (α). As in the
+authors' code the adapter starts at random, not at zero.
 """
+
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
-from reference_impls._plumbing import find_targets, replace_module, report, report_merge, set_merged, train
+from reference_impls._plumbing import (find_targets, freeze_all_but, replace_module, report, report_merge, set_merged,
+                                      train)
 
-IMPLEMENTS = ("residual-adapters", "parallel-residual-adapters")
+IMPLEMENTS = ("residual-adapters", "parallel-residual-adapters", "conv-adapter")
 
 
 class SeriesResidualAdapter(nn.Module):
@@ -116,6 +131,53 @@ def unmerge_residual_adapters(model: nn.Module) -> None:
     set_merged(model, ParallelResidualAdapter, False)
 
 
+class ConvAdapter(nn.Module):
+    """α ⊙ W_up ∗ ReLU(W_dw ∗ x), W_dw grouped k×k down to C_in/γ channels, W_up 1×1 back up to C_out."""
+
+    def __init__(self, c_in: int, c_out: int, reduction: int = 4, kernel_size: int = 3, stride: int = 1,
+                 device=None, dtype=None):
+        super().__init__()
+        if c_in % reduction:
+            raise ValueError(f"the reduction {reduction} must divide the {c_in} input channels")
+        factory = {"device": device, "dtype": dtype}
+        width = c_in // reduction
+        self.down = nn.Conv2d(c_in, width, kernel_size, stride=stride, padding=kernel_size // 2, groups=width, **factory)
+        self.up = nn.Conv2d(width, c_out, 1, **factory)
+        self.scale = nn.Parameter(torch.ones(1, c_out, 1, 1, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(torch.relu(self.down(x)))
+
+
+class ConvParallel(nn.Module):
+    """F(x) + A(x): a Conv-Adapter beside a conv block, with the block's stride."""
+
+    def __init__(self, block: nn.Module, adapter: ConvAdapter):
+        super().__init__()
+        self.block, self.adapter = block, adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x) + self.adapter(x)
+
+
+def inject_conv_adapters(model: nn.Module, target_names: list[str], reduction: int = 4,
+                         kernel_size: int = 3) -> list[str]:
+    """Put a Conv-Adapter beside each named conv block (or single convolution); freeze all else."""
+    targets = find_targets(model, target_names, kind=nn.Module)
+    for name in targets:
+        block = model.get_submodule(name)
+        convs = [module for module in ([block] if isinstance(block, nn.Conv2d) else block.modules())
+                 if isinstance(module, nn.Conv2d)]
+        if not convs:
+            raise ValueError(f"{name}: a Conv-Adapter goes beside a block with convolutions, not {type(block).__name__}")
+        first = convs[0]
+        adapter = ConvAdapter(first.in_channels, convs[-1].out_channels, reduction, kernel_size,
+                              stride=first.stride[0], device=first.weight.device, dtype=first.weight.dtype)
+        replace_module(model, name, ConvParallel(block, adapter))
+    freeze_all_but(model, ConvAdapter, ("down", "up", "scale"))
+    return targets
+
+
 def toy_convnet(seed: int = 0) -> nn.Sequential:
     """A small ConvNet standing in for a pre-trained ResNet: two 3×3 conv-BN-ReLU stages and a head."""
     torch.manual_seed(seed)
@@ -137,6 +199,13 @@ def demo() -> None:
         before, after = train(model, x, y, steps=150)
         report(f"{placement.capitalize()} residual adapters (and the BatchNorms)", model, before, after)
     report_merge(model.eval(), x, merge_residual_adapters)  # the parallel adapters, into the 3×3 filters
+
+    layers = toy_convnet()  # the same network, its conv-BatchNorm-ReLU stages named
+    model = nn.Sequential(OrderedDict(stem=nn.Sequential(*layers[:3]), stage=nn.Sequential(*layers[3:6]),
+                                      pool=layers[6], flatten=layers[7], head=layers[8]))
+    inject_conv_adapters(model, ["stage"], reduction=4)  # beside the 16-channel, stride-2 stage
+    before, after = train(model, x, y, steps=150)
+    report("Conv-Adapter beside the second stage, γ = 4", model, before, after)
 
 
 if __name__ == "__main__":

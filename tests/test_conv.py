@@ -1,6 +1,8 @@
 """Residual adapters (series and parallel) against the papers' equations and parameter counts."""
 
 import copy
+import re
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -10,8 +12,9 @@ from torch.nn import functional as F
 from helpers import demo_losses
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.conv import (ParallelResidualAdapter, SeriesResidualAdapter, inject_residual_adapters,
-                                  merge_residual_adapters, toy_convnet, unmerge_residual_adapters)
+from reference_impls.conv import (ParallelResidualAdapter, SeriesResidualAdapter, inject_conv_adapters,
+                                  inject_residual_adapters, merge_residual_adapters, toy_convnet,
+                                  unmerge_residual_adapters)
 
 
 def net():
@@ -118,8 +121,40 @@ def test_demo_runs_and_learns(capsys):
     demo()
     output = capsys.readouterr().out
     losses = demo_losses(output)
-    assert len(losses) == 2 and all(after < 0.8 * before for before, after in losses)
-    assert float(output.rsplit(" ", 1)[-1]) < 1e-5
+    assert len(losses) == 3 and all(after < 0.8 * before for before, after in losses)
+    assert float(re.search(r"max output change ([\d.e+-]+)", output).group(1)) < 1e-5
+
+
+def stage():
+    """A conv block as in a ResNet: 3×3 conv (stride 2) + BatchNorm + ReLU, odd channel counts."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(12, 10, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(10), nn.ReLU())
+
+
+def test_conv_adapter_follows_its_equation():
+    model = nn.Sequential(OrderedDict(stage=stage())).eval()
+    inject_conv_adapters(model, ["stage"], reduction=4)
+    adapter = model.stage.adapter
+    with torch.no_grad():
+        adapter.scale.normal_(1, 0.5)
+        x = torch.randn(2, 12, 9, 13)
+        hidden = F.relu(F.conv2d(x, adapter.down.weight, adapter.down.bias, stride=2, padding=1, groups=3))
+        assert hidden.shape == (2, 3, 5, 7)  # 12 / γ = 3 channels, each from its own 4 input channels
+        expected = model.stage.block(x) + adapter.scale * F.conv2d(hidden, adapter.up.weight, adapter.up.bias)
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_conv_adapter_parameter_count_and_gradients():
+    model = nn.Sequential(OrderedDict(stage=stage()))
+    inject_conv_adapters(model, ["stage"], reduction=4, kernel_size=3)
+    c_in, c_out, width, k = 12, 10, 3, 3
+    assert count_parameters(model)[0] == c_in * k * k + width + width * c_out + c_out + c_out
+    model(torch.randn(2, 12, 8, 8)).sum().backward()
+    assert {name.split(".")[2] for name, p in model.named_parameters() if p.grad is not None} == {"down", "up", "scale"}
+    with pytest.raises(ValueError, match="must divide"):
+        inject_conv_adapters(nn.Sequential(OrderedDict(stage=stage())), ["stage"], reduction=5)
+    with pytest.raises(ValueError, match="beside a block with convolutions"):
+        inject_conv_adapters(nn.Sequential(OrderedDict(stage=nn.ReLU())), ["stage"])
 
 
 @pytest.mark.parametrize("placement", ["series", "parallel"])
