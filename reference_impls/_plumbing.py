@@ -24,6 +24,14 @@ def find_targets(model: nn.Module, target_names: list[str], kind: type = nn.Line
     return found
 
 
+def output_width(sublayer: nn.Module) -> int:
+    """A sublayer's output width: that of its last nn.Linear (in module order)."""
+    linears = [module for module in sublayer.modules() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(f"cannot tell the width of {type(sublayer).__name__}: it has no nn.Linear")
+    return linears[-1].out_features
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -47,7 +47,8 @@ from being folded into the weights: there is no merge.
 import torch
 from torch import nn
 
-from reference_impls._plumbing import find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
+from reference_impls._plumbing import (find_targets, freeze_all_but, output_width, replace_module, report, toy_model,
+                                      toy_task, train)
 
 # The methods above, and the entries whose contribution uses plain bottleneck adapters (studies,
 # NMT, speech and vision-language applications).
@@ -143,10 +144,8 @@ class AddNormAdapter(SequentialAdapter):
 
 def _width(sublayer: nn.Module, placement: str) -> int:
     """d: the sublayer's output width (sequential) or its input width, which must equal its output (parallel)."""
-    linears = [module for module in sublayer.modules() if isinstance(module, nn.Linear)]
-    if not linears:
-        raise ValueError(f"cannot tell the width of {type(sublayer).__name__}: it has no nn.Linear")
-    d_in, d_out = linears[0].in_features, linears[-1].out_features
+    d_out = output_width(sublayer)
+    d_in = next(module for module in sublayer.modules() if isinstance(module, nn.Linear)).in_features
     if placement == "parallel" and d_in != d_out:
         raise ValueError(f"a parallel adapter needs a sublayer with equal input and output widths, not {d_in} → {d_out}")
     return d_out
@@ -163,12 +162,14 @@ def inject_adapters(model: nn.Module, target_names: list[str], m: int = 64, plac
     for name in targets:
         sublayer = model.get_submodule(name)
         weight = next(sublayer.parameters())
-        if placement == "after_norm" and not is_add_norm_block(sublayer):
+        add_norm = is_add_norm_block(sublayer)
+        if placement == "after_norm" and not add_norm:
             raise ValueError(f"{name}: placement 'after_norm' needs a post-norm output block with dense, dropout and "
                              f"LayerNorm (as BERT's SelfOutput and Output), not {type(sublayer).__name__}")
-        d = sublayer.dense.out_features if is_add_norm_block(sublayer) else _width(sublayer, placement)
+        # In an Add & Norm block the parallel adapter reads the block's residual, whose width is the output's.
+        d = output_width(sublayer) if add_norm else _width(sublayer, placement)
         adapter = Adapter(d, m, activation, scale, layer_norm, weight.device, weight.dtype)
-        if is_add_norm_block(sublayer):
+        if add_norm:
             wrapped = AddNormAdapter(sublayer, adapter, placement, track)
         else:
             wrapped = (SequentialAdapter if placement == "sequential" else ParallelAdapter)(sublayer, adapter, track)

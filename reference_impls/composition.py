@@ -41,7 +41,7 @@ import copy
 import torch
 from torch import nn
 
-from reference_impls._plumbing import find_targets, replace_module, report, toy_model, toy_task, train
+from reference_impls._plumbing import find_targets, output_width, replace_module, report, toy_model, toy_task, train
 from reference_impls.bottleneck import (ACTIVATIONS, HOULSBY, Adapter, SequentialAdapter, inject_adapters,
                                         is_add_norm_block)
 from reference_impls.ia3 import IA3Linear, inject_ia3
@@ -75,11 +75,12 @@ class ComposedAdapters(nn.Module):
     def __init__(self, sublayer: nn.Module, adapters: list[Adapter], mode: str):
         super().__init__()
         self.sublayer, self.adapters, self.mode = sublayer, nn.ModuleList(adapters), mode
+        self.add_norm = is_add_norm_block(sublayer)  # then forward takes the hidden states and the residual r
         d = adapters[0].up.out_features
         self.fusion = Fusion(d, adapters[0].up.weight.device, adapters[0].up.weight.dtype) if mode == "fuse" else None
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        if is_add_norm_block(self.sublayer):  # inputs: the hidden states and the residual r
+        if self.add_norm:
             block, residual = self.sublayer, inputs[1]
             y = block.dropout(block.dense(inputs[0]))
             read = finish = lambda y: block.LayerNorm(y + residual)
@@ -171,8 +172,7 @@ def inject_composition(model: nn.Module, target_names: list[str], adapters: int,
     for name in targets:
         sublayer = model.get_submodule(name)
         weight = next(sublayer.parameters())
-        d = sublayer.dense.out_features if is_add_norm_block(sublayer) else [
-            module for module in sublayer.modules() if isinstance(module, nn.Linear)][-1].out_features
+        d = output_width(sublayer)
         slots = [Adapter(d, m, activation, device=weight.device, dtype=weight.dtype) for _ in range(adapters)]
         replace_module(model, name, ComposedAdapters(sublayer, slots, mode))
     model.requires_grad_(False)

@@ -39,8 +39,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from reference_impls._plumbing import (count_parameters, find_targets, replace_module, report, setting, toy_model,
-                                      toy_task)
+from reference_impls._plumbing import (count_parameters, find_targets, output_width, replace_module, report, setting,
+                                      toy_model, toy_task)
 
 IMPLEMENTS = ("hyperformer", "udapter")
 
@@ -114,7 +114,7 @@ def inject_hyperformer(model: nn.Module, target_names: list[str], tasks: int, m:
     place_of = {name: next(j for j, wanted in enumerate(target_names) if name == wanted or name.endswith("." + wanted))
                 for name in targets}
     layer_of = {name: sum(place_of[other] == place_of[name] for other in targets[:i]) for i, name in enumerate(targets)}
-    d = [module for module in model.get_submodule(targets[0]).modules() if isinstance(module, nn.Linear)][-1].out_features
+    d = output_width(model.get_submodule(targets[0]))
     hypernetwork = HyperNetwork(d, m, tasks, max(layer_of.values()) + 1, len(target_names), t, hidden, t_projected)
     weight = next(model.parameters())
     hypernetwork.to(device=weight.device, dtype=weight.dtype)
@@ -174,12 +174,10 @@ def inject_udapter(model: nn.Module, target_names: list[str], features: torch.Te
     everything else frozen. Returns the language embedding (shared by all places)."""
     targets = find_targets(model, target_names, kind=nn.Module)
     weight = next(model.parameters())
-    language = LanguageEmbedding(features.to(device=weight.device, dtype=weight.dtype), k, hidden)
-    language.to(device=weight.device, dtype=weight.dtype)
+    language = LanguageEmbedding(features, k, hidden).to(device=weight.device, dtype=weight.dtype)  # buffer too
     for name in targets:
         sublayer = model.get_submodule(name)
-        d = [module for module in sublayer.modules() if isinstance(module, nn.Linear)][-1].out_features
-        replace_module(model, name, GeneratedAdapter(sublayer, language, d, m, k))
+        replace_module(model, name, GeneratedAdapter(sublayer, language, output_width(sublayer), m, k))
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, GeneratedAdapter):

@@ -22,7 +22,8 @@ The up-projection's t_i start at zero, so every adapter starts as the identity.
 import torch
 from torch import nn
 
-from reference_impls._plumbing import find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
+from reference_impls._plumbing import (find_targets, freeze_all_but, output_width, replace_module, report, toy_model,
+                                      toy_task, train)
 from reference_impls.bottleneck import ACTIVATIONS, SequentialAdapter
 
 IMPLEMENTS = ("compacter",)
@@ -74,8 +75,8 @@ def inject_compacter(model: nn.Module, target_names: list[str], m: int = 32, n: 
     rules = nn.Parameter(torch.randn(n, n, n, device=weight.device) * 0.01)  # the shared slow weights
     for name in targets:
         sublayer = model.get_submodule(name)
-        d = [module for module in sublayer.modules() if isinstance(module, nn.Linear)][-1].out_features
-        adapter = CompacterAdapter(d, m, rules, rank, activation).to(device=weight.device, dtype=weight.dtype)
+        adapter = CompacterAdapter(output_width(sublayer), m, rules, rank, activation)
+        adapter.to(device=weight.device, dtype=weight.dtype)
         replace_module(model, name, SequentialAdapter(sublayer, adapter))
     freeze_all_but(model, PHMLinear, ("rules", "s", "t", "b"))
     return targets

@@ -33,8 +33,8 @@ from torch import nn
 from torch.distributions import RelaxedBernoulli
 from torch.nn import functional as F
 
-from reference_impls._plumbing import (find_targets, freeze_all_but, replace_module, report, setting, toy_model, toy_task,
-                                      train)
+from reference_impls._plumbing import (find_targets, freeze_all_but, output_width, replace_module, report, setting,
+                                      toy_model, toy_task, train)
 
 IMPLEMENTS = ("polytropon", "multi-head-routing", "mixture-of-vectors", "adamix")
 
@@ -49,7 +49,7 @@ class PolyLoRALinear(nn.Module):
         K, N = base.in_features, base.out_features
         if K % heads or N % heads:
             raise ValueError(f"{heads} heads must divide the layer's widths {K} and {N}")
-        self.base, self.r, self.heads, self.skills = base, r, heads, skills
+        self.base, self.r = base, r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.A = nn.Parameter(torch.empty(heads, skills, K // heads, r, **factory))
         self.B = nn.Parameter(torch.zeros(heads, skills, r, N // heads, **factory))  # B = 0: the base model at first
@@ -148,8 +148,7 @@ def inject_adamix(model: nn.Module, target_names: list[str], m: int = 16, copies
     targets = find_targets(model, target_names, kind=nn.Module)
     for name in targets:
         sublayer = model.get_submodule(name)
-        d = [module for module in sublayer.modules() if isinstance(module, nn.Linear)][-1].out_features
-        replace_module(model, name, AdaMixAdapter(sublayer, d, m, copies))
+        replace_module(model, name, AdaMixAdapter(sublayer, output_width(sublayer), m, copies))
     freeze_all_but(model, AdaMixAdapter, ("downs", "up"))
     return targets
 

@@ -268,7 +268,7 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, adapters: int, r: int = 16, alpha: float = 16.0):
         super().__init__()
-        self.base, self.r, self.alpha, self.scale = base, r, alpha, alpha / r
+        self.base, self.scale = base, alpha / r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.A = nn.Parameter(torch.randn(adapters, r, base.in_features, **factory) / base.in_features ** 0.5)
         self.B = nn.Parameter(torch.zeros(adapters, base.out_features, r, **factory))
