@@ -42,6 +42,7 @@ import triton  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from catalog.store import write_atomically  # noqa: E402
 from reference_impls.kernels import fused_lora as fused_lora_module  # noqa: E402
 from reference_impls.kernels.dora import FusedDoRAFunction, reference_dora  # noqa: E402
 from reference_impls.kernels.fused_lora import FusedLoRAFunction, lora_gemm, reference_fused_lora  # noqa: E402
@@ -551,9 +552,8 @@ def main() -> int:
             row["module"] = next((module for prefix, module in MODULE_OF.items() if row["kernel"].startswith(prefix)),
                                  None)
         result["tuned_configs"] = tuned_configs()
-        if out:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1) + "\n")
+        if out:  # rewritten after every section: atomically, so a run killed mid-write keeps the last one whole
+            write_atomically(out, json.dumps(result, indent=1) + "\n")
 
     print(f"{result['device']}; {result['versions']}", flush=True)
     for section, run in check_plan:
