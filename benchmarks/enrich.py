@@ -72,7 +72,7 @@ def main() -> None:
     args = [arg for arg in args if arg != "--json"]
     count = int(args[0]) if args else 10_000
     text, full_store = synthetic_entries(count)
-    api = FakeS2([record.paper for record in full_store.records.values()])
+    api = FakeS2([record.paper.to_json() for record in full_store.records.values()])
     server, counts = serve(api, fail_every=7)
     catalog = parse_catalog(text)
     writes = []

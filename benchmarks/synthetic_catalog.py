@@ -15,12 +15,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from catalog.record import Paper  # noqa: E402
 from catalog.store import SEED_SOURCE, MetadataStore, StoredRecord, save_store  # noqa: E402
 from catalog.vocabulary import KINDS, SECTIONS, TAGS  # noqa: E402
 
 WORDS = ("adapter low rank prompt prefix sparse efficient tuning transfer multilingual vision speech "
          "composition routing mixture experts scaling quantised serving kernel hypernetwork language "
          "model transformer representation intervention budget allocation orthogonal").split()
+
+
+RETRIEVED = datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc)
 
 
 def synthetic_entries(count: int, seed: int = 0) -> tuple[str, MetadataStore]:
@@ -45,7 +49,7 @@ def synthetic_entries(count: int, seed: int = 0) -> tuple[str, MetadataStore]:
             "tldr": {"text": " ".join(rng.choice(WORDS) for _ in range(40))},
             "abstract": " ".join(rng.choice(WORDS) for _ in range(180)),
         }
-        records[entry_id] = StoredRecord(paper, SEED_SOURCE, "2024-05-01T00:00:00+00:00")
+        records[entry_id] = StoredRecord(Paper.model_validate(paper), SEED_SOURCE, RETRIEVED)
     return "\n".join(lines), MetadataStore(records)
 
 

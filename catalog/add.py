@@ -1,7 +1,7 @@
 """`catalog add`: turn one Semantic Scholar record into a new papers.yaml entry.
 
 The new entry is inserted as a block of text after the last entry of its section, so every
-existing line, comment and the order of the file stay exactly as they were.
+existing line, comment and the order of the file stay exactly as they were, line endings included.
 """
 
 import datetime
@@ -10,16 +10,22 @@ import re
 
 import yaml
 
+from catalog import identifiers
+from catalog.identifiers import normalise_title
 from catalog.load import LoadedCatalog
+from catalog.record import Paper
 from catalog.schema import Entry
-from catalog.validate import normalise_title
 
 
-def identifiers_from_record(paper: dict) -> dict[str, str]:
-    external = paper.get("externalIds") or {}
-    found = {"arxiv": external.get("ArXiv"), "acl": external.get("ACL"), "doi": external.get("DOI"),
-             "s2": paper.get("paperId")}
-    return {name: str(value) for name, value in found.items() if value}
+def identifiers_from_record(paper: Paper) -> dict[str, str]:
+    return identifiers.record_ids(paper.paperId, paper.externalIds)
+
+
+def exact_title_matches(title: str, papers: list[Paper]) -> list[Paper]:
+    """The papers (one per paperId) whose title is `title` as duplicates are compared."""
+    wanted = normalise_title(title)
+    found = {paper.paperId: paper for paper in papers if paper.title and normalise_title(paper.title) == wanted}
+    return list(found.values())
 
 
 def suggest_id(title: str, taken: set[str]) -> str:
@@ -33,13 +39,11 @@ def suggest_id(title: str, taken: set[str]) -> str:
     return candidate
 
 
-def find_duplicate(catalog: LoadedCatalog, title: str, identifiers: dict[str, str]) -> Entry | None:
-    for entry in catalog.entries:
-        same_id = any(getattr(entry, name) and getattr(entry, name).lower() == value.lower()
-                      for name, value in identifiers.items())
-        if same_id or normalise_title(entry.title) == normalise_title(title):
-            return entry
-    return None
+def find_duplicate(catalog: LoadedCatalog, title: str, ids: dict[str, str]) -> Entry | None:
+    """The entry that is the same paper (by the keys `catalog check` uses), or None."""
+    keys = set(identifiers.duplicate_keys(title, ids))
+    return next((entry for entry in catalog.entries
+                 if keys & set(identifiers.duplicate_keys(entry.title, entry.identifiers))), None)
 
 
 def _scalar(value: str, in_list: bool = False) -> str:
@@ -53,7 +57,8 @@ def _scalar(value: str, in_list: bool = False) -> str:
 
 
 def entry_block(fields: dict) -> str:
-    """The entry as a contributor would write it: plain scalars where safe, lists in flow style."""
+    """The entry as a contributor would write it: plain scalars where safe, lists in flow style
+    (with "\\n" line endings; insert_entry writes them as the file has them)."""
     lines = []
     for name, value in fields.items():
         if value is None:
@@ -69,18 +74,21 @@ def entry_block(fields: dict) -> str:
 
 
 def insert_entry(catalog: LoadedCatalog, section: str, block: str) -> str:
-    """The file's text with block inserted after the last entry of section (or at the end)."""
+    """The file's text with block inserted after the last entry of section (or at the end), in the
+    file's line endings (CRLF if its first line ends so)."""
     lines = catalog.text.splitlines(keepends=True)
+    newline = "\r\n" if lines and lines[0].endswith("\r\n") else "\n"
+    block = block.replace("\n", newline)
     in_section = [entry for entry in catalog.entries if entry.section == section]
     if not in_section:
-        text = catalog.text if catalog.text.endswith("\n") or not catalog.text else catalog.text + "\n"
-        return text + f"\n# ─── {section} " + "─" * max(3, 70 - len(section)) + "\n\n" + block
+        text = catalog.text if not lines or lines[-1].endswith(("\n", "\r")) else catalog.text + newline
+        return text + newline + f"# ─── {section} " + "─" * max(3, 70 - len(section)) + newline + newline + block
     last = max(in_section, key=lambda entry: entry.line)
     following = [entry.line for entry in catalog.entries if entry.line > last.line]
     end = (min(following) - 1) if following else len(lines)  # 1-based last line before the next entry
     # The block ends at its last line that is neither blank nor a comment (the next section's header).
     while end > last.line and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
         end -= 1
-    if not lines[end - 1].endswith("\n"):
-        lines[end - 1] += "\n"
-    return "".join(lines[:end]) + "\n" + block + "".join(lines[end:])
+    if not lines[end - 1].endswith(("\n", "\r")):
+        lines[end - 1] += newline
+    return "".join(lines[:end]) + newline + block + "".join(lines[end:])

@@ -7,7 +7,7 @@
     catalog enrich    fill the metadata store from the Semantic Scholar API (exit 2 without a network)
     catalog add ID    look a paper up and append it to papers.yaml with its record
 
-Paths default to the files of the repository in the current directory.
+`python -m catalog` is the same command. Paths default to the files of the repository in the current directory.
 """
 
 import argparse
@@ -20,15 +20,16 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from catalog.add import entry_block, find_duplicate, identifiers_from_record, insert_entry, suggest_id
+from catalog.add import (entry_block, exact_title_matches, find_duplicate, identifiers_from_record, insert_entry,
+                         suggest_id)
 from catalog.enrich import enrich, plan
+from catalog.identifiers import MalformedIdentifier, parse_lookup
 from catalog.impls import find_impls
 from catalog.load import load_catalog, parse_catalog
-from catalog.s2 import BATCH_SIZE, DEFAULT_API_URL, RetryPolicy, S2Client, S2Error, S2Unreachable
 from catalog.readme import README, ReadmeError, render_list, replace_list
 from catalog.render import SiteInfo, fill_shells, render_docs
-from catalog.store import write_atomically
-from catalog.store import MetadataStore, StoredRecord, StoreError, load_store, save_store
+from catalog.s2 import BATCH_SIZE, DEFAULT_API_URL, RetryPolicy, S2Client, S2Error, S2Unreachable
+from catalog.store import MetadataStore, StoredRecord, StoreError, load_store, save_store, write_atomically
 from catalog.validate import validate
 from catalog.views import impl_views, paper_views
 from catalog.vocabulary import SECTION_BY_NAME
@@ -39,13 +40,20 @@ MKDOCS_CONFIG = "mkdocs.yml"
 SITE_SOURCES = "site"
 
 
+def _store(args) -> MetadataStore | None:
+    """The metadata store, or None (its errors printed) if it is not valid."""
+    try:
+        return load_store(args.store)
+    except StoreError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+
+
 def _validated(args, strict_impl: bool = False):
     """(catalog, store, problems) of the files named by args, or None if the store cannot be read."""
     catalog = load_catalog(args.papers)
-    try:
-        store = load_store(args.store)
-    except StoreError as error:
-        print(f"error: {error}", file=sys.stderr)
+    store = _store(args)
+    if store is None:
         return None
     return catalog, store, validate(catalog, store.records, find_impls(), strict_impl=strict_impl)
 
@@ -166,12 +174,8 @@ def _client(args) -> S2Client:
 
 def cmd_enrich(args) -> int:
     catalog = _readable_catalog(args)
-    if catalog is None:
-        return 1
-    try:
-        store = load_store(args.store)
-    except StoreError as error:
-        print(f"error: {error}", file=sys.stderr)
+    store = _store(args)
+    if catalog is None or store is None:
         return 1
     now = datetime.datetime.now(datetime.timezone.utc)
     todo = plan(catalog.entries, store, now, args.max_age, args.refresh)
@@ -201,30 +205,51 @@ def cmd_enrich(args) -> int:
     for entry, asked in report.not_found:
         print(f"{args.papers}:{entry.line}: entry {entry.id!r}: not found by Semantic Scholar ({asked}); "
               f"kept its existing record", file=sys.stderr)
+    for entry, asked, why in report.rejected:
+        print(f"{args.papers}:{entry.line}: entry {entry.id!r}: Semantic Scholar's record ({asked}) was refused: "
+              f"{why}; kept its existing record", file=sys.stderr)
     print(f"fetched {len(report.fetched)} of {len(todo)} papers in {client.requests} request(s); "
-          f"{len(report.not_found)} not found")
+          f"{len(report.not_found)} not found, {len(report.rejected)} refused")
     return 0
 
 
-def _parse_lookup(text: str) -> tuple[str, str]:
-    """('id', API id) for ARXIV:/ACL:/DOI:/S2 ids, else ('title', text)."""
-    prefix, _, value = text.partition(":")
-    if prefix.upper() in ("ARXIV", "ACL", "DOI") and value:
-        return "id", f"{prefix.upper()}:{value}"
-    if len(text) == 40 and all(c in "0123456789abcdef" for c in text):
-        return "id", text
-    return "title", text
+def _look_up(client: S2Client, text: str):
+    """(record, None) for what the contributor typed (an id, or an exact title), else (None, why)."""
+    try:
+        api_id = parse_lookup(text)
+    except MalformedIdentifier as error:
+        return None, str(error)
+    if api_id is not None:
+        paper = client.get_paper(api_id)
+        return (paper, None) if paper else (None, f"Semantic Scholar has no paper with id {api_id!r}")
+    candidates = exact_title_matches(text, client.search_title(text))
+    closest = None
+    if not candidates:
+        closest = client.match_title(text)
+        candidates = exact_title_matches(text, [closest] if closest else [])
+    if len(candidates) > 1:
+        listed = "\n".join(f"  catalog add {paper.paperId} ...   # {paper.title} ({paper.year or 'no year'}"
+                           f"{', ' + paper.venue_name if paper.venue_name else ''})" for paper in candidates)
+        return None, f"{len(candidates)} papers are titled {text!r}; add the one you mean by its id:\n{listed}"
+    if candidates:
+        return candidates[0], None
+    if closest is not None and closest.title:
+        return None, (f"no paper is titled {text!r}; the closest is {closest.title!r} ({closest.year or 'no year'}): "
+                      f"add it by its id, catalog add {closest.paperId}")
+    return None, f"Semantic Scholar has no paper titled {text!r}"
 
 
 def cmd_add(args) -> int:
     catalog = _readable_catalog(args, heading="papers.yaml has errors; fix them first:")
-    if catalog is None:
+    store = _store(args)
+    if catalog is None or store is None:
         return 1
-    store = load_store(args.store)
-    how, lookup = _parse_lookup(args.paper)
+    if args.section not in SECTION_BY_NAME:
+        print(f"error: unknown section {args.section!r}; sections are: {', '.join(SECTION_BY_NAME)}", file=sys.stderr)
+        return 1
     client = _client(args)
     try:
-        paper = client.get_paper(lookup) if how == "id" else client.match_title(lookup)
+        paper, why = _look_up(client, args.paper)
     except S2Unreachable as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -232,12 +257,15 @@ def cmd_add(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if paper is None:
-        print(f"error: Semantic Scholar has no paper {'with id' if how == 'id' else 'titled'} {lookup!r}",
-              file=sys.stderr)
+        print(f"error: {why}", file=sys.stderr)
+        return 1
+    if not paper.title or not paper.title.strip():
+        print(f"error: Semantic Scholar's record {paper.paperId} has no title; add the entry to {args.papers} by "
+              f"hand (CONTRIBUTING.md shows how)", file=sys.stderr)
         return 1
 
     identifiers = identifiers_from_record(paper)
-    title = paper.get("title") or lookup
+    title = " ".join(paper.title.split())
     duplicate = find_duplicate(catalog, title, identifiers)
     if duplicate is not None:
         print(f"error: already in the catalog: {args.papers}:{duplicate.line}: entry {duplicate.id!r} "
@@ -250,14 +278,11 @@ def cmd_add(args) -> int:
               **{name: identifiers.get(name) for name in ("arxiv", "acl", "doi", "s2")},
               "code": args.code, "website": args.website, "tags": tags, "impl": impl,
               "added": datetime.date.today()}
-    if args.section not in SECTION_BY_NAME:
-        print(f"error: unknown section {args.section!r}; sections are: {', '.join(SECTION_BY_NAME)}", file=sys.stderr)
-        return 1
     text = insert_entry(catalog, args.section, entry_block(fields))
 
     # Check the result before writing anything: a bad option must not leave a broken papers.yaml.
     updated_store = MetadataStore({**store.records, entry_id: StoredRecord(
-        paper, client.api_url, datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))})
+        paper, client.api_url, datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0))})
     problems = [problem for problem in validate(parse_catalog(text, args.papers), updated_store.records,
                                                 find_impls()) if problem.severity == "error"]
     if problems:
@@ -276,14 +301,37 @@ def _add_api_options(parser) -> None:
                         help="Graph API base URL (env S2_API_URL; default %(default)s)")
     parser.add_argument("--api-key", default=os.environ.get("S2_API_KEY"),
                         help="API key, sent as x-api-key (env S2_API_KEY)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default %(default)s)")
-    parser.add_argument("--retries", type=int, default=5,
-                        help="retries of a failed request on 429, 5xx and timeouts (default %(default)s)")
-    parser.add_argument("--backoff", type=float, default=2.0,
+    parser.add_argument("--timeout", type=_positive, default=30.0,
+                        help="most seconds for one attempt of a request, the whole answer read (default %(default)s)")
+    parser.add_argument("--retries", type=_count, default=5,
+                        help="retries of a failed request on 429, 5xx, timeouts and dropped connections "
+                             "(default %(default)s)")
+    parser.add_argument("--backoff", type=_positive, default=2.0,
                         help="first wait before a retry, doubling each time, unless the server sends "
                              "Retry-After (default %(default)s s)")
-    parser.add_argument("--retry-budget", type=float, default=300.0,
-                        help="most seconds spent retrying one request (default %(default)s)")
+    parser.add_argument("--retry-budget", type=_positive, default=300.0,
+                        help="no retry of a request starts later than this many seconds after its first try, "
+                             "whatever Retry-After asks (default %(default)s)")
+
+
+WORST_CASE = ("Worst case: one request per 500 papers, each ending within --retry-budget + --timeout seconds "
+              "(defaults: 330 s), since every attempt ends within --timeout and none starts after the budget.")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) > 100:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number from 0 to 100")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,13 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     readme.add_argument("--check", action="store_true", help="change nothing; exit 1 if the list is out of date")
     readme.set_defaults(run=cmd_readme)
 
-    enrich_parser = commands.add_parser("enrich", help="fetch missing or old records from Semantic Scholar")
+    enrich_parser = commands.add_parser("enrich", help="fetch missing or old records from Semantic Scholar",
+                                        description="Fetch missing or old records from Semantic Scholar. " + WORST_CASE)
     _add_api_options(enrich_parser)
-    enrich_parser.add_argument("--max-age", type=float, metavar="DAYS", help="also refetch records older than this")
+    enrich_parser.add_argument("--max-age", type=_positive, metavar="DAYS", help="also refetch records older than this")
     enrich_parser.add_argument("--refresh", action="store_true", help="refetch every record")
     enrich_parser.set_defaults(run=cmd_enrich)
 
-    add = commands.add_parser("add", help="look a paper up and add it to papers.yaml")
+    add = commands.add_parser("add", help="look a paper up and add it to papers.yaml",
+                              description="Look a paper up by id or exact title and add it to papers.yaml. "
+                                          "A lookup makes up to three requests (title search, title match, nothing "
+                                          "more), each ending within --retry-budget + --timeout seconds.")
     add.add_argument("paper", metavar="ID", help="ARXIV:2106.09685, ACL:..., DOI:..., an S2 paper id, or a title")
     add.add_argument("--section", required=True, help='e.g. "NLP / Methods" (see catalog/vocabulary.py)')
     add.add_argument("--kind", required=True, help="method, system, framework, survey or study")
@@ -329,7 +381,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted; files already written are complete (every write is atomic)", file=sys.stderr)
+        return 130
+    except OSError as error:  # a file the command writes cannot be written, say
+        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # a bug of ours: say so in one line, with the traceback only on request
+        if os.environ.get("CATALOG_DEBUG"):
+            raise
+        print(f"internal error ({type(error).__name__}: {error}); please report it, with the command. "
+              f"CATALOG_DEBUG=1 shows the traceback", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -3,13 +3,16 @@
 `plan` decides which entries need a record (missing, too old, or all with refresh); `enrich` fetches
 them batch by batch and hands the updated store to a callback after every batch, so the caller can
 save it at once and an interrupted run loses nothing. Records are matched back to entries by the
-identifier that was asked for, never by position: the client drops the API's null slots.
+identifier that was asked for, never by position: the client drops the API's null slots. A record
+the client refused (catalog/record.py says why) leaves the entry's old record in place.
 """
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+from catalog import identifiers
+from catalog.record import Paper
 from catalog.s2 import BATCH_SIZE, S2Client
 from catalog.schema import Entry
 from catalog.store import MetadataStore, StoredRecord
@@ -17,23 +20,12 @@ from catalog.store import MetadataStore, StoredRecord
 
 def lookup_id(entry: Entry) -> str:
     """The id we ask the API for: the exact S2 id if known, else arXiv, ACL, DOI (the API's prefixes)."""
-    if entry.s2:
-        return entry.s2
-    for name, prefix in (("arxiv", "ARXIV"), ("acl", "ACL"), ("doi", "DOI")):
-        if getattr(entry, name):
-            return f"{prefix}:{getattr(entry, name)}"
-    raise ValueError(f"entry {entry.id!r} has no paper identifier")
+    return identifiers.api_id(entry.identifiers)
 
 
-def answers(asked: str, paper: dict) -> bool:
+def answers(asked: str, paper: Paper) -> bool:
     """Whether the record is the paper that `asked` names."""
-    prefix, _, value = asked.rpartition(":")
-    external = paper.get("externalIds") or {}
-    if not prefix:
-        return paper.get("paperId") == value
-    key = {"ARXIV": "ArXiv", "ACL": "ACL", "DOI": "DOI"}[prefix]
-    found = str(external.get(key) or "")
-    return found.lower() == value.lower() if key == "DOI" else found == value
+    return identifiers.answers(asked, paper.paperId, paper.externalIds)
 
 
 def plan(entries: list[Entry], store: MetadataStore, now: datetime, max_age_days: float | None = None,
@@ -46,10 +38,8 @@ def plan(entries: list[Entry], store: MetadataStore, now: datetime, max_age_days
         record = store.get(entry.id)
         if refresh or record is None:
             todo.append(entry)
-        elif max_age_days is not None:
-            retrieved = datetime.fromisoformat(record.retrieved)
-            if now - retrieved > timedelta(days=max_age_days):
-                todo.append(entry)
+        elif max_age_days is not None and now - record.retrieved > timedelta(days=max_age_days):
+            todo.append(entry)
     return todo
 
 
@@ -57,6 +47,7 @@ def plan(entries: list[Entry], store: MetadataStore, now: datetime, max_age_days
 class EnrichReport:
     fetched: list[str] = field(default_factory=list)  # entry ids updated
     not_found: list[tuple[Entry, str]] = field(default_factory=list)  # entry, id asked for
+    rejected: list[tuple[Entry, str, str]] = field(default_factory=list)  # entry, id asked for, why
     batches: int = 0
 
 
@@ -79,14 +70,17 @@ def enrich(todo: list[Entry], store: MetadataStore, client: S2Client,
     for number, chunk in enumerate(chunks, start=1):
         asked = [lookup_id(entry) for entry in chunk]
         papers = client.get_papers(asked)
-        retrieved = now().isoformat(timespec="seconds")
+        rejected = dict(client.rejected)
+        retrieved = now().replace(microsecond=0)
         for entry, wanted in zip(chunk, asked):
             paper = next((paper for paper in papers if answers(wanted, paper)), None)
-            if paper is None:
-                report.not_found.append((entry, wanted))  # keep whatever record we had
-                continue
-            store.records[entry.id] = StoredRecord(paper, client.api_url, retrieved)
-            report.fetched.append(entry.id)
+            if wanted in rejected:
+                report.rejected.append((entry, wanted, rejected[wanted]))  # keep whatever record we had
+            elif paper is None:
+                report.not_found.append((entry, wanted))  # likewise
+            else:
+                store.records[entry.id] = StoredRecord(paper, client.api_url, retrieved)
+                report.fetched.append(entry.id)
         report.batches = number
         on_batch(store, number, len(chunks))
     return store, report

@@ -6,32 +6,27 @@ formats are the identifiers' real formats, so a typo is caught before it reaches
 
 import datetime
 import re
-from typing import Literal
+import unicodedata
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from catalog import identifiers
 from catalog.vocabulary import KINDS, SECTION_BY_NAME, TAGS
 
-# What each identifier looks like; the messages below quote these descriptions.
-ID_FORMATS: dict[str, tuple[str, str]] = {
-    "id": (r"^[a-z0-9]+(?:-[a-z0-9]+)*$", "a lower-case slug such as 'lora' or 'prefix-tuning'"),
-    # New-style arXiv ids: YYMM.NNNN (2007-2014) or YYMM.NNNNN (2015 on); no version suffix.
-    "arxiv": (r"^\d{2}(?:0[1-9]|1[0-2])\.\d{4,5}$", "an arXiv id YYMM.NNNNN without version, e.g. '2106.09685'"),
-    # ACL Anthology: new style '2021.acl-long.353', old style 'D19-1165'.
-    "acl": (r"^(?:\d{4}\.[a-z0-9]+(?:-[a-z0-9]+)*\.\d+|[A-Z]\d{2}-\d{4})$",
-            "an ACL Anthology id such as '2021.acl-long.353' or 'D19-1165'"),
-    "doi": (r"^10\.\d{4,9}/\S+$", "a DOI such as '10.1109/CVPR52688.2022.00516' (no https://doi.org/ prefix)"),
-    "s2": (r"^[0-9a-f]{40}$", "a Semantic Scholar paper id (40 lower-case hex digits)"),
-    "impl": (r"^[a-z0-9_]+(?:\.[a-z0-9_]+)*$", "a module of reference_impls such as 'lora' or 'kernels.nf4'"),
-}
-IDENTIFIER_FIELDS = ("arxiv", "acl", "doi", "s2")
+# Formats of the fields that are not paper identifiers (those are in catalog/identifiers.py). Matched
+# whole: re.fullmatch, since `$` would also match before a trailing newline.
+SLUG = (r"[a-z0-9]+(?:-[a-z0-9]+)*", "a lower-case slug such as 'lora' or 'prefix-tuning'")
+IMPL = (r"[a-z0-9_]+(?:\.[a-z0-9_]+)*", "a module of reference_impls such as 'lora' or 'kernels.nf4'")
+# Ids that name pages of the site already: papers/index is the all-papers table.
+RESERVED_IDS = ("index", "search", "assets", "404", "feed")
+MAX_TITLE = 500
 
 
-def _matches(field: str, value: str) -> str:
-    pattern, description = ID_FORMATS[field]
-    if not re.match(pattern, value):
-        raise ValueError(f"malformed {field} {value!r}: expected {description}")
+def _matches(what: str, value: str, pattern: str, description: str) -> str:
+    if not re.fullmatch(pattern, value):
+        raise ValueError(f"malformed {what} {value!r}: expected {description}")
     return value
 
 
@@ -43,14 +38,27 @@ def check_link(value: str) -> str:
     return value
 
 
+def _one_line(value: str) -> str:
+    if any(unicodedata.category(character) in ("Cc", "Zl", "Zp") for character in value):
+        raise ValueError("must be one line of text (it holds a line break or a control character)")
+    if value != value.strip():
+        raise ValueError("has spaces at its start or end")
+    return value
+
+
+# Lengths no real entry comes near, so that a pasted abstract or a runaway script is refused here.
+Line = Annotated[str, Field(min_length=1, max_length=300), AfterValidator(_one_line)]
+Link = Annotated[str, Field(max_length=2_000), AfterValidator(check_link)]
+
+
 class Entry(BaseModel):
     """One paper or paperless tool, as written in papers.yaml."""
 
     # strict: YAML turns an unquoted 2106.04640 into the float 2106.0464; refuse it rather than guess.
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    id: str = Field(description="Stable slug; the paper's page is /papers/<id>/.")
-    title: str = Field(min_length=1)
+    id: Annotated[str, Field(max_length=80)] = Field(description="Stable slug; the paper's page is /papers/<id>/.")
+    title: Annotated[str, Field(min_length=1, max_length=MAX_TITLE), AfterValidator(_one_line)]
     kind: Literal[tuple(KINDS)]  # type: ignore[valid-type]
     section: str
     paper: bool = Field(True, description="false for software without a paper (no identifiers then).")
@@ -58,13 +66,13 @@ class Entry(BaseModel):
     acl: str | None = None
     doi: str | None = None
     s2: str | None = None
-    code: str | None = None
-    website: str | None = None
-    tags: list[str]
-    impl: list[str]
+    code: Link | None = None
+    website: Link | None = None
+    tags: Annotated[list[str], Field(max_length=20)]
+    impl: Annotated[list[str], Field(max_length=20)]
     # Corrections: they win over the metadata record, for the few records the API gets wrong.
-    authors: list[str] | None = None
-    venue: str | None = None
+    authors: Annotated[list[Line], Field(max_length=500)] | None = None
+    venue: Line | None = None
     added: datetime.date
 
     # Where the entry and each of its fields start in papers.yaml; set by the loader. Private, so
@@ -72,20 +80,24 @@ class Entry(BaseModel):
     _line: int = PrivateAttr(0)
     _field_lines: dict[str, int] = PrivateAttr(default_factory=dict)
 
-    @field_validator("id", "arxiv", "acl", "doi", "s2")
+    @field_validator("id")
+    @classmethod
+    def _slug(cls, value):
+        _matches("id", value, *SLUG)
+        if value in RESERVED_IDS:
+            raise ValueError(f"{value!r} is reserved: papers/{value}/ is already a page of the site")
+        return value
+
+    @field_validator("arxiv", "acl", "doi", "s2")
     @classmethod
     def _identifier_format(cls, value, info):
-        return value if value is None else _matches(info.field_name, value)
+        identifier = identifiers.BY_FIELD[info.field_name]
+        return value if value is None else _matches(info.field_name, value, identifier.pattern, identifier.description)
 
     @field_validator("impl")
     @classmethod
     def _impl_format(cls, value):
-        return [_matches("impl", slug) for slug in value]
-
-    @field_validator("code", "website")
-    @classmethod
-    def _http_link(cls, value):
-        return value if value is None else check_link(value)
+        return [_matches("impl", slug, *IMPL) for slug in value]
 
     @field_validator("section")
     @classmethod
@@ -107,7 +119,7 @@ class Entry(BaseModel):
 
     @model_validator(mode="after")
     def _identifiers_match_paper_flag(self):
-        present = [name for name in IDENTIFIER_FIELDS if getattr(self, name)]
+        present = [name for name in identifiers.FIELDS if getattr(self, name)]
         if self.paper and not present:
             raise ValueError("a paper needs at least one identifier: arxiv, acl, doi or s2 "
                              "(for software without a paper, write 'paper: false')")
@@ -127,7 +139,7 @@ class Entry(BaseModel):
 
     @property
     def identifiers(self) -> dict[str, str]:
-        return {name: getattr(self, name) for name in IDENTIFIER_FIELDS if getattr(self, name)}
+        return {name: getattr(self, name) for name in identifiers.FIELDS if getattr(self, name)}
 
 
 # Fields a contributor may write, in the order `catalog add` writes them.

@@ -5,21 +5,12 @@ the same id or the same paper listed twice, papers without a metadata record, an
 reference implementations that do not exist (a warning, or an error with strict_impl).
 """
 
-import re
-import unicodedata
 from collections.abc import Iterable
 
+from catalog import identifiers
 from catalog.impls import ImplModule
 from catalog.load import LoadedCatalog, Problem
 from catalog.schema import Entry
-
-IDENTIFIER_NAMES = {"arxiv": "arXiv id", "acl": "ACL Anthology id", "doi": "DOI", "s2": "Semantic Scholar id"}
-
-
-def normalise_title(title: str) -> str:
-    """Titles compare equal if they differ only in case, accents, punctuation and spacing."""
-    text = unicodedata.normalize("NFKD", title).encode("ascii", "ignore").decode().lower()
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", text).split())
 
 
 def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], impls: dict[str, ImplModule],
@@ -30,20 +21,17 @@ def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], impls: dict[str,
     at = lambda entry, field, message, severity="error": problems.append(
         Problem(catalog.path, entry.line_of(field), message, entry.id, field, severity))
 
-    first_seen: dict[tuple[str, str], Entry] = {}  # (what, normalised value) -> first entry with it
+    first_seen: dict[tuple[str, str], Entry] = {}  # (what, compared value) -> first entry with it
     for entry in catalog.entries:
-        keys = [("id", "id", entry.id), ("title", "title", normalise_title(entry.title))]
-        # DOIs are case-insensitive; the other identifiers are compared as written.
-        keys += [(name, name, value.lower() if name == "doi" else value) for name, value in entry.identifiers.items()]
-        for field, what, value in keys:
+        for what, value in [("id", entry.id)] + identifiers.duplicate_keys(entry.title, entry.identifiers):
             earlier = first_seen.setdefault((what, value), entry)
             if earlier is entry:
                 continue
             if what == "id":
-                at(entry, field, f"duplicate id: already used by the entry at {catalog.path}:{earlier.line}")
+                at(entry, what, f"duplicate id: already used by the entry at {catalog.path}:{earlier.line}")
             else:
-                label = IDENTIFIER_NAMES.get(what, "title")
-                at(entry, field, f"same paper as entry {earlier.id!r} ({catalog.path}:{earlier.line}): same {label}")
+                at(entry, what, f"same paper as entry {earlier.id!r} ({catalog.path}:{earlier.line}): "
+                                f"same {identifiers.label(what)}")
 
         if entry.paper and entry.id not in stored_ids:
             at(entry, "id", "no metadata record in the store; run `catalog enrich` (or add it with `catalog add`)")
@@ -56,7 +44,10 @@ def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], impls: dict[str,
                 at(entry, "impl", f"reference_impls/{slug.replace('.', '/')}.py does not implement this entry yet "
                    f"(the entry is not in the module's IMPLEMENTS)", "error" if strict_impl else "warning")
 
-    # The other direction: a module may only claim entries that exist and link back to it.
+    # The other direction: a module may only claim entries that exist and link back to it. Not for a
+    # file that did not load (empty, not YAML, ...): every claim would be reported, burying its one error.
+    if not catalog.complete:
+        return sorted(problems, key=lambda problem: problem.line)
     by_id = {entry.id: entry for entry in catalog.entries}
     broken = {problem.entry_id for problem in catalog.problems}  # already reported; do not cascade
     for slug, module in impls.items():

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from catalog.impls import ImplModule
+from catalog.record import Paper
 from catalog.schema import Entry, check_link
 from catalog.store import MetadataStore
 from catalog.vocabulary import SECTION_BY_NAME
@@ -118,19 +119,19 @@ def paper_views(entries: list[Entry], store: MetadataStore, impls: dict[str, Imp
     views = []
     for entry in entries:
         record = store.get(entry.id)
-        paper = record.paper if record else {}
-        authors = tuple(entry.authors) if entry.authors is not None else tuple(
-            author["name"] for author in paper.get("authors") or [] if author.get("name"))
+        paper = record.paper if record else None
+        authors = tuple(entry.authors) if entry.authors is not None else (paper.author_names if paper else ())
+        bibtex = paper.citationStyles.bibtex if paper and paper.citationStyles else None
         views.append(PaperView(
             entry=entry,
             title=entry.title,
             authors=authors,
-            venue=entry.venue or _venue(paper),
-            year=paper.get("year"),
-            citations=paper.get("citationCount"),
-            tldr=(paper.get("tldr") or {}).get("text") or "",
-            abstract=paper.get("abstract") or "",
-            bibtex=((paper.get("citationStyles") or {}).get("bibtex") or "").strip() or _bibtex(entry, paper, authors),
+            venue=entry.venue or (paper.venue_name if paper else ""),
+            year=paper.year if paper else None,
+            citations=paper.citationCount if paper else None,
+            tldr=(paper.tldr.text if paper and paper.tldr else None) or "",
+            abstract=(paper.abstract if paper else None) or "",
+            bibtex=(bibtex or "").strip() or _bibtex(entry, paper, authors),
             links=tuple(_links(entry, paper)),
             # A link counts only where the module says it implements this entry.
             impls=tuple(impls[slug] for slug in entry.impl if slug in impls and entry.id in impls[slug].papers),
@@ -138,10 +139,6 @@ def paper_views(entries: list[Entry], store: MetadataStore, impls: dict[str, Imp
             edit_url=f"{repo_url.rstrip('/')}/blob/main/{papers_file}#L{entry.line}",
         ))
     return views
-
-
-def _venue(paper: dict) -> str:
-    return paper.get("venue") or (paper.get("publicationVenue") or {}).get("name") or ""
 
 
 def _safe(url) -> str | None:
@@ -152,19 +149,19 @@ def _safe(url) -> str | None:
         return None
 
 
-def _links(entry: Entry, paper: dict):
-    pdf = _safe((paper.get("openAccessPdf") or {}).get("url"))
+def _links(entry: Entry, paper: Paper | None):
+    pdf = _safe(paper.openAccessPdf.url) if paper and paper.openAccessPdf else None
     if not pdf and entry.arxiv:
         pdf = f"https://arxiv.org/pdf/{entry.arxiv}"
     if not pdf and entry.acl:
         pdf = f"https://aclanthology.org/{entry.acl}.pdf"
+    s2_id = entry.s2 or (paper.paperId if paper else None)
     candidates = [
         ("PDF", pdf),
         ("arXiv", entry.arxiv and f"https://arxiv.org/abs/{entry.arxiv}"),
         ("ACL Anthology", entry.acl and f"https://aclanthology.org/{entry.acl}/"),
         ("DOI", entry.doi and f"https://doi.org/{entry.doi}"),
-        ("Semantic Scholar", (entry.s2 or paper.get("paperId")) and
-         f"https://www.semanticscholar.org/paper/{entry.s2 or paper['paperId']}"),
+        ("Semantic Scholar", s2_id and f"https://www.semanticscholar.org/paper/{s2_id}"),
         ("Code", entry.code),
         ("Website", entry.website),
     ]
@@ -173,14 +170,15 @@ def _links(entry: Entry, paper: dict):
             yield Link(label, url)
 
 
-def _bibtex(entry: Entry, paper: dict, authors: tuple[str, ...]) -> str:
+def _bibtex(entry: Entry, paper: Paper | None, authors: tuple[str, ...]) -> str:
     """A BibTeX record from what we know, for records without the API's citationStyles."""
     if not entry.paper:
         return ""
-    surname = re.sub(r"[^a-z]", "", (authors[0].split()[-1] if authors else entry.id).lower()) or "anon"
-    year = paper.get("year") or ""
+    surname = re.sub(r"[^a-z]", "", (authors[0].split()[-1] if authors and authors[0].split() else entry.id).lower())
+    surname = surname or "anon"
+    year = (paper.year if paper else None) or ""
     first_word = re.sub(r"[^a-z]", "", entry.title.split()[0].lower()) if entry.title.split() else ""
-    venue = entry.venue or _venue(paper)
+    venue = entry.venue or (paper.venue_name if paper else "")
     kind = "article" if not venue or "arxiv" in venue.lower() else "inproceedings"
     fields = [("title", "{" + _bib_text(entry.title) + "}"), ("author", " and ".join(map(_bib_text, authors)))]
     fields.append(("journal" if kind == "article" else "booktitle", _bib_text(venue or "arXiv preprint")))

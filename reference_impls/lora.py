@@ -64,6 +64,8 @@ IMPLEMENTS = ("lora", "dora", "vera", "adalora")
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus the trainable low-rank update s·BA."""
 
+    use_kernels = True  # False: always the plain PyTorch path (the kernel tests compare the two)
+
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                  use_rslora: bool = False):
         super().__init__()
@@ -80,9 +82,17 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.merged = False
 
+    def takes_kernel(self, x: torch.Tensor) -> bool:
+        """Whether this forward can run as the fused kernel and compute exactly the same: on CUDA, one
+        dtype throughout, no dropout, and a frozen base (the fused backward returns no gradient for
+        W₀ or its bias, so an unfrozen bias would silently stop learning)."""
+        bias = self.base.bias
+        return (self.use_kernels and not self.merged and isinstance(self.dropout, nn.Identity)
+                and not self.base.weight.requires_grad and (bias is None or not bias.requires_grad)
+                and kernel_takes(x, self.base.weight, self.A, self.B, bias))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (type(self) is LoRALinear and not self.merged and isinstance(self.dropout, nn.Identity)
-                and kernel_takes(x, self.base.weight, self.A, self.B, self.base.bias)):
+        if type(self) is LoRALinear and self.takes_kernel(x):
             # On a GPU: the same function, with the update added inside the GEMM (kernels/fused_lora.py).
             return fused_lora(x, self.base.weight, self.A, self.B, self.scale, self.base.bias)
         h = self.base(x)
@@ -124,7 +134,7 @@ class DoRALinear(LoRALinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        if isinstance(self.dropout, nn.Identity) and kernel_takes(x, self.base.weight, self.A, self.B, self.base.bias):
+        if self.takes_kernel(x):
             # On a GPU: the norm without forming W₀ + s·BA, the rescale inside the GEMM (kernels/dora.py).
             return fused_dora(x, self.base.weight, self.A, self.B, self.m, self.scale, self.base.bias)
         factor = (self.m / self.column_norm().detach()).to(x.dtype)  # m / ‖W₀ + s·BA‖, norm as a constant

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 # Without a GPU, Triton kernels run in Triton's interpreter on the CPU. The variable must be set
-# before any kernel is defined, so here, before the test modules import them.
+# before any kernel is defined, so here, before the test modules import them; set, not defaulted,
+# so that a TRITON_INTERPRET=0 in the environment cannot turn the kernel tests into PyTorch-only ones.
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from repo_inputs import REPO, copy_repo_inputs  # noqa: F401 (re-exported for the tests)
 

@@ -2,7 +2,9 @@
 
 - POST /graph/v1/paper/batch {"ids": [...]}: a list aligned with the ids, null for unknown ones;
 - GET /graph/v1/paper/{id}: the record, or 404 {"error": "Paper with id ... not found"};
-- GET /graph/v1/paper/search/match?query=...: {"data": [record]}, or 404 {"error": "Title match not found"}.
+- GET /graph/v1/paper/search/match?query=...: {"data": [record]}, or 404 {"error": "Title match not found"};
+- GET /graph/v1/paper/search?query=...&offset=0&limit=10: {"total": n, "offset": 0, "data": [records]} (the
+  papers whose title holds every word of the query; the real API ranks by relevance).
 Ids may be bare paper ids or ARXIV:, ACL:, DOI: prefixed, as the real API accepts them.
 """
 
@@ -10,7 +12,7 @@ import json
 import re
 from urllib.parse import parse_qs, unquote
 
-from catalog.validate import normalise_title
+from catalog.identifiers import normalise_title
 
 
 class FakeS2:
@@ -40,9 +42,15 @@ class FakeS2:
         if method == "GET" and path.endswith("/paper/search/match"):
             wanted = normalise_title((parse_qs(query).get("query") or [""])[0])
             for paper in self.papers.values():
-                if normalise_title(paper["title"]) == wanted:
+                if normalise_title(paper.get("title") or "") == wanted:
                     return 200, {"data": [{**project(paper), "matchScore": 187.3}]}
             return 404, {"error": "Title match not found"}
+        if method == "GET" and path.endswith("/paper/search"):
+            words = set(normalise_title((parse_qs(query).get("query") or [""])[0]).split())
+            limit = int((parse_qs(query).get("limit") or ["100"])[0])
+            found = [project(paper) for paper in self.papers.values()
+                     if words and words <= set(normalise_title(paper.get("title") or "").split())]
+            return 200, {"total": len(found), "offset": 0, "data": found[:limit]}
         match = re.fullmatch(r".*/paper/(.+)", path)
         if method == "GET" and match:
             paper_id = unquote(match.group(1))

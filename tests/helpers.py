@@ -12,6 +12,18 @@ def demo_losses(output: str) -> list[tuple[float, float]]:
     return [(float(before), float(after)) for before, after in LOSSES.findall(output)]
 
 
+def spy(monkeypatch, module, name: str) -> list:
+    """Record every call of module.name (which still runs): the kernel tests' proof of the path taken."""
+    calls, original = [], getattr(module, name)
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recorded)
+    return calls
+
+
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
 

@@ -10,7 +10,8 @@ import pytest
 from catalog.cli import main
 from catalog.impls import ImplModule
 from catalog.load import parse_catalog
-from catalog.validate import normalise_title, validate
+from catalog.identifiers import normalise_title
+from catalog.validate import validate
 
 GOOD = """\
 - id: lora

@@ -13,6 +13,7 @@ from werkzeug import Response
 from catalog.cli import main
 from catalog.enrich import answers, enrich, lookup_id, plan
 from catalog.load import load_catalog
+from catalog.record import Paper
 from catalog.s2 import RetryPolicy, S2Client, S2Error
 from catalog.store import load_store
 from conftest import REPO
@@ -27,7 +28,7 @@ def seed_papers() -> list[dict]:
     store = load_store(REPO / "catalog" / "metadata.json")
     papers = []
     for entry_id, record in store.records.items():
-        paper = dict(record.paper)
+        paper = record.paper.to_json()
         paper["citationStyles"] = {"bibtex": f"@Article{{{entry_id},\n title = {{{paper['title']}}}\n}}"}
         paper["citationCount"] = 1000 + len(papers)
         papers.append(paper)
@@ -73,8 +74,8 @@ def test_enrich_fills_the_store_in_one_request(repo_copy, fake, capsys):
     store = load_store(STORE)
     assert len(store.records) == 64 and len(api.batches) == 1 and len(api.batches[0]) == 64
     lora = store.records["lora"]
-    assert lora.source == url and lora.paper["citationStyles"]["bibtex"].startswith("@Article{lora")
-    assert datetime.fromisoformat(lora.retrieved) > datetime.now(timezone.utc) - timedelta(minutes=5)
+    assert lora.source == url and lora.paper.citationStyles.bibtex.startswith("@Article{lora")
+    assert lora.retrieved > datetime.now(timezone.utc) - timedelta(minutes=5)
     assert main(["check"]) == 0
     # The store is stable: sorted keys, one record per paper, so a rerun with the same answers is a no-op diff.
     before = STORE.read_bytes()
@@ -100,7 +101,7 @@ def test_1201_ids_go_in_three_requests(repo_copy, httpserver):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from synthetic_catalog import synthetic_entries
     text, store = synthetic_entries(1201)
-    api = FakeS2([record.paper for record in store.records.values()])
+    api = FakeS2([record.paper.to_json() for record in store.records.values()])
     httpserver.expect_request(ANY).respond_with_handler(
         lambda request: Response(json.dumps(api.answer(request.method, request.path, request.query_string.decode(),
                                                        request.get_data())[1]), content_type="application/json"))
@@ -113,8 +114,8 @@ def test_1201_ids_go_in_three_requests(repo_copy, httpserver):
 
 def test_unknown_papers_are_reported_by_line_and_keep_their_record(repo_copy, fake, capsys):
     api, url = fake
-    del api.papers[load_store(STORE).records["lora"].paper["paperId"]]
-    del api.papers[load_store(STORE).records["bitfit"].paper["paperId"]]
+    del api.papers[load_store(STORE).records["lora"].paper.paperId]
+    del api.papers[load_store(STORE).records["bitfit"].paper.paperId]
     old_lora = load_store(STORE).records["lora"]
     assert main(["enrich", "--api-url", url, "--refresh"]) == 0
     err = capsys.readouterr().err
@@ -127,8 +128,9 @@ def test_unknown_papers_are_reported_by_line_and_keep_their_record(repo_copy, fa
 
 
 def test_records_are_matched_by_identifier_not_position():
-    paper = {"paperId": "abc", "externalIds": {"ArXiv": "2106.09685", "DOI": "10.1/X.Y", "ACL": "2021.acl-long.1"}}
-    assert answers("abc", paper) and not answers("abd", paper)
+    paper = Paper.model_validate({"paperId": "abc" * 13 + "d",
+                                  "externalIds": {"ArXiv": "2106.09685", "DOI": "10.1/X.Y", "ACL": "2021.acl-long.1"}})
+    assert answers("abc" * 13 + "d", paper) and not answers("abd" * 13 + "d", paper)
     assert answers("ARXIV:2106.09685", paper) and answers("DOI:10.1/x.y", paper) and answers("ACL:2021.acl-long.1", paper)
     assert not answers("ARXIV:2106.09686", paper)
     entries = load_catalog(REPO / "papers.yaml").entries
@@ -204,8 +206,8 @@ def test_interruption_between_batches_keeps_finished_batches(repo_copy, httpserv
     sys.path.insert(0, str(REPO / "benchmarks"))
     from synthetic_catalog import synthetic_entries
     text, store = synthetic_entries(1100)
-    api = FakeS2([record.paper for record in store.records.values()])
-    second_batch_first_id = store.records["paper-00500"].paper["paperId"]
+    api = FakeS2([record.paper.to_json() for record in store.records.values()])
+    second_batch_first_id = store.records["paper-00500"].paper.paperId
 
     def handle(request):
         if second_batch_first_id in request.get_data(as_text=True):
@@ -281,7 +283,7 @@ def test_add_inserts_a_valid_entry_and_keeps_every_line(repo_copy, fake_with_new
     assert "  tags: [LoRA]" in added and "  impl: [lora]" in added
     last_methods = [entry for entry in catalog.entries if entry.section == "NLP / Methods"]
     assert last_methods[-1] is new  # right after the section's last entry
-    assert load_store(STORE).records["mora"].paper["title"] == NEW_PAPER["title"]
+    assert load_store(STORE).records["mora"].paper.title == NEW_PAPER["title"]
     assert main(["check"]) == 0
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import relative_error
+from helpers import relative_error, spy
 
 from reference_impls.kernels.dora import FusedDoRAFunction, fused_dora, reference_dora, reference_weight_norm, weight_norm
 
@@ -44,12 +44,25 @@ def test_backward_equals_autograd_of_the_reference():
         assert relative_error(ours, theirs) < 1e-4
 
 
-def test_matches_the_dora_module():
-    from reference_impls.lora import DoRALinear
-    layer = DoRALinear(torch.nn.Linear(30, 22), r=3, alpha=6).to(DEVICE)
+def test_the_dora_module_takes_the_kernel_only_where_it_is_exact(monkeypatch):
+    """On CUDA, DoRALinear runs the kernel (asserted) and equals its own PyTorch path; everywhere, the
+    kernel equals that path; a trainable base keeps the PyTorch path."""
+    from reference_impls import lora as lora_module
+    layer = lora_module.DoRALinear(torch.nn.Linear(30, 22), r=3, alpha=6).to(DEVICE)
+    layer.base.requires_grad_(False)
     with torch.no_grad():
         layer.B.normal_()
         layer.m.uniform_(0.5, 2)
     x = torch.randn(5, 30, device=DEVICE)
-    y = fused_dora(x, layer.base.weight, layer.A, layer.B, layer.m, layer.scale, layer.base.bias)
-    assert relative_error(y, layer(x)) < 1e-4
+    launches = spy(monkeypatch, lora_module, "fused_dora")
+    y = layer(x)
+    layer.use_kernels = False
+    expected = layer(x)
+    assert len(launches) == (1 if DEVICE == "cuda" else 0)
+    assert relative_error(y, expected) < 1e-4
+    assert relative_error(fused_dora(x, layer.base.weight, layer.A, layer.B, layer.m, layer.scale, layer.base.bias),
+                          expected) < 1e-4
+    layer.use_kernels = True
+    layer.base.weight.requires_grad_(True)
+    layer(x).sum().backward()
+    assert len(launches) == (1 if DEVICE == "cuda" else 0) and layer.base.weight.grad is not None

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from helpers import relative_error
+from helpers import relative_error, spy
 
 from reference_impls.kernels.fused_lora import (FEW_ROWS_CONFIGS, MANY_ROWS_CONFIGS, FusedLoRAFunction, fused_lora,
                                                 lora_gemm, reference_fused_lora)
@@ -50,14 +50,29 @@ def test_backward_equals_autograd_of_the_reference():
         assert relative_error(ours, theirs) < 1e-4
 
 
-def test_matches_the_lora_module():
-    from reference_impls.lora import LoRALinear
-    layer = LoRALinear(torch.nn.Linear(30, 22), r=3, alpha=6).to(DEVICE)
+def test_the_lora_module_takes_the_kernel_only_where_it_is_exact(monkeypatch):
+    """On CUDA, LoRALinear runs the kernel (asserted) and equals its own PyTorch path; everywhere, the
+    kernel equals that path. An unfrozen base weight or bias keeps the PyTorch path: the fused backward
+    gives them no gradient."""
+    from reference_impls import lora as lora_module
+    layer = lora_module.LoRALinear(torch.nn.Linear(30, 22), r=3, alpha=6).to(DEVICE)
+    layer.base.requires_grad_(False)
     with torch.no_grad():
         layer.B.normal_()
     x = torch.randn(5, 30, device=DEVICE)
-    y = fused_lora(x, layer.base.weight, layer.A, layer.B, layer.scale, layer.base.bias)
-    assert relative_error(y, layer(x)) < 1e-4
+    launches = spy(monkeypatch, lora_module, "fused_lora")
+    y = layer(x)
+    assert len(launches) == (1 if DEVICE == "cuda" else 0)
+    layer.use_kernels = False
+    expected = layer(x)  # the module's PyTorch path
+    assert len(launches) == (1 if DEVICE == "cuda" else 0)
+    assert relative_error(y, expected) < 1e-4
+    assert relative_error(fused_lora(x, layer.base.weight, layer.A, layer.B, layer.scale, layer.base.bias),
+                          expected) < 1e-4
+    layer.use_kernels = True
+    layer.base.bias.requires_grad_(True)  # a trainable bias: the kernel would not train it
+    layer(x).sum().backward()
+    assert len(launches) == (1 if DEVICE == "cuda" else 0) and layer.base.bias.grad is not None
 
 
 @pytest.mark.parametrize("config", FEW_ROWS_CONFIGS + MANY_ROWS_CONFIGS, ids=str)

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from helpers import demo_losses, run_demo
+from helpers import demo_losses, run_demo, spy
 from reference_impls._plumbing import count_parameters
 from reference_impls.kernels.nf4 import (NF4_LEVELS, NF4Weight, QLoRALinear, dequantize_nf4, dynamic_map, inject_qlora,
                                          quantize_nf4, reference_dequantize_nf4, storage_bytes)
@@ -78,7 +78,10 @@ def test_quantisation_error_is_small_and_zero_is_exact():
     assert ((restored - W).norm() / W.norm()).item() < 0.12  # 4 bits per weight
 
 
-def test_qlora_linear_trains_only_the_adapter_and_computes_lora_on_nf4():
+def test_qlora_linear_trains_only_the_adapter_and_computes_lora_on_nf4(monkeypatch):
+    from reference_impls.kernels import fused_lora, nf4
+    launches = spy(monkeypatch, fused_lora, "lora_gemm")
+    fallbacks = [spy(monkeypatch, nf4, "reference_dequantize_nf4"), spy(monkeypatch, fused_lora, "reference_fused_lora")]
     base = torch.nn.Linear(48, 40).to(DEVICE)
     layer = QLoRALinear(base, r=4, alpha=8, compute_dtype=torch.float32)
     with torch.no_grad():
@@ -88,6 +91,8 @@ def test_qlora_linear_trains_only_the_adapter_and_computes_lora_on_nf4():
     expected = x @ W.T + base.bias + 2.0 * (x @ layer.A.T) @ layer.B.T
     y = layer(x)
     assert ((y - expected).norm() / expected.norm()).item() < 1e-4
+    # Both kernels ran (on CUDA, or in the interpreter): the GEMM was launched, no PyTorch twin was called.
+    assert len(launches) == 1 and fallbacks == [[], []]
     y.sum().backward()
     assert layer.A.grad is not None and layer.B.grad is not None and not layer.bias.requires_grad
     assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["A", "B"]

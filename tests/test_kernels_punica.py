@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import demo_losses, relative_error, run_demo
+from helpers import demo_losses, relative_error, run_demo, spy
 
 from reference_impls.kernels.punica import (MultiLoRALinear, bgmv, bgmv_table, inject_multi_lora, load_lora,
                                             reference_shrink_expand, route, rows_aligned, segments_of, sgmv, stacked_table)
@@ -77,8 +77,12 @@ def test_empty_batch():
     assert bgmv(empty.clone(), empty, A, B, torch.empty(0, dtype=torch.int32, device=DEVICE), 1.0).shape == (0, 8)
 
 
-def test_multi_lora_layer_serves_mixed_batches_like_separate_lora_layers():
+def test_multi_lora_layer_serves_mixed_batches_like_separate_lora_layers(monkeypatch):
+    """Through the kernels (asserted: on CUDA, and in the interpreter on a CPU), each row equals its own
+    LoRA layer computed in plain PyTorch."""
+    from reference_impls.kernels import punica
     from reference_impls.lora import LoRALinear
+    launches = {name: spy(monkeypatch, punica, name) for name in ("bgmv_table", "sgmv_table")}
     base = torch.nn.Linear(24, 20).to(DEVICE)
     layer = MultiLoRALinear(base, adapters=3, r=4, alpha=8)
     with torch.no_grad():
@@ -92,11 +96,13 @@ def test_multi_lora_layer_serves_mixed_batches_like_separate_lora_layers():
                 expected = base(x[row])
             else:
                 single = LoRALinear(base, r=4, alpha=8)
+                single.use_kernels = False
                 with torch.no_grad():
                     single.A.copy_(layer.A[adapter])
                     single.B.copy_(layer.B[adapter])
                 expected = single(x[row:row + 1])[0]
             assert relative_error(got[row], expected) < 1e-4
+    assert [len(calls) for calls in launches.values()] == [1, 1]  # decode through BGMV, prefill through SGMV
 
 
 class Encoder(nn.Module):

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from helpers import relative_error, run_demo
+from helpers import relative_error, run_demo, spy
 
 from reference_impls.kernels.punica import reference_shrink_expand, reference_table, stacked_table
 from reference_impls.kernels.slora import AdapterPool, PoolFull, SLoRALinear
@@ -43,13 +43,16 @@ def served():
     return pool, adapters, base, SLoRALinear(base, pool)
 
 
-def test_prefill_and_decode_equal_dense_with_mixed_ranks(served):
+def test_prefill_and_decode_equal_dense_with_mixed_ranks(served, monkeypatch):
+    from reference_impls.kernels import punica
+    launches = [spy(monkeypatch, punica, name) for name in ("sgmv_table", "bgmv_table")]
     pool, adapters, base, layer = served
     prefill = ["c"] * 20 + ["a"] * 9 + [None] * 4 + ["d"] * 17  # segments: SGMV
     decode = ["b", "a", None, "d", "c", "b", "a"]  # one row per request: BGMV
     for names in (prefill, decode):
         x = torch.randn(len(names), K, device=DEVICE)
         assert relative_error(layer(x, names), dense(base, x, names, adapters)) < 1e-4
+    assert [len(calls) for calls in launches] == [1, 1]  # the kernels ran (CUDA, or the interpreter)
     pages = [page for resident in pool.resident.values() for page in resident.a_pages]
     assert pages != sorted(pages)  # really scattered
 
