@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed
 GPU_VENV  := .venv-gpu-triton
 GPU_STAMP := $(GPU_VENV)/.installed
 
-.PHONY: site test test-gpu-triton check serve clean
+.PHONY: site test test-gpu-triton check lint format serve clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,16 @@ $(GPU_STAMP): Makefile
 	$(GPU_VENV)/bin/pip install --quiet torch==2.13.0 triton==3.6.0 numpy==2.2.6 pytest==9.2.0
 	touch $(GPU_STAMP)
 
-test: $(STAMP)
+# ruff, configured in pyproject.toml: lint, import order and formatting (make format applies them).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+test: $(STAMP) lint
 	$(BIN)/catalog check
 	$(BIN)/python -m pytest
 	$(MAKE) test-gpu-triton

@@ -11,6 +11,8 @@ if not torch.cuda.is_available():
 
 from repo_inputs import REPO, copy_repo_inputs  # noqa: F401 (re-exported for the tests)
 
+pytest_plugins = ["s2_helpers"]  # the fake Semantic Scholar API's fixtures
+
 
 @pytest.fixture
 def repo_copy(tmp_path, monkeypatch):

@@ -18,53 +18,7 @@ from catalog.s2 import RetryPolicy, S2Client, S2Error
 from catalog.store import load_store
 from conftest import REPO
 from fake_s2 import FakeS2
-
-ANY = re.compile(".*")
-STORE = Path("catalog/metadata.json")
-
-
-def seed_papers() -> list[dict]:
-    """The committed records, as the API would return them (with its BibTeX)."""
-    store = load_store(REPO / "catalog" / "metadata.json")
-    papers = []
-    for entry_id, record in store.records.items():
-        paper = record.paper.to_json()
-        paper["citationStyles"] = {"bibtex": f"@Article{{{entry_id},\n title = {{{paper['title']}}}\n}}"}
-        paper["citationCount"] = 1000 + len(papers)
-        papers.append(paper)
-    return papers
-
-
-@pytest.fixture
-def fake(httpserver):
-    """The fake API on a local port; returns (FakeS2, base URL). Faults are queued as oneshot handlers."""
-    api = FakeS2(seed_papers())
-
-    def handle(request):
-        status, body = api.answer(request.method, request.path, request.query_string.decode(), request.get_data())
-        return Response(json.dumps(body), status=status, content_type="application/json")
-
-    httpserver.expect_request(ANY).respond_with_handler(handle)
-    return api, httpserver.url_for("/graph/v1")
-
-
-def fault(httpserver, status=500, body='{"message": "Internal Server Error"}', headers=None, delay=0.0):
-    def handle(request):
-        time.sleep(delay)
-        return Response(body, status=status, headers=headers or {}, content_type="application/json")
-    httpserver.expect_oneshot_request(ANY).respond_with_handler(handle)
-
-
-def fast(url, **policy) -> S2Client:
-    waits = []
-    client = S2Client(url, timeout=policy.pop("timeout", 5.0),
-                      policy=RetryPolicy(base_seconds=0.01, sleep=waits.append, **policy))
-    client.waits = waits
-    return client
-
-
-def empty_store(root: Path) -> None:
-    (root / STORE).write_text(json.dumps({"format": 1, "records": {}}))
+from s2_helpers import ANY, NEW_PAPER, STORE, empty_store, fast, fault, seed_papers, serve
 
 
 def test_enrich_fills_the_store_in_one_request(repo_copy, fake, capsys):
@@ -102,12 +56,10 @@ def test_1201_ids_go_in_three_requests(repo_copy, httpserver):
     from synthetic_catalog import synthetic_entries
     text, store = synthetic_entries(1201)
     api = FakeS2([record.paper.to_json() for record in store.records.values()])
-    httpserver.expect_request(ANY).respond_with_handler(
-        lambda request: Response(json.dumps(api.answer(request.method, request.path, request.query_string.decode(),
-                                                       request.get_data())[1]), content_type="application/json"))
+    url = serve(httpserver, api)
     (repo_copy / "papers.yaml").write_text(text)
     empty_store(repo_copy)
-    assert main(["enrich", "--api-url", httpserver.url_for("/graph/v1")]) == 0
+    assert main(["enrich", "--api-url", url]) == 0
     assert [len(batch) for batch in api.batches] == [500, 500, 201]
     assert len(load_store(STORE).records) == 1201
 
@@ -223,20 +175,14 @@ def test_interruption_between_batches_keeps_finished_batches(repo_copy, httpserv
     assert len(kept) == 500 and "paper-00499" in kept and "paper-00500" not in kept
     api_batches_before = len(api.batches)
     httpserver.clear_all_handlers()
-    httpserver.expect_request(ANY).respond_with_handler(
-        lambda request: Response(json.dumps(api.answer(request.method, request.path, request.query_string.decode(),
-                                                       request.get_data())[1]), content_type="application/json"))
-    assert main(["enrich", "--api-url", httpserver.url_for("/graph/v1")]) == 0  # the rerun resumes
+    assert main(["enrich", "--api-url", serve(httpserver, api)]) == 0  # the rerun resumes
     assert [len(batch) for batch in api.batches[api_batches_before:]] == [500, 100]
     assert len(load_store(STORE).records) == 1100
 
 
 def test_api_key_is_sent_as_header(repo_copy, httpserver, monkeypatch):
     api = FakeS2(seed_papers())
-    httpserver.expect_request(ANY, headers={"x-api-key": "s3cret"}).respond_with_handler(
-        lambda request: Response(json.dumps(api.answer(request.method, request.path, request.query_string.decode(),
-                                                       request.get_data())[1]), content_type="application/json"))
-    monkeypatch.setenv("S2_API_URL", httpserver.url_for("/graph/v1"))
+    monkeypatch.setenv("S2_API_URL", serve(httpserver, api, headers={"x-api-key": "s3cret"}))
     monkeypatch.setenv("S2_API_KEY", "s3cret")
     empty_store(repo_copy)
     assert main(["enrich"]) == 0 and len(api.batches) == 1
@@ -244,22 +190,6 @@ def test_api_key_is_sent_as_header(repo_copy, httpserver, monkeypatch):
 
 
 # ---- catalog add ---------------------------------------------------------------------------------
-
-NEW_PAPER = {"paperId": "f" * 40, "externalIds": {"ArXiv": "2401.00001", "CorpusId": 1},
-             "title": "MoRA: A Made-up Adapter for Tests", "authors": [{"authorId": "1", "name": "Ada Lovelace"}],
-             "venue": "arXiv.org", "year": 2024, "citationCount": 3, "tldr": {"model": "tldr@v2.0.0", "text": "A test."},
-             "abstract": "An abstract.", "citationStyles": {"bibtex": "@Article{mora}"}}
-
-
-@pytest.fixture
-def fake_with_new(httpserver):
-    api = FakeS2(seed_papers() + [NEW_PAPER])
-    httpserver.expect_request(ANY).respond_with_handler(
-        lambda request: Response(json.dumps(api.answer(request.method, request.path, request.query_string.decode(),
-                                                       request.get_data())[1]),
-                                 status=api.answer(request.method, request.path, request.query_string.decode(),
-                                                   request.get_data())[0], content_type="application/json"))
-    return httpserver.url_for("/graph/v1")
 
 
 @pytest.mark.parametrize("lookup", ["ARXIV:2401.00001", "f" * 40, "MoRA: A made-up adapter for tests"])

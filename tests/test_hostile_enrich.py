@@ -18,7 +18,7 @@ from catalog.s2 import RetryPolicy, S2Client, S2Error, retry_after_seconds
 from catalog.store import load_store
 from fake_s2 import FakeS2
 from raw_server import answer, cut_off, drip, raw_server
-from test_enrich import ANY, NEW_PAPER, STORE, fake, fake_with_new, fault, seed_papers  # noqa: F401 (fixtures)
+from s2_helpers import ANY, NEW_PAPER, STORE, fault, seed_papers
 
 LORA_ID = "a8ca46b171467ceb2d7652fbfb67fe701ad86092"
 
@@ -222,19 +222,6 @@ def test_a_killed_writes_temporary_file_is_removed_and_ignored_by_git(repo_copy,
 
 def add(url, lookup, capsys, *extra):
     return run(["add", lookup, "--api-url", url, "--section", "NLP / Methods", "--kind", "method", *extra], capsys)
-
-
-@pytest.fixture
-def api_with(httpserver):
-    """A fake API holding the seed papers plus the given ones; returns its URL."""
-    def make(*papers):
-        api = FakeS2(seed_papers() + list(papers))
-        httpserver.expect_request(ANY).respond_with_handler(lambda request: Response(
-            json.dumps(api.answer(request.method, request.path, request.query_string.decode(), request.get_data())[1]),
-            status=api.answer(request.method, request.path, request.query_string.decode(), request.get_data())[0],
-            content_type="application/json"))
-        return httpserver.url_for("/graph/v1")
-    return make
 
 
 def test_add_refuses_a_record_without_a_title(repo_copy, api_with, capsys):
