@@ -42,11 +42,18 @@ from reference_impls.kernels import dora, fused_lora, nf4, punica  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
-POINTER_TYPES = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
-                 torch.int64: "*i64", torch.uint8: "*u8"}
+POINTER_TYPES = {
+    torch.bfloat16: "*bf16",
+    torch.float16: "*fp16",
+    torch.float32: "*fp32",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+    torch.uint8: "*u8",
+}
 
 
 # ---- record the launches the wrappers make ----------------------------------------------------
+
 
 @contextmanager
 def recording(launches: list):
@@ -68,6 +75,7 @@ def recording(launches: list):
 
 def launches_of_the_benchmark(dtype=torch.bfloat16) -> list[tuple[str, tuple]]:
     """(label, launch) for every kernel launch the GPU benchmark's shapes make."""
+
     def meta(*shape, dtype=dtype):
         return torch.empty(*shape, device="meta", dtype=dtype)
 
@@ -76,23 +84,42 @@ def launches_of_the_benchmark(dtype=torch.bfloat16) -> list[tuple[str, tuple]]:
     calls = []
     for M in (1, 16, 128, 1024, 8192):
         x = meta(M, K)
-        calls.append((f"fused_lora forward, u in the kernel, M={M}", lambda x=x: fused_lora.lora_gemm(x, W, B, 1.0, A_rk=A)))
-        calls.append((f"fused_lora forward, u before, M={M}", lambda x=x: fused_lora.lora_gemm(x, W, B, 1.0, u=meta(M, r))))
+        calls.append(
+            (f"fused_lora forward, u in the kernel, M={M}", lambda x=x: fused_lora.lora_gemm(x, W, B, 1.0, A_rk=A))
+        )
+        calls.append(
+            (f"fused_lora forward, u before, M={M}", lambda x=x: fused_lora.lora_gemm(x, W, B, 1.0, u=meta(M, r)))
+        )
     dy = meta(8192, N)
     calls.append(("fused_lora backward dx, M=8192", lambda: fused_lora.lora_gemm(dy, W.T, A.T, 1.0, u=meta(8192, r))))
-    calls.append(("fused_lora backward dx, u in the kernel, M=16",
-                  lambda: fused_lora.lora_gemm(meta(16, N), W.T, A.T, 1.0, A_rk=B.T)))
+    calls.append(
+        (
+            "fused_lora backward dx, u in the kernel, M=16",
+            lambda: fused_lora.lora_gemm(meta(16, N), W.T, A.T, 1.0, A_rk=B.T),
+        )
+    )
     factor = meta(N, dtype=torch.float32)
-    calls.append(("dora forward, M=8192", lambda: fused_lora.lora_gemm(meta(8192, K), W, B, 1.0, u=meta(8192, r),
-                                                                         col_scale=factor)))
+    calls.append(
+        (
+            "dora forward, M=8192",
+            lambda: fused_lora.lora_gemm(meta(8192, K), W, B, 1.0, u=meta(8192, r), col_scale=factor),
+        )
+    )
     calls.append(("dora weight norm", lambda: dora.weight_norm(W, A, B, 1.0)))
     table = punica.stacked_table(meta(64, r, K), meta(64, N, r), 1.0)
     ids = meta(64, dtype=torch.int32)
     calls.append(("punica bgmv, 64 rows", lambda: punica.bgmv_table(meta(64, N), meta(64, K), table, ids)))
     starts, adapters = torch.tensor([0, 300, 1000], dtype=torch.int32), torch.tensor([3, 7], dtype=torch.int32)
-    calls.append(("punica sgmv, 2 segments", lambda: punica.sgmv_table(meta(1000, N), meta(1000, K), table, starts, adapters)))
-    weight = nf4.NF4Weight(meta(4096 * 11008 // 2, dtype=torch.uint8), meta(4096 * 11008 // 64, dtype=torch.uint8),
-                           meta(-(-4096 * 11008 // 64 // 256), dtype=torch.float32), 0.0, (4096, 11008))
+    calls.append(
+        ("punica sgmv, 2 segments", lambda: punica.sgmv_table(meta(1000, N), meta(1000, K), table, starts, adapters))
+    )
+    weight = nf4.NF4Weight(
+        meta(4096 * 11008 // 2, dtype=torch.uint8),
+        meta(4096 * 11008 // 64, dtype=torch.uint8),
+        meta(-(-4096 * 11008 // 64 // 256), dtype=torch.float32),
+        0.0,
+        (4096, 11008),
+    )
     calls.append(("nf4 dequantize 4096x11008", lambda: nf4.dequantize_nf4(weight, dtype)))
 
     recorded = []
@@ -111,6 +138,7 @@ def launches_of_the_benchmark(dtype=torch.bfloat16) -> list[tuple[str, tuple]]:
 
 # ---- compile one launch as the launcher would ---------------------------------------------------
 
+
 def specialise(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, dict]:
     """Triton's signature, constants and attributes for these arguments (what its launcher derives)."""
     values = dict(zip(fn.arg_names, args)) | {name: value for name, value in kwargs.items() if name in fn.arg_names}
@@ -125,7 +153,7 @@ def specialise(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict, 
         elif isinstance(value, bool) or (isinstance(value, int) and value == 1):
             signature[name], constants[name] = "constexpr", value
         elif isinstance(value, int):
-            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
             if value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
@@ -143,8 +171,10 @@ def resource_usage(cubin: bytes) -> dict:
         file.flush()
         text = subprocess.run([str(tool), "--dump-resource-usage", file.name], capture_output=True, text=True).stdout
     registers, local = re.search(r"REG:(\d+)", text), re.search(r"LOCAL:(\d+)", text)
-    return {"registers": int(registers.group(1)) if registers else None,
-            "spilled_bytes": int(local.group(1)) if local else None}
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spilled_bytes": int(local.group(1)) if local else None,
+    }
 
 
 def compile_launch(fn, args, kwargs, config) -> dict:
@@ -158,18 +188,29 @@ def compile_launch(fn, args, kwargs, config) -> dict:
     signature, constants, attrs = specialise(fn, args, kwargs)
     started = time.perf_counter()
     try:
-        compiled = triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs), target=HOPPER,
-                                  options=options)
+        compiled = triton.compile(
+            ASTSource(fn, signature, constexprs=constants, attrs=attrs), target=HOPPER, options=options
+        )
     except Exception as error:  # noqa: BLE001: reported per launch; the others still compile
         shared = re.search(r"Required: (\d+)", str(error))
-        return {"compiled": False, "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
-                "shared_bytes": int(shared.group(1)) if shared else None, **options}
+        return {
+            "compiled": False,
+            "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}",
+            "shared_bytes": int(shared.group(1)) if shared else None,
+            **options,
+        }
     ptx, ttgir = compiled.asm["ptx"], compiled.asm["ttgir"]
-    return {"compiled": True, "seconds": round(time.perf_counter() - started, 2), **options,
-            "shared_bytes": compiled.metadata.shared, "fits": compiled.metadata.shared <= SHARED_LIMIT,
-            "tensor_cores": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none"),
-            "pipelined_loads": "async_copy_global_to_local" in ttgir, "fused_multiply_adds": ptx.count("fma.rn."),
-            **resource_usage(compiled.asm["cubin"])}
+    return {
+        "compiled": True,
+        "seconds": round(time.perf_counter() - started, 2),
+        **options,
+        "shared_bytes": compiled.metadata.shared,
+        "fits": compiled.metadata.shared <= SHARED_LIMIT,
+        "tensor_cores": "wgmma" if "wgmma" in ptx else ("mma.sync" if "mma.sync" in ptx else "none"),
+        "pipelined_loads": "async_copy_global_to_local" in ttgir,
+        "fused_multiply_adds": ptx.count("fma.rn."),
+        **resource_usage(compiled.asm["cubin"]),
+    }
 
 
 def main() -> int:
@@ -179,8 +220,10 @@ def main() -> int:
     args = parser.parse_args()
     rows = []
     print(f"Triton {triton.__version__}, target sm_90")
-    print(f"{'launch':<44} {'kernel':<22} {'tile':<14} {'w/s':>4} {'shared':>7} {'regs':>4} {'spill':>5} "
-          f"{'MMA':<8} pipelined")
+    print(
+        f"{'launch':<44} {'kernel':<22} {'tile':<14} {'w/s':>4} {'shared':>7} {'regs':>4} {'spill':>5} "
+        f"{'MMA':<8} pipelined"
+    )
     for label, (fn, launch_args, launch_kwargs, configs) in launches_of_the_benchmark():
         for config in (configs[:1] if args.quick else configs) if configs else [None]:
             row = {"launch": label, "kernel": fn.__name__, **compile_launch(fn, launch_args, launch_kwargs, config)}
@@ -188,16 +231,28 @@ def main() -> int:
             row["tile"] = tile
             rows.append(row)
             if row["compiled"]:
-                print(f"{label:<44} {row['kernel']:<22} {tile:<14} {row['num_warps']}/{row['num_stages']} "
-                      f"{row['shared_bytes']:>7} {row['registers']!s:>4} {row['spilled_bytes']!s:>5} "
-                      f"{row['tensor_cores']:<8} {row['pipelined_loads']}" + ("" if row["fits"] else "  TOO MUCH SHARED"))
+                print(
+                    f"{label:<44} {row['kernel']:<22} {tile:<14} {row['num_warps']}/{row['num_stages']} "
+                    f"{row['shared_bytes']:>7} {row['registers']!s:>4} {row['spilled_bytes']!s:>5} "
+                    f"{row['tensor_cores']:<8} {row['pipelined_loads']}" + ("" if row["fits"] else "  TOO MUCH SHARED")
+                )
             else:
                 print(f"{label:<44} {row['kernel']:<22} {tile:<14} FAILED {row['error']}")
     if args.json:
         command = "python benchmarks/compile_kernels.py" + (" --quick" if args.quick else "")
-        Path(args.json).write_text(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                               "command": command, "triton": triton.__version__, "target": "sm_90",
-                                               "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "command": command,
+                    "triton": triton.__version__,
+                    "target": "sm_90",
+                    "rows": rows,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0 if all(row["compiled"] or row.get("shared_bytes") for row in rows) else 1
 
 

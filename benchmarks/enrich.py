@@ -84,11 +84,13 @@ def main() -> None:
             save_store(store, store_path)
             writes.append((len(store.records), time.perf_counter() - started))
 
-        client = S2Client(f"http://127.0.0.1:{server.server_address[1]}/graph/v1",
-                          policy=RetryPolicy(base_seconds=0.01))
+        client = S2Client(
+            f"http://127.0.0.1:{server.server_address[1]}/graph/v1", policy=RetryPolicy(base_seconds=0.01)
+        )
         started = time.perf_counter()
-        store, report = enrich(plan(catalog.entries, MetadataStore(), datetime.now(timezone.utc)), MetadataStore(),
-                               client, on_batch=save)
+        store, report = enrich(
+            plan(catalog.entries, MetadataStore(), datetime.now(timezone.utc)), MetadataStore(), client, on_batch=save
+        )
         wall = time.perf_counter() - started
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes; includes the server thread
         size = store_path.stat().st_size
@@ -99,17 +101,26 @@ def main() -> None:
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": "python benchmarks/enrich.py " + " ".join(sys.argv[1:]),
-        "papers": count, "fetched": len(report.fetched), "requests": client.requests,
-        "ideal_requests": ideal, "injected_429": counts["faults"], "wall_s": round(wall, 2),
-        "peak_rss_mb": round(peak / 1e6, 1), "store_mb": round(size / 1e6, 1),
+        "papers": count,
+        "fetched": len(report.fetched),
+        "requests": client.requests,
+        "ideal_requests": ideal,
+        "injected_429": counts["faults"],
+        "wall_s": round(wall, 2),
+        "peak_rss_mb": round(peak / 1e6, 1),
+        "store_mb": round(size / 1e6, 1),
         "store_writes": [{"records": records, "seconds": round(seconds, 4)} for records, seconds in writes],
         "write_us_per_record_first_last": [round(per_record[0], 1), round(per_record[-1], 1)],
     }
-    print(f"papers {count}: {client.requests} requests = {ideal} batches + {counts['faults']} retried 429s; "
-          f"{len(report.fetched)} fetched in {wall:.2f} s; peak RSS (client and server) {peak / 1e6:.1f} MB")
-    print(f"store writes: {len(writes)}, {writes[0][0]} records in {writes[0][1] * 1e3:.1f} ms ... "
-          f"{writes[-1][0]} records in {writes[-1][1] * 1e3:.1f} ms "
-          f"({per_record[0]:.1f} vs {per_record[-1]:.1f} µs per record: linear if these are close)")
+    print(
+        f"papers {count}: {client.requests} requests = {ideal} batches + {counts['faults']} retried 429s; "
+        f"{len(report.fetched)} fetched in {wall:.2f} s; peak RSS (client and server) {peak / 1e6:.1f} MB"
+    )
+    print(
+        f"store writes: {len(writes)}, {writes[0][0]} records in {writes[0][1] * 1e3:.1f} ms ... "
+        f"{writes[-1][0]} records in {writes[-1][1] * 1e3:.1f} ms "
+        f"({per_record[0]:.1f} vs {per_record[-1]:.1f} µs per record: linear if these are close)"
+    )
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -47,12 +47,18 @@ from reference_impls.kernels import fused_lora as fused_lora_module  # noqa: E40
 from reference_impls.kernels.dora import FusedDoRAFunction, reference_dora  # noqa: E402
 from reference_impls.kernels.fused_lora import FusedLoRAFunction, lora_gemm, reference_fused_lora  # noqa: E402
 from reference_impls.kernels.nf4 import dequantize_nf4, quantize_nf4, reference_dequantize_nf4  # noqa: E402
-from reference_impls.kernels.punica import (bgmv, bgmv_table, reference_shrink_expand, segments_of, sgmv,  # noqa: E402
-                                            stacked_table)
+from reference_impls.kernels.punica import (
+    bgmv,
+    bgmv_table,
+    reference_shrink_expand,
+    segments_of,
+    sgmv,  # noqa: E402
+    stacked_table,
+)
 from reference_impls.kernels.slora import AdapterPool, SLoRALinear  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not SMOKE else "cpu"
-L2_BYTES = 64 * 2 ** 20  # at least an H100/H200's L2 (50-60 MB): rotate through more than this
+L2_BYTES = 64 * 2**20  # at least an H100/H200's L2 (50-60 MB): rotate through more than this
 MAX_SETS = 64
 
 
@@ -70,11 +76,18 @@ def tolerance(dtype) -> float:
 
 def check_row(kernel, shape, dtype, error, limit=None) -> dict:
     limit = tolerance(dtype) if limit is None else limit
-    return {"kernel": kernel, "shape": shape, "dtype": dtype_name(dtype), "max_relative_error": error, "limit": limit,
-            "ok": error <= limit}
+    return {
+        "kernel": kernel,
+        "shape": shape,
+        "dtype": dtype_name(dtype),
+        "max_relative_error": error,
+        "limit": limit,
+        "ok": error <= limit,
+    }
 
 
 # ---- timing ------------------------------------------------------------------------------------
+
 
 def input_sets(set_bytes: int) -> int:
     """How many distinct input sets to rotate through so that together they exceed the L2 cache."""
@@ -83,8 +96,7 @@ def input_sets(set_bytes: int) -> int:
     return max(2, min(MAX_SETS, L2_BYTES // max(set_bytes, 1) + 1))
 
 
-def time_variants(build, calls: dict, set_bytes: int, repeats: int, graph: bool = True,
-                  eager=()) -> tuple[dict, dict]:
+def time_variants(build, calls: dict, set_bytes: int, repeats: int, graph: bool = True, eager=()) -> tuple[dict, dict]:
     """Median milliseconds of one call of each variant, and how each was timed.
 
     build() makes one input set (a namespace), as many distinct ones as rotating past L2 takes;
@@ -125,6 +137,7 @@ def _time_calls(calls, repeats: int, graph: bool) -> tuple[float, str]:
     def run_all():
         for call in calls:
             call()
+
     return _event_median(run_all, repeats, per_run=len(calls)), "cuda events"
 
 
@@ -143,16 +156,21 @@ def _event_median(run, repeats: int, per_run: int) -> float:
 
 def measure_ceilings(dtype, repeats) -> dict:
     """Copy bandwidth (bytes read + written per second) and GEMM rate, measured now on this device."""
-    n = 2 ** 27 if DEVICE == "cuda" else 2 ** 16  # 256 MB of bf16 on a GPU: far larger than L2
+    n = 2**27 if DEVICE == "cuda" else 2**16  # 256 MB of bf16 on a GPU: far larger than L2
     source = torch.randn(n, device=DEVICE, dtype=dtype)
     target = torch.empty_like(source)
     size = 8192 if DEVICE == "cuda" else 128
     a, b = torch.randn(size, size, device=DEVICE, dtype=dtype), torch.randn(size, size, device=DEVICE, dtype=dtype)
-    times, _ = time_variants(lambda: Namespace(source=source, target=target, a=a, b=b),
-                             {"copy": lambda s: s.target.copy_(s.source), "gemm": lambda s: s.a @ s.b},
-                             2 * source.numel() * source.element_size(), repeats)
-    return {"copy_bytes_per_s": 2 * source.numel() * source.element_size() / (times["copy"] / 1e3),
-            "gemm_flops_per_s": 2 * size ** 3 / (times["gemm"] / 1e3)}
+    times, _ = time_variants(
+        lambda: Namespace(source=source, target=target, a=a, b=b),
+        {"copy": lambda s: s.target.copy_(s.source), "gemm": lambda s: s.a @ s.b},
+        2 * source.numel() * source.element_size(),
+        repeats,
+    )
+    return {
+        "copy_bytes_per_s": 2 * source.numel() * source.element_size() / (times["copy"] / 1e3),
+        "gemm_flops_per_s": 2 * size**3 / (times["gemm"] / 1e3),
+    }
 
 
 def floor_ms(bytes_moved: float, flops: float, ceilings: dict) -> float:
@@ -174,10 +192,11 @@ def timing_row(kernel, shape, times, methods, base="base", goal=None, floor=None
 
 # ---- the fused LoRA linear ---------------------------------------------------------------------
 
+
 def lora_inputs(M, K, N, r, dtype, requires_grad=False):
     x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
-    W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
-    A = (torch.randn(r, K, device=DEVICE, dtype=dtype) / K ** 0.5).requires_grad_(requires_grad)
+    W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K**0.5
+    A = (torch.randn(r, K, device=DEVICE, dtype=dtype) / K**0.5).requires_grad_(requires_grad)
     B = torch.randn(N, r, device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
     return x, W, A, B
 
@@ -185,6 +204,7 @@ def lora_inputs(M, K, N, r, dtype, requires_grad=False):
 def peft_lora_layer(W, A, B, r, **config):
     """PEFT's LoRA (or DoRA) around nn.Linear(W), with our A and B."""
     from peft import LoraConfig, inject_adapter_in_model
+
     base = nn.Sequential(nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype))
     with torch.no_grad():
         base[0].weight.copy_(W)
@@ -217,27 +237,40 @@ def time_fused_lora(token_counts, K, N, r, dtype, ceilings, repeats) -> list[dic
     rows = []
     size = torch.tensor([], dtype=dtype).element_size()
     for M in token_counts:
+
         def build():
             x, W, A, B = lora_inputs(M, K, N, r, dtype)
             return Namespace(x=x, W=W, A=A, B=B, peft=peft_lora_layer(W, A, B, r))
 
-        calls = {"shrink_in_kernel": lambda s: lora_gemm(s.x, s.W, s.B, 1.0, A_rk=s.A),
-                 "shrink_before": lambda s: lora_gemm(s.x, s.W, s.B, 1.0, u=s.x @ s.A.T),
-                 "peft": lambda s: s.peft(s.x), "base": lambda s: nn.functional.linear(s.x, s.W)}
+        calls = {
+            "shrink_in_kernel": lambda s: lora_gemm(s.x, s.W, s.B, 1.0, A_rk=s.A),
+            "shrink_before": lambda s: lora_gemm(s.x, s.W, s.B, 1.0, u=s.x @ s.A.T),
+            "peft": lambda s: s.peft(s.x),
+            "base": lambda s: nn.functional.linear(s.x, s.W),
+        }
         set_bytes = (M * K + N * K + M * N + r * (K + N)) * size
         with torch.no_grad():
             times, methods = time_variants(build, calls, set_bytes, repeats)
         picked = "shrink_in_kernel" if fused_lora_module.shrink_in_kernel(M) else "shrink_before"
         times["ours"], methods["ours"] = times[picked], methods[picked]
         flops = 2 * M * N * K + 2 * M * r * (K + N)
-        rows.append(timing_row("fused_lora forward", f"M={M} K={K} N={N} r={r}", times, methods,
-                               goal=1.25 if M <= 128 else 1.10, floor=floor_ms(set_bytes, flops, ceilings),
-                               ours_is=picked))
+        rows.append(
+            timing_row(
+                "fused_lora forward",
+                f"M={M} K={K} N={N} r={r}",
+                times,
+                methods,
+                goal=1.25 if M <= 128 else 1.10,
+                floor=floor_ms(set_bytes, flops, ceilings),
+                ours_is=picked,
+            )
+        )
     return rows
 
 
 def time_training_step(M, K, N, r, dtype, ceilings, repeats) -> dict:
     """Forward and backward with W frozen: ours, PEFT, and the frozen base alone (x still needs its gradient)."""
+
     def build():
         x, W, A, B = lora_inputs(M, K, N, r, dtype, requires_grad=True)
         peft_layer = peft_lora_layer(W, A, B, r)
@@ -245,18 +278,27 @@ def time_training_step(M, K, N, r, dtype, ceilings, repeats) -> dict:
             parameter.requires_grad_(parameter is not peft_layer[0].weight)
         return Namespace(x=x, W=W, A=A, B=B, peft=peft_layer, dy=torch.randn(M, N, device=DEVICE, dtype=dtype))
 
-    steps = {"ours": lambda s: FusedLoRAFunction.apply(s.x, s.W, s.A, s.B, 1.0, None).backward(s.dy),
-             "peft": lambda s: s.peft(s.x).backward(s.dy),
-             "base": lambda s: nn.functional.linear(s.x, s.W).backward(s.dy)}
+    steps = {
+        "ours": lambda s: FusedLoRAFunction.apply(s.x, s.W, s.A, s.B, 1.0, None).backward(s.dy),
+        "peft": lambda s: s.peft(s.x).backward(s.dy),
+        "base": lambda s: nn.functional.linear(s.x, s.W).backward(s.dy),
+    }
     # One set of operands (x, W, dy: 200 MB at 8,192 tokens) is far larger than L2: no rotation needed.
     times, methods = time_variants(build, steps, 0, repeats, graph=False)
     flops = 4 * M * N * K + 8 * M * r * (K + N)  # two big GEMMs; the thin products of both passes
     bytes_moved = (2 * (M * K + N * K + M * N) + 2 * r * (K + N)) * torch.tensor([], dtype=dtype).element_size()
-    return timing_row("LoRA training step (fwd+bwd, frozen W)", f"M={M} K={K} N={N} r={r}", times, methods, goal=1.10,
-                      floor=floor_ms(bytes_moved, flops, ceilings))
+    return timing_row(
+        "LoRA training step (fwd+bwd, frozen W)",
+        f"M={M} K={K} N={N} r={r}",
+        times,
+        methods,
+        goal=1.10,
+        floor=floor_ms(bytes_moved, flops, ceilings),
+    )
 
 
 # ---- DoRA ---------------------------------------------------------------------------------------
+
 
 def check_dora(shapes, dtypes) -> list[dict]:
     rows = []
@@ -272,8 +314,9 @@ def check_dora(shapes, dtypes) -> list[dict]:
             expected = reference_dora(leaves[0], W.double(), leaves[1], leaves[2], leaves[3], 1.0)
             expected.backward(dy.double())
             errors = [relative_error(y, expected)] + [relative_error(g, e.grad) for g, e in zip(grads, leaves)]
-            rows.append(check_row("dora (norm + rescaled GEMM, fwd+bwd)", f"M={M} K={K} N={N} r={r}", dtype,
-                                  max(errors)))
+            rows.append(
+                check_row("dora (norm + rescaled GEMM, fwd+bwd)", f"M={M} K={K} N={N} r={r}", dtype, max(errors))
+            )
     return rows
 
 
@@ -281,11 +324,20 @@ def time_dora_forward(M, K, N, r, dtype, ceilings, repeats) -> dict:
     def build():
         x, W, A, B = lora_inputs(M, K, N, r, dtype)
         peft_model = peft_lora_layer(W, A, B, r, use_dora=True).eval()
-        return Namespace(x=x, W=W, A=A, B=B, peft=peft_model,
-                         m=peft_model[0].lora_magnitude_vector["default"].weight.detach().clone())
+        return Namespace(
+            x=x,
+            W=W,
+            A=A,
+            B=B,
+            peft=peft_model,
+            m=peft_model[0].lora_magnitude_vector["default"].weight.detach().clone(),
+        )
 
-    calls = {"ours": lambda s: FusedDoRAFunction.apply(s.x, s.W, s.A, s.B, s.m, 1.0, None),
-             "peft": lambda s: s.peft(s.x), "base": lambda s: nn.functional.linear(s.x, s.W)}
+    calls = {
+        "ours": lambda s: FusedDoRAFunction.apply(s.x, s.W, s.A, s.B, s.m, 1.0, None),
+        "peft": lambda s: s.peft(s.x),
+        "base": lambda s: nn.functional.linear(s.x, s.W),
+    }
     size = torch.tensor([], dtype=dtype).element_size()
     set_bytes = (M * K + N * K + M * N) * size
     with torch.no_grad():
@@ -297,13 +349,21 @@ def time_dora_forward(M, K, N, r, dtype, ceilings, repeats) -> dict:
 
 # ---- QLoRA's NF4 -------------------------------------------------------------------------------
 
+
 def check_nf4(shape, dtypes) -> list[dict]:
     rows = []
     q = quantize_nf4(torch.randn(*shape, device=DEVICE))
     for dtype in dtypes:
         mismatches = int((dequantize_nf4(q, dtype) != reference_dequantize_nf4(q, dtype)).sum())
-        rows.append(check_row("nf4 dequantize (values differing from the reference)", f"{shape[0]}x{shape[1]}", dtype,
-                              float(mismatches), limit=0.0))
+        rows.append(
+            check_row(
+                "nf4 dequantize (values differing from the reference)",
+                f"{shape[0]}x{shape[1]}",
+                dtype,
+                float(mismatches),
+                limit=0.0,
+            )
+        )
     return rows
 
 
@@ -312,42 +372,63 @@ def time_nf4_dequantize(shape, dtype, ceilings, repeats) -> dict:
     bitsandbytes' own CUDA kernel beside it where bitsandbytes is installed."""
     n = shape[0] * shape[1]
     moved = n // 2 + n // 64 + n * torch.tensor([], dtype=dtype).element_size()
-    times, methods = time_variants(lambda: Namespace(q=quantize_nf4(torch.randn(*shape, device=DEVICE))),
-                                   {"ours": lambda s: dequantize_nf4(s.q, dtype)}, moved, repeats)
+    times, methods = time_variants(
+        lambda: Namespace(q=quantize_nf4(torch.randn(*shape, device=DEVICE))),
+        {"ours": lambda s: dequantize_nf4(s.q, dtype)},
+        moved,
+        repeats,
+    )
     try:
         import bitsandbytes.functional as bnb
     except ImportError:
         bnb = None
         print("    (bitsandbytes is not installed: no comparison with its kernel)")
     if bnb is not None and DEVICE == "cuda":
+
         def quantized():
-            packed, state = bnb.quantize_4bit(torch.randn(*shape, device=DEVICE, dtype=dtype), blocksize=64,
-                                              quant_type="nf4", compress_statistics=True)
+            packed, state = bnb.quantize_4bit(
+                torch.randn(*shape, device=DEVICE, dtype=dtype),
+                blocksize=64,
+                quant_type="nf4",
+                compress_statistics=True,
+            )
             return Namespace(packed=packed, state=state)
-        theirs, how = time_variants(quantized, {"bitsandbytes": lambda s: bnb.dequantize_4bit(s.packed, s.state)},
-                                    moved, repeats)
+
+        theirs, how = time_variants(
+            quantized, {"bitsandbytes": lambda s: bnb.dequantize_4bit(s.packed, s.state)}, moved, repeats
+        )
         times, methods = times | theirs, methods | how
     fraction = moved / (times["ours"] / 1e3) / ceilings["copy_bytes_per_s"]
-    return {"kernel": "nf4 dequantize", "shape": f"{shape[0]}x{shape[1]} -> {dtype_name(dtype)}",
-            **{f"{name}_ms": ms for name, ms in times.items()}, "timed_with": methods, "bytes_moved": moved,
-            "achieved_bytes_per_s": moved / (times["ours"] / 1e3), "fraction_of_copy_bandwidth": fraction,
-            "goal_fraction_of_copy_bandwidth": 0.8, "goal_met": fraction >= 0.8}
+    return {
+        "kernel": "nf4 dequantize",
+        "shape": f"{shape[0]}x{shape[1]} -> {dtype_name(dtype)}",
+        **{f"{name}_ms": ms for name, ms in times.items()},
+        "timed_with": methods,
+        "bytes_moved": moved,
+        "achieved_bytes_per_s": moved / (times["ours"] / 1e3),
+        "fraction_of_copy_bandwidth": fraction,
+        "goal_fraction_of_copy_bandwidth": 0.8,
+        "goal_met": fraction >= 0.8,
+    }
 
 
 # ---- Punica and S-LoRA: many adapters in one batch -------------------------------------------
+
 
 def check_punica(M, K, N, r, L, dtypes) -> list[dict]:
     rows = []
     for dtype in dtypes:
         x, y = torch.randn(M, K, device=DEVICE, dtype=dtype), torch.randn(M, N, device=DEVICE, dtype=dtype)
-        A = torch.randn(L, r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+        A = torch.randn(L, r, K, device=DEVICE, dtype=dtype) / K**0.5
         B = torch.randn(L, N, r, device=DEVICE, dtype=dtype)
         per_row = torch.randint(-1, L, (M,), device=DEVICE)
         segmented = per_row.sort().values
         expected_row = reference_shrink_expand(y.double(), x.double(), A.double(), B.double(), per_row, 1.0)
         expected_seg = reference_shrink_expand(y.double(), x.double(), A.double(), B.double(), segmented, 1.0)
-        errors = {"bgmv": relative_error(bgmv(y.clone(), x, A, B, per_row.to(torch.int32), 1.0), expected_row),
-                  "sgmv": relative_error(sgmv(y.clone(), x, A, B, *segments_of(segmented), 1.0), expected_seg)}
+        errors = {
+            "bgmv": relative_error(bgmv(y.clone(), x, A, B, per_row.to(torch.int32), 1.0), expected_row),
+            "sgmv": relative_error(sgmv(y.clone(), x, A, B, *segments_of(segmented), 1.0), expected_seg),
+        }
         for name, error in errors.items():
             rows.append(check_row(f"punica {name}", f"M={M} K={K} N={N} r={r} L={L}", dtype, error))
     return rows
@@ -359,8 +440,14 @@ def check_slora(K, N, ranks, dtypes) -> list[dict]:
     for dtype in dtypes:
         order = torch.randperm(sum(ranks) + 8).tolist()
         pool = AdapterPool(len(order), K, N, device=DEVICE, dtype=dtype, page_order=order)
-        adapters = {f"a{i}": (torch.randn(rank, K, device=DEVICE, dtype=dtype) / K ** 0.5,
-                              torch.randn(N, rank, device=DEVICE, dtype=dtype), float(rank)) for i, rank in enumerate(ranks)}
+        adapters = {
+            f"a{i}": (
+                torch.randn(rank, K, device=DEVICE, dtype=dtype) / K**0.5,
+                torch.randn(N, rank, device=DEVICE, dtype=dtype),
+                float(rank),
+            )
+            for i, rank in enumerate(ranks)
+        }
         for name, (A, B, alpha) in list(adapters.items())[:-1]:
             pool.load(name, A, B, alpha)
         pool.evict("a0")
@@ -368,8 +455,10 @@ def check_slora(K, N, ranks, dtypes) -> list[dict]:
         live = [name for name in adapters if name != "a0"]
         base = nn.Linear(K, N, device=DEVICE, dtype=dtype)
         layer = SLoRALinear(base, pool)
-        for label, names in (("prefill", [name for name in live for _ in range(17)] + [None] * 3),
-                             ("decode", live + [None] + live[::-1])):
+        for label, names in (
+            ("prefill", [name for name in live for _ in range(17)] + [None] * 3),
+            ("decode", live + [None] + live[::-1]),
+        ):
             x = torch.randn(len(names), K, device=DEVICE, dtype=dtype)
             with torch.no_grad():
                 expected = base(x).double()
@@ -377,8 +466,11 @@ def check_slora(K, N, ranks, dtypes) -> list[dict]:
                 if name is not None:
                     A, B, alpha = adapters[name]
                     expected[row] += (alpha / A.shape[0]) * (x[row].double() @ A.double().T) @ B.double().T
-            rows.append(check_row(f"s-lora {label}", f"K={K} N={N} ranks={ranks}", dtype,
-                                  relative_error(layer(x, names), expected)))
+            rows.append(
+                check_row(
+                    f"s-lora {label}", f"K={K} N={N} ranks={ranks}", dtype, relative_error(layer(x, names), expected)
+                )
+            )
     return rows
 
 
@@ -389,8 +481,8 @@ def time_decode_many_adapters(requests, K, N, r, dtype, ceilings, repeats) -> di
 
     def build():
         x = torch.randn(requests, K, device=DEVICE, dtype=dtype)
-        W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
-        A = torch.randn(requests, r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+        W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K**0.5
+        A = torch.randn(requests, r, K, device=DEVICE, dtype=dtype) / K**0.5
         B = torch.randn(requests, N, r, device=DEVICE, dtype=dtype)
         ids = torch.arange(requests, device=DEVICE, dtype=torch.int32)
         base = nn.Sequential(nn.Linear(K, N, bias=False, device=DEVICE, dtype=dtype))
@@ -402,34 +494,62 @@ def time_decode_many_adapters(requests, K, N, r, dtype, ceilings, repeats) -> di
             for index in range(requests):
                 base[0].lora_A[f"a{index}"].weight.copy_(A[index])
                 base[0].lora_B[f"a{index}"].weight.copy_(B[index])
-        return Namespace(x=x, W=W, A=A, B=B, ids=ids, table=stacked_table(A, B, 1.0), peft=base,
-                         A_rows=A[ids.long()].transpose(1, 2), B_rows=B[ids.long()].transpose(1, 2))
+        return Namespace(
+            x=x,
+            W=W,
+            A=A,
+            B=B,
+            ids=ids,
+            table=stacked_table(A, B, 1.0),
+            peft=base,
+            A_rows=A[ids.long()].transpose(1, 2),
+            B_rows=B[ids.long()].transpose(1, 2),
+        )
 
     names = [f"a{index}" for index in range(requests)]
-    calls = {"ours": lambda s: bgmv_table(nn.functional.linear(s.x, s.W), s.x, s.table, s.ids),
-             "gather_bmm": lambda s: nn.functional.linear(s.x, s.W) + torch.bmm(
-                 torch.bmm(s.x.unsqueeze(1), s.A[s.ids.long()].transpose(1, 2)),
-                 s.B[s.ids.long()].transpose(1, 2)).squeeze(1),
-             "bmm_pregathered": lambda s: nn.functional.linear(s.x, s.W) + torch.bmm(
-                 torch.bmm(s.x.unsqueeze(1), s.A_rows), s.B_rows).squeeze(1),
-             "peft": lambda s: s.peft[0](s.x, adapter_names=names),
-             "base": lambda s: nn.functional.linear(s.x, s.W)}
+    calls = {
+        "ours": lambda s: bgmv_table(nn.functional.linear(s.x, s.W), s.x, s.table, s.ids),
+        "gather_bmm": lambda s: (
+            nn.functional.linear(s.x, s.W)
+            + torch.bmm(
+                torch.bmm(s.x.unsqueeze(1), s.A[s.ids.long()].transpose(1, 2)), s.B[s.ids.long()].transpose(1, 2)
+            ).squeeze(1)
+        ),
+        "bmm_pregathered": lambda s: (
+            nn.functional.linear(s.x, s.W) + torch.bmm(torch.bmm(s.x.unsqueeze(1), s.A_rows), s.B_rows).squeeze(1)
+        ),
+        "peft": lambda s: s.peft[0](s.x, adapter_names=names),
+        "base": lambda s: nn.functional.linear(s.x, s.W),
+    }
     size = torch.tensor([], dtype=dtype).element_size()
     set_bytes = (requests * K + N * K + requests * N + requests * r * (K + N)) * size
     with torch.no_grad():
-        times, methods = time_variants(build, calls, set_bytes, repeats,
-                                       eager={"peft"})  # PEFT groups the rows by adapter name on the host
+        times, methods = time_variants(
+            build, calls, set_bytes, repeats, eager={"peft"}
+        )  # PEFT groups the rows by adapter name on the host
     flops = 2 * requests * N * K + 2 * requests * r * (K + N)
-    return timing_row("punica bgmv decode, one adapter per request", f"M={requests} K={K} N={N} r={r}", times, methods,
-                      goal=1.3, floor=floor_ms(set_bytes, flops, ceilings))
+    return timing_row(
+        "punica bgmv decode, one adapter per request",
+        f"M={requests} K={K} N={N} r={r}",
+        times,
+        methods,
+        goal=1.3,
+        floor=floor_ms(set_bytes, flops, ceilings),
+    )
 
 
 # ---- main --------------------------------------------------------------------------------------
 
 SECTIONS = ("fused_lora", "dora", "nf4", "punica", "slora")
-MODULE_OF = {"fused_lora": "kernels.fused_lora", "LoRA training": "kernels.fused_lora", "dora": "kernels.dora",
-             "punica": "kernels.punica", "s-lora": "kernels.slora", "slora": "kernels.slora",
-             "nf4": "kernels.nf4"}
+MODULE_OF = {
+    "fused_lora": "kernels.fused_lora",
+    "LoRA training": "kernels.fused_lora",
+    "dora": "kernels.dora",
+    "punica": "kernels.punica",
+    "s-lora": "kernels.slora",
+    "slora": "kernels.slora",
+    "nf4": "kernels.nf4",
+}
 
 
 def plan(smoke: bool):
@@ -442,18 +562,26 @@ def plan(smoke: bool):
         dtype, check_dtypes, repeats = torch.bfloat16, [torch.bfloat16, torch.float32], 50
         check_shapes = [(1, 4096, 4096, 16), (77, 4096, 4096, 16), (1000, 1000, 1001, 13), (2000, 512, 768, 8)]
         K, N, r, token_counts, train_tokens = 4096, 4096, 16, [1, 16, 128, 1024, 8192], 8192
-        nf4_shape, punica_check, slora_check, requests = (4096, 11008), (1000, 4096, 4096, 16, 64), \
-            (4096, 4096, [8, 16, 64, 32, 4]), 64
-    checks = [("fused_lora", lambda: check_fused_lora(check_shapes, check_dtypes)),
-              ("dora", lambda: check_dora(check_shapes[:2], check_dtypes)),
-              ("nf4", lambda: check_nf4(nf4_shape, check_dtypes)),
-              ("punica", lambda: check_punica(*punica_check, check_dtypes)),
-              ("slora", lambda: check_slora(*slora_check, check_dtypes))]
-    timings = [("fused_lora", lambda c: time_fused_lora(token_counts, K, N, r, dtype, c, repeats)),
-               ("fused_lora", lambda c: [time_training_step(train_tokens, K, N, r, dtype, c, repeats)]),
-               ("dora", lambda c: [time_dora_forward(train_tokens, K, N, r, dtype, c, repeats)]),
-               ("punica", lambda c: [time_decode_many_adapters(requests, K, N, r, dtype, c, repeats)]),
-               ("nf4", lambda c: [time_nf4_dequantize(nf4_shape if not smoke else (64, 256), dtype, c, repeats)])]
+        nf4_shape, punica_check, slora_check, requests = (
+            (4096, 11008),
+            (1000, 4096, 4096, 16, 64),
+            (4096, 4096, [8, 16, 64, 32, 4]),
+            64,
+        )
+    checks = [
+        ("fused_lora", lambda: check_fused_lora(check_shapes, check_dtypes)),
+        ("dora", lambda: check_dora(check_shapes[:2], check_dtypes)),
+        ("nf4", lambda: check_nf4(nf4_shape, check_dtypes)),
+        ("punica", lambda: check_punica(*punica_check, check_dtypes)),
+        ("slora", lambda: check_slora(*slora_check, check_dtypes)),
+    ]
+    timings = [
+        ("fused_lora", lambda c: time_fused_lora(token_counts, K, N, r, dtype, c, repeats)),
+        ("fused_lora", lambda c: [time_training_step(train_tokens, K, N, r, dtype, c, repeats)]),
+        ("dora", lambda c: [time_dora_forward(train_tokens, K, N, r, dtype, c, repeats)]),
+        ("punica", lambda c: [time_decode_many_adapters(requests, K, N, r, dtype, c, repeats)]),
+        ("nf4", lambda c: [time_nf4_dequantize(nf4_shape if not smoke else (64, 256), dtype, c, repeats)]),
+    ]
     return dtype, repeats, checks, timings
 
 
@@ -479,19 +607,31 @@ def tuned_configs() -> dict:
 
 
 def environment() -> dict:
-    versions = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-                "cuda": torch.version.cuda}
+    versions = {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
     try:
         import peft
+
         versions["peft"] = peft.__version__
     except ImportError:
         pass
     if DEVICE != "cuda":
-        return {"device": f"CPU ({platform.processor() or platform.machine()}), Triton interpreter", "versions": versions}
+        return {
+            "device": f"CPU ({platform.processor() or platform.machine()}), Triton interpreter",
+            "versions": versions,
+        }
     properties = torch.cuda.get_device_properties(0)
-    return {"device": torch.cuda.get_device_name(), "versions": versions,
-            "multiprocessors": properties.multi_processor_count,
-            "l2_bytes": getattr(properties, "L2_cache_size", None), "memory_bytes": properties.total_memory}
+    return {
+        "device": torch.cuda.get_device_name(),
+        "versions": versions,
+        "multiprocessors": properties.multi_processor_count,
+        "l2_bytes": getattr(properties, "L2_cache_size", None),
+        "memory_bytes": properties.total_memory,
+    }
 
 
 def print_table(checks, timings, smoke: bool) -> None:
@@ -500,24 +640,35 @@ def print_table(checks, timings, smoke: bool) -> None:
         if "error" in row:
             print(f"{row['kernel']:<52} ERROR {row['error']}")
             continue
-        print(f"{row['kernel']:<52} {row['shape']:<28} {row['dtype']:<8} {row['max_relative_error']:>10.2e}  {row['ok']}")
-    print(f"\n{'timed (median of one call)':<52} {'shape':<28} {'ours ms':>9} {'ours/base':>9} {'PEFT/base':>9} "
-          f"{'floor/base':>10} {'goal':>6}")
+        print(
+            f"{row['kernel']:<52} {row['shape']:<28} {row['dtype']:<8} {row['max_relative_error']:>10.2e}  {row['ok']}"
+        )
+    print(
+        f"\n{'timed (median of one call)':<52} {'shape':<28} {'ours ms':>9} {'ours/base':>9} {'PEFT/base':>9} "
+        f"{'floor/base':>10} {'goal':>6}"
+    )
     for row in timings:
         if "error" in row:
             print(f"{row['kernel']:<52} ERROR {row['error']}")
             continue
         verdict = "" if smoke or row["goal_met"] is None else ("  met" if row["goal_met"] else "  MISSED")
         if "fraction_of_copy_bandwidth" in row:
-            print(f"{row['kernel']:<52} {row['shape']:<28} {row['ours_ms']:>9.4f} "
-                  f"{row['fraction_of_copy_bandwidth']:.3f} of the copy bandwidth (goal ≥ 0.80){verdict}")
+            print(
+                f"{row['kernel']:<52} {row['shape']:<28} {row['ours_ms']:>9.4f} "
+                f"{row['fraction_of_copy_bandwidth']:.3f} of the copy bandwidth (goal ≥ 0.80){verdict}"
+            )
             continue
         floor = f"{row['floor_over_base']:.3f}" if "floor_over_base" in row else "-"
         goal = "-" if row["goal_ours_over_base"] is None else "≤" + format(row["goal_ours_over_base"], ".2f")
-        print(f"{row['kernel']:<52} {row['shape']:<28} {row['ours_ms']:>9.4f} {row['ours_over_base']:>9.3f} "
-              f"{row['peft_over_base']:>9.3f} {floor:>10} {goal:>6}{verdict}")
-        others = {key[:-len("_over_base")]: value for key, value in row.items()
-                  if key.endswith("_over_base") and key[:-len("_over_base")] not in ("ours", "peft", "floor", "goal_ours")}
+        print(
+            f"{row['kernel']:<52} {row['shape']:<28} {row['ours_ms']:>9.4f} {row['ours_over_base']:>9.3f} "
+            f"{row['peft_over_base']:>9.3f} {floor:>10} {goal:>6}{verdict}"
+        )
+        others = {
+            key[: -len("_over_base")]: value
+            for key, value in row.items()
+            if key.endswith("_over_base") and key[: -len("_over_base")] not in ("ours", "peft", "floor", "goal_ours")
+        }
         if others:
             print(f"{'':<52} " + ", ".join(f"{name}/base {value:.3f}" for name, value in others.items()))
     if smoke:
@@ -527,8 +678,11 @@ def print_table(checks, timings, smoke: bool) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes; timings not judged")
-    parser.add_argument("--out", help="where to write the JSON (default on a GPU: benchmarks/results/"
-                                      "kernels-<device>.json; a smoke run writes one only when asked)")
+    parser.add_argument(
+        "--out",
+        help="where to write the JSON (default on a GPU: benchmarks/results/"
+        "kernels-<device>.json; a smoke run writes one only when asked)",
+    )
     parser.add_argument("--only", help=f"comma-separated sections of {','.join(SECTIONS)} (default: all)")
     args = parser.parse_args()
     if DEVICE != "cuda" and not args.smoke:
@@ -540,17 +694,35 @@ def main() -> int:
     torch.manual_seed(int(time.time()))  # fresh inputs on every run
     dtype, repeats, check_plan, timing_plan = plan(args.smoke)
 
-    command = "python benchmarks/kernels.py" + (" --smoke" if args.smoke else "") + \
-        (f" --only {args.only}" if args.only else "")
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-              "smoke": args.smoke, **environment(), "ceilings": None, "checks": [], "timings": []}
-    out = Path(args.out) if args.out else (None if args.smoke else Path(__file__).resolve().parent / "results" /
-                                           f"kernels-{result['device'].replace(' ', '_')}.json")
+    command = (
+        "python benchmarks/kernels.py"
+        + (" --smoke" if args.smoke else "")
+        + (f" --only {args.only}" if args.only else "")
+    )
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "smoke": args.smoke,
+        **environment(),
+        "ceilings": None,
+        "checks": [],
+        "timings": [],
+    }
+    out = (
+        Path(args.out)
+        if args.out
+        else (
+            None
+            if args.smoke
+            else Path(__file__).resolve().parent / "results" / f"kernels-{result['device'].replace(' ', '_')}.json"
+        )
+    )
 
     def save():
         for row in result["checks"] + result["timings"]:  # which implementation page shows the row
-            row["module"] = next((module for prefix, module in MODULE_OF.items() if row["kernel"].startswith(prefix)),
-                                 None)
+            row["module"] = next(
+                (module for prefix, module in MODULE_OF.items() if row["kernel"].startswith(prefix)), None
+            )
         result["tuned_configs"] = tuned_configs()
         if out:  # rewritten after every section: atomically, so a run killed mid-write keeps the last one whole
             write_atomically(out, json.dumps(result, indent=1) + "\n")
@@ -561,8 +733,11 @@ def main() -> int:
             result["checks"] += run_section(f"{section} checks", run)
             save()
     result["ceilings"] = measure_ceilings(dtype, repeats)
-    print(f"  ceilings: copy {result['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
-          f"GEMM {result['ceilings']['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s", flush=True)
+    print(
+        f"  ceilings: copy {result['ceilings']['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"GEMM {result['ceilings']['gemm_flops_per_s'] / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
     for section, run in timing_plan:
         if section in only:
             result["timings"] += run_section(f"{section} timings", lambda run=run: run(result["ceilings"]))

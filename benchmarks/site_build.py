@@ -32,8 +32,12 @@ def measure(count: int | None) -> dict:
         if count is not None:
             write_synthetic(root, count)
         start = time.perf_counter()
-        build = subprocess.Popen([sys.executable, "-m", "catalog.cli", "build", "--out", "out"], cwd=root,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        build = subprocess.Popen(
+            [sys.executable, "-m", "catalog.cli", "build", "--out", "out"],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         output = build.stdout.read().decode()
         # wait4 gives this build's own resource use: the largest process in its tree (it runs MkDocs as a child).
         _, status, usage = os.wait4(build.pid, 0)
@@ -45,10 +49,15 @@ def measure(count: int | None) -> dict:
         size = sum(path.stat().st_size for path in (root / "out").rglob("*") if path.is_file())
         largest = max(pages, key=lambda path: path.stat().st_size)
         entries = len([line for line in (root / "papers.yaml").read_text().splitlines() if line.startswith("- id:")])
-        return {"entries": entries, "wall_s": round(wall, 2), "peak_rss_mb": round(peak_kib / 1024, 1),
-                "site_mb": round(size / 1e6, 1), "pages": len(pages),
-                "largest_page_kb": round(largest.stat().st_size / 1e3, 1),
-                "largest_page": str(largest.relative_to(root / "out"))}
+        return {
+            "entries": entries,
+            "wall_s": round(wall, 2),
+            "peak_rss_mb": round(peak_kib / 1024, 1),
+            "site_mb": round(size / 1e6, 1),
+            "pages": len(pages),
+            "largest_page_kb": round(largest.stat().st_size / 1e3, 1),
+            "largest_page": str(largest.relative_to(root / "out")),
+        }
 
 
 def main() -> None:
@@ -62,13 +71,18 @@ def main() -> None:
     header = f"{'entries':>8} {'wall s':>8} {'peak MB':>8} {'site MB':>8} {'pages':>7} {'largest KB':>11}  largest page"
     print(header)
     for row in rows:
-        print(f"{row['entries']:>8} {row['wall_s']:>8} {row['peak_rss_mb']:>8} {row['site_mb']:>8} {row['pages']:>7} "
-              f"{row['largest_page_kb']:>11}  {row['largest_page']}")
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "command": "python benchmarks/site_build.py " + " ".join(sys.argv[1:]),
-              "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
-              "python": platform.python_version(),
-              "note": "peak_rss_mb: the largest process of each build (os.wait4)", "rows": rows}
+        print(
+            f"{row['entries']:>8} {row['wall_s']:>8} {row['peak_rss_mb']:>8} {row['site_mb']:>8} {row['pages']:>7} "
+            f"{row['largest_page_kb']:>11}  {row['largest_page']}"
+        )
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/site_build.py " + " ".join(sys.argv[1:]),
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores",
+        "python": platform.python_version(),
+        "note": "peak_rss_mb: the largest process of each build (os.wait4)",
+        "rows": rows,
+    }
     if json_path:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(result, indent=1) + "\n")

@@ -19,9 +19,11 @@ from catalog.record import Paper  # noqa: E402
 from catalog.store import SEED_SOURCE, MetadataStore, StoredRecord, save_store  # noqa: E402
 from catalog.vocabulary import KINDS, SECTIONS, TAGS  # noqa: E402
 
-WORDS = ("adapter low rank prompt prefix sparse efficient tuning transfer multilingual vision speech "
-         "composition routing mixture experts scaling quantised serving kernel hypernetwork language "
-         "model transformer representation intervention budget allocation orthogonal").split()
+WORDS = (
+    "adapter low rank prompt prefix sparse efficient tuning transfer multilingual vision speech "
+    "composition routing mixture experts scaling quantised serving kernel hypernetwork language "
+    "model transformer representation intervention budget allocation orthogonal"
+).split()
 
 
 RETRIEVED = datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc)
@@ -36,14 +38,24 @@ def synthetic_entries(count: int, seed: int = 0) -> tuple[str, MetadataStore]:
         entry_id = f"paper-{index:05d}"
         title = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + f" {index}"
         s2 = f"{rng.getrandbits(160):040x}"
-        lines += [f"- id: {entry_id}", f"  title: {json.dumps(title)}", f"  kind: {rng.choice(kinds)}",
-                  f"  section: {sections[index % len(sections)]}",
-                  f'  arxiv: "{20 + index % 5}{1 + index % 12:02d}.{index:05d}"', f"  s2: {s2}",
-                  f"  code: https://example.org/code/{entry_id}",
-                  f"  tags: [{', '.join(rng.sample(tags, rng.randint(1, 3)))}]", "  impl: []",
-                  f"  added: {start + datetime.timedelta(days=index % 700)}", ""]
+        lines += [
+            f"- id: {entry_id}",
+            f"  title: {json.dumps(title)}",
+            f"  kind: {rng.choice(kinds)}",
+            f"  section: {sections[index % len(sections)]}",
+            f'  arxiv: "{20 + index % 5}{1 + index % 12:02d}.{index:05d}"',
+            f"  s2: {s2}",
+            f"  code: https://example.org/code/{entry_id}",
+            f"  tags: [{', '.join(rng.sample(tags, rng.randint(1, 3)))}]",
+            "  impl: []",
+            f"  added: {start + datetime.timedelta(days=index % 700)}",
+            "",
+        ]
         paper = {
-            "paperId": s2, "title": title, "year": 2017 + index % 9, "venue": rng.choice(["arXiv.org", "NeurIPS", "ICLR", "ACL", "EMNLP"]),
+            "paperId": s2,
+            "title": title,
+            "year": 2017 + index % 9,
+            "venue": rng.choice(["arXiv.org", "NeurIPS", "ICLR", "ACL", "EMNLP"]),
             "authors": [{"name": f"Author {rng.randint(1, 5000)}"} for _ in range(rng.randint(1, 12))],
             "citationCount": rng.randint(0, 3000),
             "tldr": {"text": " ".join(rng.choice(WORDS) for _ in range(40))},

@@ -42,8 +42,10 @@ def suggest_id(title: str, taken: set[str]) -> str:
 def find_duplicate(catalog: LoadedCatalog, title: str, ids: dict[str, str]) -> Entry | None:
     """The entry that is the same paper (by the keys `catalog check` uses), or None."""
     keys = set(identifiers.duplicate_keys(title, ids))
-    return next((entry for entry in catalog.entries
-                 if keys & set(identifiers.duplicate_keys(entry.title, entry.identifiers))), None)
+    return next(
+        (entry for entry in catalog.entries if keys & set(identifiers.duplicate_keys(entry.title, entry.identifiers))),
+        None,
+    )
 
 
 def _scalar(value: str, in_list: bool = False) -> str:

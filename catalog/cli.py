@@ -20,8 +20,14 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from catalog.add import (entry_block, exact_title_matches, find_duplicate, identifiers_from_record, insert_entry,
-                         suggest_id)
+from catalog.add import (
+    entry_block,
+    exact_title_matches,
+    find_duplicate,
+    identifiers_from_record,
+    insert_entry,
+    suggest_id,
+)
 from catalog.enrich import enrich, plan
 from catalog.identifiers import MalformedIdentifier, parse_lookup
 from catalog.impls import find_impls
@@ -116,8 +122,10 @@ def _render(args, use_shells: bool):
         return None
     config, site, impls, papers = views
     written, filled = render_docs(papers, impls, Path(SITE_SOURCES), Path(config["docs_dir"]), site, use_shells)
-    print(f"rendered {len(papers)} entries, {len(impls)} implementations: {written} files in {config['docs_dir']}"
-          + (f", {len(filled)} pages to fill after the build" if use_shells else ""))
+    print(
+        f"rendered {len(papers)} entries, {len(impls)} implementations: {written} files in {config['docs_dir']}"
+        + (f", {len(filled)} pages to fill after the build" if use_shells else "")
+    )
     return config, site, filled
 
 
@@ -132,8 +140,17 @@ def cmd_build(args) -> int:
         return 1
     config, site, filled = rendered
     site_dir = Path(args.out or config["site_dir"]).resolve()
-    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", MKDOCS_CONFIG,
-               "--site-dir", str(site_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "mkdocs",
+        "build",
+        "--strict",
+        "--config-file",
+        MKDOCS_CONFIG,
+        "--site-dir",
+        str(site_dir),
+    ]
     # Material prints an end-of-life banner on every build; the README's "Moving to Zensical" covers it.
     environment = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     status = subprocess.run(command, env=environment).returncode
@@ -197,19 +214,28 @@ def cmd_enrich(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except S2Error as error:
-        print(f"error: {error}; gave up after the retries. Finished batches are stored; "
-              f"rerun to resume.", file=sys.stderr)
+        print(
+            f"error: {error}; gave up after the retries. Finished batches are stored; rerun to resume.", file=sys.stderr
+        )
         return 1
     finally:
         progress.close()
     for entry, asked in report.not_found:
-        print(f"{args.papers}:{entry.line}: entry {entry.id!r}: not found by Semantic Scholar ({asked}); "
-              f"kept its existing record", file=sys.stderr)
+        print(
+            f"{args.papers}:{entry.line}: entry {entry.id!r}: not found by Semantic Scholar ({asked}); "
+            f"kept its existing record",
+            file=sys.stderr,
+        )
     for entry, asked, why in report.rejected:
-        print(f"{args.papers}:{entry.line}: entry {entry.id!r}: Semantic Scholar's record ({asked}) was refused: "
-              f"{why}; kept its existing record", file=sys.stderr)
-    print(f"fetched {len(report.fetched)} of {len(todo)} papers in {client.requests} request(s); "
-          f"{len(report.not_found)} not found, {len(report.rejected)} refused")
+        print(
+            f"{args.papers}:{entry.line}: entry {entry.id!r}: Semantic Scholar's record ({asked}) was refused: "
+            f"{why}; kept its existing record",
+            file=sys.stderr,
+        )
+    print(
+        f"fetched {len(report.fetched)} of {len(todo)} papers in {client.requests} request(s); "
+        f"{len(report.not_found)} not found, {len(report.rejected)} refused"
+    )
     return 0
 
 
@@ -228,14 +254,19 @@ def _look_up(client: S2Client, text: str):
         closest = client.match_title(text)
         candidates = exact_title_matches(text, [closest] if closest else [])
     if len(candidates) > 1:
-        listed = "\n".join(f"  catalog add {paper.paperId} ...   # {paper.title} ({paper.year or 'no year'}"
-                           f"{', ' + paper.venue_name if paper.venue_name else ''})" for paper in candidates)
+        listed = "\n".join(
+            f"  catalog add {paper.paperId} ...   # {paper.title} ({paper.year or 'no year'}"
+            f"{', ' + paper.venue_name if paper.venue_name else ''})"
+            for paper in candidates
+        )
         return None, f"{len(candidates)} papers are titled {text!r}; add the one you mean by its id:\n{listed}"
     if candidates:
         return candidates[0], None
     if closest is not None and closest.title:
-        return None, (f"no paper is titled {text!r}; the closest is {closest.title!r} ({closest.year or 'no year'}): "
-                      f"add it by its id, catalog add {closest.paperId}")
+        return None, (
+            f"no paper is titled {text!r}; the closest is {closest.title!r} ({closest.year or 'no year'}): "
+            f"add it by its id, catalog add {closest.paperId}"
+        )
     return None, f"Semantic Scholar has no paper titled {text!r}"
 
 
@@ -260,31 +291,54 @@ def cmd_add(args) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 1
     if not paper.title or not paper.title.strip():
-        print(f"error: Semantic Scholar's record {paper.paperId} has no title; add the entry to {args.papers} by "
-              f"hand (CONTRIBUTING.md shows how)", file=sys.stderr)
+        print(
+            f"error: Semantic Scholar's record {paper.paperId} has no title; add the entry to {args.papers} by "
+            f"hand (CONTRIBUTING.md shows how)",
+            file=sys.stderr,
+        )
         return 1
 
     identifiers = identifiers_from_record(paper)
     title = " ".join(paper.title.split())
     duplicate = find_duplicate(catalog, title, identifiers)
     if duplicate is not None:
-        print(f"error: already in the catalog: {args.papers}:{duplicate.line}: entry {duplicate.id!r} "
-              f"({duplicate.title})", file=sys.stderr)
+        print(
+            f"error: already in the catalog: {args.papers}:{duplicate.line}: entry {duplicate.id!r} "
+            f"({duplicate.title})",
+            file=sys.stderr,
+        )
         return 1
     entry_id = args.id or suggest_id(title, {entry.id for entry in catalog.entries})
     tags = [tag.strip() for value in args.tags for tag in value.split(",") if tag.strip()]
     impl = [slug.strip() for value in args.impl for slug in value.split(",") if slug.strip()]
-    fields = {"id": entry_id, "title": title, "kind": args.kind, "section": args.section,
-              **{name: identifiers.get(name) for name in ("arxiv", "acl", "doi", "s2")},
-              "code": args.code, "website": args.website, "tags": tags, "impl": impl,
-              "added": datetime.date.today()}
+    fields = {
+        "id": entry_id,
+        "title": title,
+        "kind": args.kind,
+        "section": args.section,
+        **{name: identifiers.get(name) for name in ("arxiv", "acl", "doi", "s2")},
+        "code": args.code,
+        "website": args.website,
+        "tags": tags,
+        "impl": impl,
+        "added": datetime.date.today(),
+    }
     text = insert_entry(catalog, args.section, entry_block(fields))
 
     # Check the result before writing anything: a bad option must not leave a broken papers.yaml.
-    updated_store = MetadataStore({**store.records, entry_id: StoredRecord(
-        paper, client.api_url, datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0))})
-    problems = [problem for problem in validate(parse_catalog(text, args.papers), updated_store.records,
-                                                find_impls()) if problem.severity == "error"]
+    updated_store = MetadataStore(
+        {
+            **store.records,
+            entry_id: StoredRecord(
+                paper, client.api_url, datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+            ),
+        }
+    )
+    problems = [
+        problem
+        for problem in validate(parse_catalog(text, args.papers), updated_store.records, find_impls())
+        if problem.severity == "error"
+    ]
     if problems:
         print("error: the new entry would not pass `catalog check`; nothing was written:", file=sys.stderr)
         for problem in problems:
@@ -297,25 +351,46 @@ def cmd_add(args) -> int:
 
 
 def _add_api_options(parser) -> None:
-    parser.add_argument("--api-url", default=os.environ.get("S2_API_URL", DEFAULT_API_URL),
-                        help="Graph API base URL (env S2_API_URL; default %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("S2_API_KEY"),
-                        help="API key, sent as x-api-key (env S2_API_KEY)")
-    parser.add_argument("--timeout", type=_positive, default=30.0,
-                        help="most seconds for one attempt of a request, the whole answer read (default %(default)s)")
-    parser.add_argument("--retries", type=_count, default=5,
-                        help="retries of a failed request on 429, 5xx, timeouts and dropped connections "
-                             "(default %(default)s)")
-    parser.add_argument("--backoff", type=_positive, default=2.0,
-                        help="first wait before a retry, doubling each time, unless the server sends "
-                             "Retry-After (default %(default)s s)")
-    parser.add_argument("--retry-budget", type=_positive, default=300.0,
-                        help="no retry of a request starts later than this many seconds after its first try, "
-                             "whatever Retry-After asks (default %(default)s)")
+    parser.add_argument(
+        "--api-url",
+        default=os.environ.get("S2_API_URL", DEFAULT_API_URL),
+        help="Graph API base URL (env S2_API_URL; default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key", default=os.environ.get("S2_API_KEY"), help="API key, sent as x-api-key (env S2_API_KEY)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive,
+        default=30.0,
+        help="most seconds for one attempt of a request, the whole answer read (default %(default)s)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=_count,
+        default=5,
+        help="retries of a failed request on 429, 5xx, timeouts and dropped connections (default %(default)s)",
+    )
+    parser.add_argument(
+        "--backoff",
+        type=_positive,
+        default=2.0,
+        help="first wait before a retry, doubling each time, unless the server sends "
+        "Retry-After (default %(default)s s)",
+    )
+    parser.add_argument(
+        "--retry-budget",
+        type=_positive,
+        default=300.0,
+        help="no retry of a request starts later than this many seconds after its first try, "
+        "whatever Retry-After asks (default %(default)s)",
+    )
 
 
-WORST_CASE = ("Worst case: one request per 500 papers, each ending within --retry-budget + --timeout seconds "
-              "(defaults: 330 s), since every attempt ends within --timeout and none starts after the budget.")
+WORST_CASE = (
+    "Worst case: one request per 500 papers, each ending within --retry-budget + --timeout seconds "
+    "(defaults: 330 s), since every attempt ends within --timeout and none starts after the budget."
+)
 
 
 def _positive(text: str) -> float:
@@ -341,8 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser("check", help="validate papers.yaml; exit 1 on any error")
-    check.add_argument("--strict-impl", action="store_true",
-                       help="an impl naming a module that does not exist is an error, not a warning")
+    check.add_argument(
+        "--strict-impl",
+        action="store_true",
+        help="an impl naming a module that does not exist is an error, not a warning",
+    )
     check.set_defaults(run=cmd_check)
 
     render = commands.add_parser("render", help="write the site's sources into build/docs")
@@ -355,17 +433,23 @@ def build_parser() -> argparse.ArgumentParser:
     readme.add_argument("--check", action="store_true", help="change nothing; exit 1 if the list is out of date")
     readme.set_defaults(run=cmd_readme)
 
-    enrich_parser = commands.add_parser("enrich", help="fetch missing or old records from Semantic Scholar",
-                                        description="Fetch missing or old records from Semantic Scholar. " + WORST_CASE)
+    enrich_parser = commands.add_parser(
+        "enrich",
+        help="fetch missing or old records from Semantic Scholar",
+        description="Fetch missing or old records from Semantic Scholar. " + WORST_CASE,
+    )
     _add_api_options(enrich_parser)
     enrich_parser.add_argument("--max-age", type=_positive, metavar="DAYS", help="also refetch records older than this")
     enrich_parser.add_argument("--refresh", action="store_true", help="refetch every record")
     enrich_parser.set_defaults(run=cmd_enrich)
 
-    add = commands.add_parser("add", help="look a paper up and add it to papers.yaml",
-                              description="Look a paper up by id or exact title and add it to papers.yaml. "
-                                          "A lookup makes up to three requests (title search, title match, nothing "
-                                          "more), each ending within --retry-budget + --timeout seconds.")
+    add = commands.add_parser(
+        "add",
+        help="look a paper up and add it to papers.yaml",
+        description="Look a paper up by id or exact title and add it to papers.yaml. "
+        "A lookup makes up to three requests (title search, title match, nothing "
+        "more), each ending within --retry-budget + --timeout seconds.",
+    )
     add.add_argument("paper", metavar="ID", help="ARXIV:2106.09685, ACL:..., DOI:..., an S2 paper id, or a title")
     add.add_argument("--section", required=True, help='e.g. "NLP / Methods" (see catalog/vocabulary.py)')
     add.add_argument("--kind", required=True, help="method, system, framework, survey or study")
@@ -392,8 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a bug of ours: say so in one line, with the traceback only on request
         if os.environ.get("CATALOG_DEBUG"):
             raise
-        print(f"internal error ({type(error).__name__}: {error}); please report it, with the command. "
-              f"CATALOG_DEBUG=1 shows the traceback", file=sys.stderr)
+        print(
+            f"internal error ({type(error).__name__}: {error}); please report it, with the command. "
+            f"CATALOG_DEBUG=1 shows the traceback",
+            file=sys.stderr,
+        )
         return 3
 
 

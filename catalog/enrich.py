@@ -28,8 +28,9 @@ def answers(asked: str, paper: Paper) -> bool:
     return identifiers.answers(asked, paper.paperId, paper.externalIds)
 
 
-def plan(entries: list[Entry], store: MetadataStore, now: datetime, max_age_days: float | None = None,
-         refresh: bool = False) -> list[Entry]:
+def plan(
+    entries: list[Entry], store: MetadataStore, now: datetime, max_age_days: float | None = None, refresh: bool = False
+) -> list[Entry]:
     """The paper entries whose record is missing, older than max_age_days, or (refresh) all of them."""
     todo = []
     for entry in entries:
@@ -53,12 +54,16 @@ class EnrichReport:
 
 def batches(entries: list[Entry], size: int = BATCH_SIZE) -> Iterator[list[Entry]]:
     for start in range(0, len(entries), size):
-        yield entries[start:start + size]
+        yield entries[start : start + size]
 
 
-def enrich(todo: list[Entry], store: MetadataStore, client: S2Client,
-           on_batch: Callable[[MetadataStore, int, int], None] = lambda store, done, total: None,
-           now: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> tuple[MetadataStore, EnrichReport]:
+def enrich(
+    todo: list[Entry],
+    store: MetadataStore,
+    client: S2Client,
+    on_batch: Callable[[MetadataStore, int, int], None] = lambda store, done, total: None,
+    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+) -> tuple[MetadataStore, EnrichReport]:
     """Fetch records for `todo`; returns the new store (the input is not changed) and a report.
 
     A failure after the retries propagates (S2Error); the stores already passed to on_batch hold

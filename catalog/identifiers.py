@@ -32,20 +32,44 @@ class Identifier:
         return f"{self.api_prefix}:{value}" if self.api_prefix else value
 
 
-ARXIV = Identifier("arxiv", "arXiv id", "ARXIV", "ArXiv",
-                   # New-style ids: YYMM.NNNN (2007-2014) or YYMM.NNNNN (2015 on); no version suffix.
-                   r"\d{2}(?:0[1-9]|1[0-2])\.\d{4,5}",
-                   "an arXiv id YYMM.NNNNN without version, e.g. '2106.09685'")
-ACL = Identifier("acl", "ACL Anthology id", "ACL", "ACL",
-                 # New style '2021.acl-long.353', old style 'D19-1165'.
-                 r"\d{4}\.[a-z0-9]+(?:-[a-z0-9]+)*\.\d+|[A-Z]\d{2}-\d{4}",
-                 "an ACL Anthology id such as '2021.acl-long.353' or 'D19-1165'")
-DOI = Identifier("doi", "DOI", "DOI", "DOI", r"10\.\d{4,9}/[^\s]+",
-                 "a DOI such as '10.1109/CVPR52688.2022.00516' (no https://doi.org/ prefix)", case_insensitive=True)
-S2 = Identifier("s2", "Semantic Scholar id", None, None, r"[0-9a-f]{40}",
-                "a Semantic Scholar paper id (40 lower-case hex digits)")
-CORPUS = Identifier(None, "Semantic Scholar corpus id", "CorpusId", "CorpusId", r"[1-9]\d{0,11}",
-                    "a Semantic Scholar corpus id (a number)")
+ARXIV = Identifier(
+    "arxiv",
+    "arXiv id",
+    "ARXIV",
+    "ArXiv",
+    # New-style ids: YYMM.NNNN (2007-2014) or YYMM.NNNNN (2015 on); no version suffix.
+    r"\d{2}(?:0[1-9]|1[0-2])\.\d{4,5}",
+    "an arXiv id YYMM.NNNNN without version, e.g. '2106.09685'",
+)
+ACL = Identifier(
+    "acl",
+    "ACL Anthology id",
+    "ACL",
+    "ACL",
+    # New style '2021.acl-long.353', old style 'D19-1165'.
+    r"\d{4}\.[a-z0-9]+(?:-[a-z0-9]+)*\.\d+|[A-Z]\d{2}-\d{4}",
+    "an ACL Anthology id such as '2021.acl-long.353' or 'D19-1165'",
+)
+DOI = Identifier(
+    "doi",
+    "DOI",
+    "DOI",
+    "DOI",
+    r"10\.\d{4,9}/[^\s]+",
+    "a DOI such as '10.1109/CVPR52688.2022.00516' (no https://doi.org/ prefix)",
+    case_insensitive=True,
+)
+S2 = Identifier(
+    "s2", "Semantic Scholar id", None, None, r"[0-9a-f]{40}", "a Semantic Scholar paper id (40 lower-case hex digits)"
+)
+CORPUS = Identifier(
+    None,
+    "Semantic Scholar corpus id",
+    "CorpusId",
+    "CorpusId",
+    r"[1-9]\d{0,11}",
+    "a Semantic Scholar corpus id (a number)",
+)
 
 # The fields an entry may carry, in the order enrich prefers them for a lookup (exact S2 id first).
 STORED = (S2, ARXIV, ACL, DOI)
@@ -66,8 +90,12 @@ def record_ids(paper_id: str, external_ids: dict[str, str | int] | None) -> dict
     """The identifiers (field -> value) a Semantic Scholar record carries, in our formats; ids the
     catalog cannot store (old-style arXiv ids, say) are left out."""
     external = external_ids or {}
-    found = {identifier.field: str(paper_id if identifier.external_key is None else external.get(identifier.external_key)
-                                   or "") for identifier in STORED}
+    found = {
+        identifier.field: str(
+            paper_id if identifier.external_key is None else external.get(identifier.external_key) or ""
+        )
+        for identifier in STORED
+    }
     return {field: found[field] for field in FIELDS if found[field] and BY_FIELD[field].matches(found[field])}
 
 

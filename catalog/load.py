@@ -64,8 +64,9 @@ def load_catalog(path: str | Path) -> LoadedCatalog:
     try:
         data = path.read_bytes()
     except OSError as error:
-        return LoadedCatalog(str(path), problems=[Problem(str(path), 0, f"cannot read: {error.strerror}")],
-                             complete=False)
+        return LoadedCatalog(
+            str(path), problems=[Problem(str(path), 0, f"cannot read: {error.strerror}")], complete=False
+        )
     return parse_catalog(data, str(path))
 
 
@@ -84,9 +85,11 @@ def parse_catalog(text: str | bytes, filename: str = "papers.yaml") -> LoadedCat
             text = text.decode("utf-8")
         except UnicodeDecodeError as error:
             line_start = text.rfind(b"\n", 0, error.start) + 1
-            return give_up(text.count(b"\n", 0, error.start) + 1,
-                           f"not UTF-8 text: byte 0x{text[error.start]:02x} at column {error.start - line_start + 1}; "
-                           f"save the file as UTF-8")
+            return give_up(
+                text.count(b"\n", 0, error.start) + 1,
+                f"not UTF-8 text: byte 0x{text[error.start]:02x} at column {error.start - line_start + 1}; "
+                f"save the file as UTF-8",
+            )
     catalog.text = text
     text = _without_control_characters(text, problem)
 
@@ -105,8 +108,11 @@ def parse_catalog(text: str | bytes, filename: str = "papers.yaml") -> LoadedCat
         loader.dispose()
 
     if root is None or (isinstance(root, yaml.SequenceNode) and not root.value):
-        return give_up(1, "no entries: the file is empty or holds only comments; it must be a list of entries "
-                          "('- id: ...', see CONTRIBUTING.md)")
+        return give_up(
+            1,
+            "no entries: the file is empty or holds only comments; it must be a list of entries "
+            "('- id: ...', see CONTRIBUTING.md)",
+        )
     if not isinstance(root, yaml.SequenceNode):
         return give_up(root.start_mark.line + 1, "the file must be a list of entries ('- id: ...')")
 
@@ -116,7 +122,9 @@ def parse_catalog(text: str | bytes, filename: str = "papers.yaml") -> LoadedCat
             problem(line, f"entry #{position} is not a mapping of fields")
             continue
         values, field_lines, unreadable = _mapping_with_lines(node)
-        entry_id = values.get("id") if isinstance(values.get("id"), str) and "\n" not in values["id"] else f"#{position}"
+        entry_id = (
+            values.get("id") if isinstance(values.get("id"), str) and "\n" not in values["id"] else f"#{position}"
+        )
         for key, message in unreadable.items():
             problem(field_lines[key], message, entry_id=entry_id, field=key)
         try:
@@ -136,15 +144,20 @@ def parse_catalog(text: str | bytes, filename: str = "papers.yaml") -> LoadedCat
 def _without_control_characters(text: str, problem) -> str:
     """The text with each control character reported at its line and replaced by a space, so that
     the rest of the file is still checked, at the right lines."""
+
     def replace(match: re.Match) -> str:
         if match.group() == "\ufeff" and match.start() == 0:
             return match.group()  # a byte-order mark at the start is allowed
         character = match.group()
         name = unicodedata.name(character, "") or {"\r": "carriage return without a line feed"}.get(
-            character, "control character")
-        problem(text.count("\n", 0, match.start()) + 1,
-                f"character U+{ord(character):04X} ({name.lower()}) is not allowed in the file; remove it")
+            character, "control character"
+        )
+        problem(
+            text.count("\n", 0, match.start()) + 1,
+            f"character U+{ord(character):04X} ({name.lower()}) is not allowed in the file; remove it",
+        )
         return " "
+
     return CONTROL.sub(replace, text)
 
 
@@ -157,12 +170,22 @@ def _refused_yaml_features(text: str) -> list[tuple[int, str]]:
         for event in yaml.parse(text, Loader=yaml.SafeLoader):
             line = event.start_mark.line + 1
             if isinstance(event, yaml.AliasEvent):
-                refused.append((line, f"YAML alias *{event.anchor}: write the value out (papers.yaml uses no "
-                                      f"anchors, aliases or tags)"))
+                refused.append(
+                    (
+                        line,
+                        f"YAML alias *{event.anchor}: write the value out (papers.yaml uses no "
+                        f"anchors, aliases or tags)",
+                    )
+                )
             elif isinstance(event, (yaml.ScalarEvent, yaml.CollectionStartEvent)):
                 if event.anchor is not None:
-                    refused.append((line, f"YAML anchor &{event.anchor}: write each entry out in full (papers.yaml "
-                                          f"uses no anchors, aliases or tags)"))
+                    refused.append(
+                        (
+                            line,
+                            f"YAML anchor &{event.anchor}: write each entry out in full (papers.yaml "
+                            f"uses no anchors, aliases or tags)",
+                        )
+                    )
                 if event.tag is not None:
                     shown = event.tag.replace("tag:yaml.org,2002:", "!!")
                     refused.append((line, f"YAML tag {shown}: write a plain value (papers.yaml uses no tags)"))
@@ -171,8 +194,9 @@ def _refused_yaml_features(text: str) -> list[tuple[int, str]]:
             if isinstance(event, yaml.CollectionStartEvent):
                 depth += 1
                 if depth > MAX_DEPTH:
-                    return refused + [(line, f"nested more than {MAX_DEPTH} levels deep: an entry is a mapping of "
-                                             f"values and lists")]
+                    return refused + [
+                        (line, f"nested more than {MAX_DEPTH} levels deep: an entry is a mapping of values and lists")
+                    ]
             elif isinstance(event, yaml.CollectionEndEvent):
                 depth -= 1
     except yaml.YAMLError as error:
@@ -196,8 +220,9 @@ class _Constructor(yaml.constructor.SafeConstructor):
         try:
             return super().construct_yaml_timestamp(node)
         except (ValueError, OverflowError):
-            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} is not a real date YYYY-MM-DD",
-                                                    node.start_mark) from None
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is not a real date YYYY-MM-DD", node.start_mark
+            ) from None
 
 
 _Constructor.add_constructor("tag:yaml.org,2002:timestamp", _Constructor.construct_yaml_timestamp)
@@ -227,7 +252,9 @@ def _explain(detail: dict, values: dict) -> str:
     kind, name = detail["type"], str(detail["loc"][0]) if detail["loc"] else ""
     if kind == "extra_forbidden":
         guess = difflib.get_close_matches(name, ENTRY_FIELDS, n=1)
-        return "unknown field" + (f" (did you mean {guess[0]!r}?)" if guess else f"; fields are: {', '.join(ENTRY_FIELDS)}")
+        return "unknown field" + (
+            f" (did you mean {guess[0]!r}?)" if guess else f"; fields are: {', '.join(ENTRY_FIELDS)}"
+        )
     if kind == "missing":
         return "required field is missing"
     if kind == "literal_error":

@@ -66,8 +66,11 @@ class CitationStyles(_Part):
 class Paper(_Part):
     """One record of the Graph API (GET /paper/{id}, POST /paper/batch), the fields we ask for."""
 
-    paperId: Annotated[str, BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value),
-                       Field(pattern=r"^[0-9a-f]{40}$")]  # Rust regex: $ is the very end
+    paperId: Annotated[
+        str,
+        BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value),
+        Field(pattern=r"^[0-9a-f]{40}$"),
+    ]  # Rust regex: $ is the very end
     corpusId: Count | None = None
     externalIds: dict[ShortText, ShortText | int] | None = None
     title: ShortText | None = None

@@ -49,8 +49,14 @@ def front_matter_string(value: str) -> Markup:
 
 
 def make_environment() -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True,
-                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
     env.filters.update(slug=slug, front_matter=front_matter_string)
     env.globals.update(SECTIONS=SECTIONS, TAGS=TAGS, KINDS=KINDS)
     return env
@@ -86,8 +92,16 @@ class DocsWriter:
         """A Markdown page that MkDocs renders (templates that mix Markdown and HTML)."""
         self.file(path, self.env.get_template(template).render(base=_base(path), site=self.site, **context))
 
-    def html_page(self, path: str, template: str, page_title: str, summary: str, in_shell: bool,
-                  searchable: bool = False, **context) -> None:
+    def html_page(
+        self,
+        path: str,
+        template: str,
+        page_title: str,
+        summary: str,
+        in_shell: bool,
+        searchable: bool = False,
+        **context,
+    ) -> None:
         """A page whose body is pure HTML: through a shell when allowed, else wrapped as Markdown."""
         body = Markup(self.env.get_template(template).render(base=_base(path), site=self.site, **context))
         if self.use_shells and in_shell:
@@ -110,11 +124,17 @@ def _base(path: str) -> str:
 
 
 def paginate(items: list, size: int = PAGE_SIZE) -> list[list]:
-    return [items[start:start + size] for start in range(0, len(items), size)] or [[]]
+    return [items[start : start + size] for start in range(0, len(items), size)] or [[]]
 
 
-def render_docs(papers: list[PaperView], impls: dict[str, ImplView], site_src: Path, docs_dir: Path,
-                site: SiteInfo, use_shells: bool = False) -> tuple[int, list[FilledPage]]:
+def render_docs(
+    papers: list[PaperView],
+    impls: dict[str, ImplView],
+    site_src: Path,
+    docs_dir: Path,
+    site: SiteInfo,
+    use_shells: bool = False,
+) -> tuple[int, list[FilledPage]]:
     """Write the docs folder afresh. Returns the number of files written and, with use_shells, the
     pages left for `fill_shells` (paper pages, tag pages and later pages of long sections)."""
     if docs_dir.exists():
@@ -126,8 +146,15 @@ def render_docs(papers: list[PaperView], impls: dict[str, ImplView], site_src: P
     by_tag = {tag: [p for p in papers if tag in p.entry.tags] for tag in TAGS}
     latest = sorted(papers, key=lambda p: (p.entry.added, p.entry.line), reverse=True)
 
-    out.page("index.md", "home.md.j2", papers=papers, impls=impls, by_section=by_section, latest=latest[:LATEST],
-             kernels=[slug for slug in impls if slug.startswith("kernels.")])
+    out.page(
+        "index.md",
+        "home.md.j2",
+        papers=papers,
+        impls=impls,
+        by_section=by_section,
+        latest=latest[:LATEST],
+        kernels=[slug for slug in impls if slug.startswith("kernels.")],
+    )
     out.file("assets/papers-per-year.svg", papers_per_year_svg(out.env, papers))
     for section in SECTIONS:  # the first page of a section is in the navigation, so MkDocs renders it
         _paged(out, f"sections/{section.slug}", by_section[section.name], section.title, None, first_in_shell=False)
@@ -135,8 +162,15 @@ def render_docs(papers: list[PaperView], impls: dict[str, ImplView], site_src: P
         _paged(out, f"tags/{slug(tag)}", tagged, tag, TAGS[tag], first_in_shell=True)
     out.page("tags/index.md", "tags.md.j2", by_tag=by_tag)
     for paper in papers:
-        out.html_page(f"papers/{paper.id}.md", "paper.html.j2", paper.title, paper.tldr or paper.title,
-                      in_shell=True, searchable=True, p=paper)
+        out.html_page(
+            f"papers/{paper.id}.md",
+            "paper.html.j2",
+            paper.title,
+            paper.tldr or paper.title,
+            in_shell=True,
+            searchable=True,
+            p=paper,
+        )
     out.page("papers/index.md", "table.md.j2", count=len(papers))
     out.file("assets/papers-data.js", papers_data_js(papers))
     out.page("impls/index.md", "impls.md.j2", impls=impls, papers={p.id: p for p in papers})
@@ -145,20 +179,33 @@ def render_docs(papers: list[PaperView], impls: dict[str, ImplView], site_src: P
     out.file("feed.xml", atom_feed(latest[:FEED_SIZE], site))
     if use_shells:
         for depth, url in SHELLS.items():
-            out.file(f"{url}.md" if depth == 3 else f"{url}/index.md",
-                     out.env.get_template("shell.md.j2").render(token=SHELL_TOKEN))
+            out.file(
+                f"{url}.md" if depth == 3 else f"{url}/index.md",
+                out.env.get_template("shell.md.j2").render(token=SHELL_TOKEN),
+            )
     return out.written, out.filled
 
 
-def _paged(out: DocsWriter, folder: str, items: list[PaperView], heading: str, description: str | None,
-           first_in_shell: bool) -> None:
+def _paged(
+    out: DocsWriter, folder: str, items: list[PaperView], heading: str, description: str | None, first_in_shell: bool
+) -> None:
     chunks = paginate(items)
     for number, chunk in enumerate(chunks, start=1):
         path = f"{folder}/index.md" if number == 1 else f"{folder}/{number}.md"
         title = heading if number == 1 else f"{heading} (page {number})"
-        out.html_page(path, "list.html.j2", title, description or heading, in_shell=first_in_shell or number > 1,
-                      papers=chunk, page=number, pages=len(chunks), total=len(items), heading=heading,
-                      description=description)
+        out.html_page(
+            path,
+            "list.html.j2",
+            title,
+            description or heading,
+            in_shell=first_in_shell or number > 1,
+            papers=chunk,
+            page=number,
+            pages=len(chunks),
+            total=len(items),
+            heading=heading,
+            description=description,
+        )
 
 
 def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None:
@@ -166,8 +213,10 @@ def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None
     list the new pages in the search index and the sitemap."""
     # Material indents its HTML deeply; at 10,000 pages the indentation alone is ~40 MB. The shells
     # hold no <pre> or <textarea>, so leading white space can go (bodies are poured in afterwards).
-    shells = {depth: re.sub(r"\n\s+", "\n", (site_dir / url / "index.html").read_text(encoding="utf-8"))
-              for depth, url in SHELLS.items()}
+    shells = {
+        depth: re.sub(r"\n\s+", "\n", (site_dir / url / "index.html").read_text(encoding="utf-8"))
+        for depth, url in SHELLS.items()
+    }
     for page in pages:
         depth = page.url.count("/")
         shell, shell_url = shells[depth], SHELLS[depth] + "/"
@@ -184,16 +233,26 @@ def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None
     index_path = site_dir / "search" / "search_index.json"
     index = json.loads(index_path.read_text(encoding="utf-8"))
     index["docs"] = [doc for doc in index["docs"] if not doc["location"].startswith("catalog-shell/")]
-    index["docs"] += [{"location": page.url, "title": html.escape(page.title), "text": _search_text(page.body)}
-                      for page in pages if page.searchable]
+    index["docs"] += [
+        {"location": page.url, "title": html.escape(page.title), "text": _search_text(page.body)}
+        for page in pages
+        if page.searchable
+    ]
     index_path.write_text(json.dumps(index, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
 
     sitemap_path = site_dir / "sitemap.xml"
-    sitemap = re.sub(r"\s*<url>\s*<loc>[^<]*catalog-shell/[^<]*</loc>.*?</url>", "",
-                     sitemap_path.read_text(encoding="utf-8"), flags=re.S)
+    sitemap = re.sub(
+        r"\s*<url>\s*<loc>[^<]*catalog-shell/[^<]*</loc>.*?</url>",
+        "",
+        sitemap_path.read_text(encoding="utf-8"),
+        flags=re.S,
+    )
     today = datetime.date.today().isoformat()
-    extra = "".join(f"\n    <url>\n         <loc>{html.escape(site.site_url + page.url)}</loc>\n"
-                    f"         <lastmod>{today}</lastmod>\n    </url>" for page in pages)
+    extra = "".join(
+        f"\n    <url>\n         <loc>{html.escape(site.site_url + page.url)}</loc>\n"
+        f"         <lastmod>{today}</lastmod>\n    </url>"
+        for page in pages
+    )
     sitemap_path.write_text(sitemap.replace("</urlset>", extra.lstrip("\n") + "\n</urlset>"), encoding="utf-8")
     (site_dir / "sitemap.xml.gz").unlink(missing_ok=True)  # stale now; the plain sitemap is complete
 
@@ -201,17 +260,31 @@ def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None
 def _search_text(body: str) -> str:
     """What search matches for a page: its text without the facts table and BibTeX (labels and
     markup that every page shares), as escaped HTML."""
-    shared = (r'<h1>.*?</h1>|<h2[^>]*>.*?</h2>|<table class="aa-facts">.*?</table>|<div class="highlight">.*?</div>'
-              r'|<div class="admonition example aa-impl-box">.*?</div>|<p class="aa-edit">.*?</p>')
+    shared = (
+        r'<h1>.*?</h1>|<h2[^>]*>.*?</h2>|<table class="aa-facts">.*?</table>|<div class="highlight">.*?</div>'
+        r'|<div class="admonition example aa-impl-box">.*?</div>|<p class="aa-edit">.*?</p>'
+    )
     text = re.sub(shared, " ", body, flags=re.S)
     return "<p>" + html.escape(" ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split())) + "</p>"
 
 
 def papers_data_js(papers: list[PaperView]) -> str:
     """The all-papers table's rows, as a script (it loads from file:// too, unlike fetch)."""
-    rows = [{"id": p.id, "title": p.title, "url": p.url, "year": p.year, "venue": p.venue,
-             "section": p.entry.section, "kind": p.entry.kind, "tags": p.entry.tags,
-             "impl": bool(p.impls), "citations": p.citations} for p in papers]
+    rows = [
+        {
+            "id": p.id,
+            "title": p.title,
+            "url": p.url,
+            "year": p.year,
+            "venue": p.venue,
+            "section": p.entry.section,
+            "kind": p.entry.kind,
+            "tags": p.entry.tags,
+            "impl": bool(p.impls),
+            "citations": p.citations,
+        }
+        for p in papers
+    ]
     return "window.CATALOG_PAPERS = " + json.dumps(rows, ensure_ascii=True, separators=(",", ":")) + ";\n"
 
 
@@ -230,11 +303,25 @@ def papers_per_year_svg(env: Environment, papers: list[PaperView]) -> str:
             if value:
                 h = value / tallest * (height - 20)
                 y -= h
-                bars.append({"x": 40 + index * (bar + gap), "y": y, "h": h, "group": group_index,
-                             "label": f"{year}, {group}: {value}"})
+                bars.append(
+                    {
+                        "x": 40 + index * (bar + gap),
+                        "y": y,
+                        "h": h,
+                        "group": group_index,
+                        "label": f"{year}, {group}: {value}",
+                    }
+                )
     return env.get_template("chart.svg.j2").render(
-        years=years, bars=bars, groups=groups, bar=bar, gap=gap, height=height, tallest=tallest,
-        width=40 + max(len(years), 1) * (bar + gap) + 200)
+        years=years,
+        bars=bars,
+        groups=groups,
+        bar=bar,
+        gap=gap,
+        height=height,
+        tallest=tallest,
+        width=40 + max(len(years), 1) * (bar + gap) + 200,
+    )
 
 
 def atom_feed(papers: list[PaperView], site: SiteInfo) -> str:

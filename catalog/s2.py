@@ -32,9 +32,25 @@ from catalog.record import Paper, RecordError, parse_paper
 
 DEFAULT_API_URL = "https://api.semanticscholar.org/graph/v1"
 BATCH_SIZE = 500  # the API's limit for POST /paper/batch (the client refuses more)
-FIELDS = ["paperId", "corpusId", "externalIds", "title", "abstract", "tldr", "authors", "venue",
-          "publicationVenue", "year", "publicationDate", "citationCount", "influentialCitationCount",
-          "openAccessPdf", "url", "fieldsOfStudy", "citationStyles"]
+FIELDS = [
+    "paperId",
+    "corpusId",
+    "externalIds",
+    "title",
+    "abstract",
+    "tldr",
+    "authors",
+    "venue",
+    "publicationVenue",
+    "year",
+    "publicationDate",
+    "citationCount",
+    "influentialCitationCount",
+    "openAccessPdf",
+    "url",
+    "fieldsOfStudy",
+    "citationStyles",
+]
 SEARCH_LIMIT = 10  # candidates read when looking a title up
 
 
@@ -87,21 +103,26 @@ class _Requester(ApiRequester):
             # is per socket operation, so a server dripping a byte a second would never be cut off.
             async with asyncio.timeout(self.timeout):
                 async with httpx.AsyncClient(timeout=self.timeout) as client:
-                    response = await client.request(method, url, params=parameters.lstrip("&"), headers=headers,
-                                                    json=payload)
+                    response = await client.request(
+                        method, url, params=parameters.lstrip("&"), headers=headers, json=payload
+                    )
         except (TimeoutError, httpx.TimeoutException) as error:
             raise S2Error(f"{method} {url}: no complete answer within {self.timeout:g} s", transient=True) from error
         except httpx.ConnectError as error:
             raise S2Unreachable(f"cannot reach {url}: {error or type(error).__name__}") from error
         except httpx.TransportError as error:  # connected, then the connection broke (mid-body, say)
-            raise S2Error(f"{method} {url}: the connection broke off ({error or type(error).__name__})",
-                          transient=True) from error
+            raise S2Error(
+                f"{method} {url}: the connection broke off ({error or type(error).__name__})", transient=True
+            ) from error
         status = response.status_code
         if status == 404:
             raise S2NotFound(f"{method} {url}: HTTP 404 {_error_text(response)}")
         if status == 429 or status >= 500:
-            raise S2Error(f"{method} {url}: HTTP {status} {_error_text(response)}", transient=True,
-                          retry_after=retry_after_seconds(response.headers.get("Retry-After")))
+            raise S2Error(
+                f"{method} {url}: HTTP {status} {_error_text(response)}",
+                transient=True,
+                retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+            )
         if status != 200:
             raise S2Error(f"{method} {url}: HTTP {status} {_error_text(response)}")
         try:
@@ -118,13 +139,16 @@ class _Requester(ApiRequester):
             ids = payload["ids"]
             if not isinstance(data, list) or len(data) != len(ids):
                 size = f" of {len(data)}" if isinstance(data, (list, dict)) else ""
-                raise S2Error(f"{method} {url}: expected a list of {len(ids)} records, got {type(data).__name__}{size}",
-                              transient=True)
+                raise S2Error(
+                    f"{method} {url}: expected a list of {len(ids)} records, got {type(data).__name__}{size}",
+                    transient=True,
+                )
             return [None if item is None else self._record(item, asked) for item, asked in zip(data, ids)]
         if url.endswith("/paper/search") or url.endswith("/paper/search/match"):
             if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-                raise S2Error(f"{method} {url}: expected an object with a 'data' list, got {type(data).__name__}",
-                              transient=True)
+                raise S2Error(
+                    f"{method} {url}: expected an object with a 'data' list, got {type(data).__name__}", transient=True
+                )
             found = [self._record(item, f"result {number}") for number, item in enumerate(data["data"], start=1)]
             found = [paper for paper in found if paper is not None]
             if url.endswith("/match") and not found:
@@ -148,7 +172,9 @@ class _Requester(ApiRequester):
 def _error_text(response: httpx.Response) -> str:
     try:
         body = response.json()
-        return str(body.get("error") or body.get("message") or body)[:200] if isinstance(body, dict) else str(body)[:200]
+        return (
+            str(body.get("error") or body.get("message") or body)[:200] if isinstance(body, dict) else str(body)[:200]
+        )
     except (ValueError, RecursionError):
         return response.text[:200]
 
@@ -175,13 +201,18 @@ class RetryPolicy:
             error = state.outcome.exception()
             if state.attempt_number >= self.attempts:
                 raise error
-            raise S2Error(f"{error}; not retried: the next try, in {state.upcoming_sleep:.0f} s, would end past "
-                          f"the retry budget of {self.total_seconds:g} s") from error
+            raise S2Error(
+                f"{error}; not retried: the next try, in {state.upcoming_sleep:.0f} s, would end past "
+                f"the retry budget of {self.total_seconds:g} s"
+            ) from error
 
         retrying = Retrying(
             retry=retry_if_exception(lambda error: isinstance(error, S2Error) and error.transient),
             stop=stop_after_attempt(self.attempts) | stop_before_delay(self.total_seconds),
-            wait=self.wait, sleep=self.sleep, retry_error_callback=give_up)
+            wait=self.wait,
+            sleep=self.sleep,
+            retry_error_callback=give_up,
+        )
         return retrying(function, *args)
 
 
@@ -212,15 +243,22 @@ class S2Client:
         def attempt():
             self.requests += 1
             return asyncio.run(coroutine_function())
+
         return self.policy.call(attempt)
 
     def get_papers(self, ids: list[str]) -> list[Paper]:
         """The valid records the API found among ids (at most BATCH_SIZE), in no promised order."""
+
         async def fetch():
             try:
-                return [Paper.model_validate(paper.raw_data) for paper in await self._client.get_papers(ids, fields=FIELDS)]
+                return [
+                    Paper.model_validate(paper.raw_data) for paper in await self._client.get_papers(ids, fields=FIELDS)
+                ]
             except S2NotFound as error:
-                raise S2Error(f"{error}: the batch endpoint is missing; is the API URL right ({self.api_url})?") from None
+                raise S2Error(
+                    f"{error}: the batch endpoint is missing; is the API URL right ({self.api_url})?"
+                ) from None
+
         return self._run(fetch)
 
     def get_paper(self, paper_id: str) -> Paper | None:
@@ -229,25 +267,30 @@ class S2Client:
                 return Paper.model_validate((await self._client.get_paper(paper_id, fields=FIELDS)).raw_data)
             except S2NotFound:
                 return None
+
         return self._run(fetch)
 
     # The client puts the query into the URL as it is; quoted, a title with '&' or '#' stays one value.
     def search_title(self, title: str) -> list[Paper]:
         """The first SEARCH_LIMIT results of a relevance search for title, valid records only."""
+
         async def fetch():
             try:
                 results = await self._client.search_paper(quote(title, safe=""), fields=FIELDS, limit=SEARCH_LIMIT)
             except S2NotFound:
                 return []
             return [Paper.model_validate(raw) for raw in results.raw_data]
+
         return self._run(fetch)
 
     def match_title(self, title: str) -> Paper | None:
         """The API's single closest title match, or None."""
+
         async def fetch():
             try:
                 match = await self._client.search_paper(quote(title, safe=""), fields=FIELDS, match_title=True)
             except S2NotFound:
                 return None
             return Paper.model_validate(match.raw_data)
+
         return self._run(fetch)

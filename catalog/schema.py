@@ -111,8 +111,10 @@ class Entry(BaseModel):
     def _known_tags(cls, value):
         unknown = [tag for tag in value if tag not in TAGS]
         if unknown:
-            raise ValueError(f"unknown tag(s) {', '.join(map(repr, unknown))}; "
-                             f"tags are defined in catalog/vocabulary.py: {', '.join(TAGS)}")
+            raise ValueError(
+                f"unknown tag(s) {', '.join(map(repr, unknown))}; "
+                f"tags are defined in catalog/vocabulary.py: {', '.join(TAGS)}"
+            )
         if len(set(value)) != len(value):
             raise ValueError("a tag is listed twice")
         return value
@@ -121,8 +123,10 @@ class Entry(BaseModel):
     def _identifiers_match_paper_flag(self):
         present = [name for name in identifiers.FIELDS if getattr(self, name)]
         if self.paper and not present:
-            raise ValueError("a paper needs at least one identifier: arxiv, acl, doi or s2 "
-                             "(for software without a paper, write 'paper: false')")
+            raise ValueError(
+                "a paper needs at least one identifier: arxiv, acl, doi or s2 "
+                "(for software without a paper, write 'paper: false')"
+            )
         if not self.paper and present:
             raise ValueError(f"'paper: false' entries have no paper identifiers, but {present[0]} is set")
         if not self.paper and not (self.code or self.website):

@@ -35,8 +35,11 @@ class StoredRecord:
     retrieved: datetime.datetime  # when it was fetched (timezone-aware)
 
     def to_json(self) -> dict:
-        return {"paper": self.paper.to_json(), "source": self.source,
-                "retrieved": self.retrieved.isoformat(timespec="seconds")}
+        return {
+            "paper": self.paper.to_json(),
+            "source": self.source,
+            "retrieved": self.retrieved.isoformat(timespec="seconds"),
+        }
 
 
 @dataclass
@@ -55,12 +58,19 @@ def load_store(path: str | Path) -> MetadataStore:
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, ValueError, RecursionError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not valid JSON" if not isinstance(
-            error, UnicodeDecodeError) else "not UTF-8"
+        reason = (
+            error.strerror
+            if isinstance(error, OSError)
+            else "not valid JSON"
+            if not isinstance(error, UnicodeDecodeError)
+            else "not UTF-8"
+        )
         raise StoreError(f"{path}: not a valid metadata store ({reason}: {error})") from None
     if not isinstance(data, dict) or data.get("format") != STORE_FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise StoreError(f"{path}: not a valid metadata store: unknown store format {found!r} (expected {STORE_FORMAT})")
+        raise StoreError(
+            f"{path}: not a valid metadata store: unknown store format {found!r} (expected {STORE_FORMAT})"
+        )
     if not isinstance(data.get("records"), dict):
         raise StoreError(f"{path}: not a valid metadata store: 'records' must be an object of entry id -> record")
     records, problems = {}, []

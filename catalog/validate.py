@@ -13,13 +13,15 @@ from catalog.load import LoadedCatalog, Problem
 from catalog.schema import Entry
 
 
-def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], impls: dict[str, ImplModule],
-             strict_impl: bool = False) -> list[Problem]:
+def validate(
+    catalog: LoadedCatalog, stored_ids: Iterable[str], impls: dict[str, ImplModule], strict_impl: bool = False
+) -> list[Problem]:
     """All problems of the catalog: the loader's, then the cross-entry ones, in file order."""
     stored_ids = set(stored_ids)
     problems = list(catalog.problems)
     at = lambda entry, field, message, severity="error": problems.append(
-        Problem(catalog.path, entry.line_of(field), message, entry.id, field, severity))
+        Problem(catalog.path, entry.line_of(field), message, entry.id, field, severity)
+    )
 
     first_seen: dict[tuple[str, str], Entry] = {}  # (what, compared value) -> first entry with it
     for entry in catalog.entries:
@@ -30,19 +32,33 @@ def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], impls: dict[str,
             if what == "id":
                 at(entry, what, f"duplicate id: already used by the entry at {catalog.path}:{earlier.line}")
             else:
-                at(entry, what, f"same paper as entry {earlier.id!r} ({catalog.path}:{earlier.line}): "
-                                f"same {identifiers.label(what)}")
+                at(
+                    entry,
+                    what,
+                    f"same paper as entry {earlier.id!r} ({catalog.path}:{earlier.line}): "
+                    f"same {identifiers.label(what)}",
+                )
 
         if entry.paper and entry.id not in stored_ids:
             at(entry, "id", "no metadata record in the store; run `catalog enrich` (or add it with `catalog add`)")
 
         for slug in entry.impl:
             if slug not in impls:
-                at(entry, "impl", f"reference implementation {slug!r} does not exist (no reference_impls/"
-                   f"{slug.replace('.', '/')}.py)", "error" if strict_impl else "warning")
+                at(
+                    entry,
+                    "impl",
+                    f"reference implementation {slug!r} does not exist (no reference_impls/"
+                    f"{slug.replace('.', '/')}.py)",
+                    "error" if strict_impl else "warning",
+                )
             elif entry.id not in impls[slug].implements:
-                at(entry, "impl", f"reference_impls/{slug.replace('.', '/')}.py does not implement this entry yet "
-                   f"(the entry is not in the module's IMPLEMENTS)", "error" if strict_impl else "warning")
+                at(
+                    entry,
+                    "impl",
+                    f"reference_impls/{slug.replace('.', '/')}.py does not implement this entry yet "
+                    f"(the entry is not in the module's IMPLEMENTS)",
+                    "error" if strict_impl else "warning",
+                )
 
     # The other direction: a module may only claim entries that exist and link back to it. Not for a
     # file that did not load (empty, not YAML, ...): every claim would be reported, burying its one error.
@@ -54,8 +70,11 @@ def validate(catalog: LoadedCatalog, stored_ids: Iterable[str], impls: dict[str,
         for entry_id in module.implements:
             entry = by_id.get(entry_id)
             if entry is None and entry_id not in broken:
-                problems.append(Problem(str(module.path), 0, f"IMPLEMENTS names {entry_id!r}, which is not an entry "
-                                                            f"of {catalog.path}"))
+                problems.append(
+                    Problem(
+                        str(module.path), 0, f"IMPLEMENTS names {entry_id!r}, which is not an entry of {catalog.path}"
+                    )
+                )
             elif entry is not None and slug not in entry.impl:
                 at(entry, "impl", f"reference_impls/{slug.replace('.', '/')}.py implements this entry; add {slug!r}")
 

@@ -55,7 +55,6 @@ class ImplView:
     papers: tuple[str, ...] = ()  # ids of the entries it implements (its IMPLEMENTS)
     benchmarks: tuple[BenchmarkRun, ...] = ()  # committed GPU measurements of this module
 
-
     @property
     def url(self) -> str:
         return f"impls/{self.slug}/"
@@ -106,38 +105,53 @@ def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entr
             test_path=test.relative_to(repo_root).as_posix() if test.exists() else None,
             papers=tuple(entry_id for entry_id in module.implements if entry_id in known),
             benchmarks=tuple(
-                BenchmarkRun(run["device"], run["date"], run["command"],
-                             tuple(row for row in run.get("checks", []) if row.get("module") == slug),
-                             tuple(row for row in run.get("timings", []) if row.get("module") == slug))
-                for run in runs if any(row.get("module") == slug for row in run.get("checks", []) + run.get("timings", []))),
+                BenchmarkRun(
+                    run["device"],
+                    run["date"],
+                    run["command"],
+                    tuple(row for row in run.get("checks", []) if row.get("module") == slug),
+                    tuple(row for row in run.get("timings", []) if row.get("module") == slug),
+                )
+                for run in runs
+                if any(row.get("module") == slug for row in run.get("checks", []) + run.get("timings", []))
+            ),
         )
     return views
 
 
-def paper_views(entries: list[Entry], store: MetadataStore, impls: dict[str, ImplView], repo_url: str,
-                papers_file: str = "papers.yaml") -> list[PaperView]:
+def paper_views(
+    entries: list[Entry],
+    store: MetadataStore,
+    impls: dict[str, ImplView],
+    repo_url: str,
+    papers_file: str = "papers.yaml",
+) -> list[PaperView]:
     views = []
     for entry in entries:
         record = store.get(entry.id)
         paper = record.paper if record else None
         authors = tuple(entry.authors) if entry.authors is not None else (paper.author_names if paper else ())
         bibtex = paper.citationStyles.bibtex if paper and paper.citationStyles else None
-        views.append(PaperView(
-            entry=entry,
-            title=entry.title,
-            authors=authors,
-            venue=entry.venue or (paper.venue_name if paper else ""),
-            year=paper.year if paper else None,
-            citations=paper.citationCount if paper else None,
-            tldr=(paper.tldr.text if paper and paper.tldr else None) or "",
-            abstract=(paper.abstract if paper else None) or "",
-            bibtex=(bibtex or "").strip() or _bibtex(entry, paper, authors),
-            links=tuple(_links(entry, paper)),
-            # A link counts only where the module says it implements this entry.
-            impls=tuple(impls[slug] for slug in entry.impl if slug in impls and entry.id in impls[slug].papers),
-            missing_impls=tuple(slug for slug in entry.impl if slug not in impls or entry.id not in impls[slug].papers),
-            edit_url=f"{repo_url.rstrip('/')}/blob/main/{papers_file}#L{entry.line}",
-        ))
+        views.append(
+            PaperView(
+                entry=entry,
+                title=entry.title,
+                authors=authors,
+                venue=entry.venue or (paper.venue_name if paper else ""),
+                year=paper.year if paper else None,
+                citations=paper.citationCount if paper else None,
+                tldr=(paper.tldr.text if paper and paper.tldr else None) or "",
+                abstract=(paper.abstract if paper else None) or "",
+                bibtex=(bibtex or "").strip() or _bibtex(entry, paper, authors),
+                links=tuple(_links(entry, paper)),
+                # A link counts only where the module says it implements this entry.
+                impls=tuple(impls[slug] for slug in entry.impl if slug in impls and entry.id in impls[slug].papers),
+                missing_impls=tuple(
+                    slug for slug in entry.impl if slug not in impls or entry.id not in impls[slug].papers
+                ),
+                edit_url=f"{repo_url.rstrip('/')}/blob/main/{papers_file}#L{entry.line}",
+            )
+        )
     return views
 
 
@@ -182,8 +196,13 @@ def _bibtex(entry: Entry, paper: Paper | None, authors: tuple[str, ...]) -> str:
     kind = "article" if not venue or "arxiv" in venue.lower() else "inproceedings"
     fields = [("title", "{" + _bib_text(entry.title) + "}"), ("author", " and ".join(map(_bib_text, authors)))]
     fields.append(("journal" if kind == "article" else "booktitle", _bib_text(venue or "arXiv preprint")))
-    fields += [("year", str(year)), ("eprint", entry.arxiv), ("archivePrefix", entry.arxiv and "arXiv"),
-               ("doi", entry.doi), ("url", (next(_links(entry, paper), None) or Link("", "")).url)]
+    fields += [
+        ("year", str(year)),
+        ("eprint", entry.arxiv),
+        ("archivePrefix", entry.arxiv and "arXiv"),
+        ("doi", entry.doi),
+        ("url", (next(_links(entry, paper), None) or Link("", "")).url),
+    ]
     body = ",\n".join(f"  {name} = {{{value}}}" for name, value in fields if value)
     return f"@{kind}{{{surname}{year}{first_word},\n{body}\n}}"
 

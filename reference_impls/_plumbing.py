@@ -17,8 +17,11 @@ def find_targets(model: nn.Module, target_names: list[str], kind: type = nn.Line
     `["q", "v"]` matches `layers.0.attn.q` and `layers.3.attn.v`; a full name matches only itself.
     """
     wanted = set(target_names)
-    found = [name for name, module in model.named_modules()
-             if isinstance(module, kind) and (name in wanted or name.rsplit(".", 1)[-1] in wanted)]
+    found = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, kind) and (name in wanted or name.rsplit(".", 1)[-1] in wanted)
+    ]
     if not found:
         raise ValueError(f"no {kind.__name__} module of the model is named any of {sorted(wanted)}")
     return found
@@ -78,6 +81,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 # ---- the demos' toy task ----------------------------------------------------------------------
 
+
 def toy_model(width: int = 64, depth: int = 3, seed: int = 0) -> nn.Sequential:
     """A small MLP standing in for a pre-trained network; its Linear layers are named "0", "2", ..."""
     torch.manual_seed(seed)
@@ -92,11 +96,13 @@ def toy_task(width: int = 64, samples: int = 512, seed: int = 1) -> tuple[torch.
     """A new task for the frozen model: map x to a fixed random low-rank transform of it."""
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(samples, width, generator=generator)
-    shift = torch.randn(width, 4, generator=generator) @ torch.randn(4, width, generator=generator) / width ** 0.5
+    shift = torch.randn(width, 4, generator=generator) @ torch.randn(4, width, generator=generator) / width**0.5
     return x, x @ shift.T + 0.1 * torch.tanh(x)
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300, lr: float = 1e-2) -> tuple[float, float]:
+def train(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300, lr: float = 1e-2
+) -> tuple[float, float]:
     """Full-batch Adam on the trainable parameters; returns the loss before and after."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     loss_fn = nn.MSELoss()

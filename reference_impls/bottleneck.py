@@ -47,15 +47,38 @@ from being folded into the weights: there is no merge.
 import torch
 from torch import nn
 
-from reference_impls._plumbing import (find_targets, freeze_all_but, output_width, replace_module, report, toy_model,
-                                      toy_task, train)
+from reference_impls._plumbing import (
+    find_targets,
+    freeze_all_but,
+    output_width,
+    replace_module,
+    report,
+    toy_model,
+    toy_task,
+    train,
+)
 
 # The methods above, and the entries whose contribution uses plain bottleneck adapters (studies,
 # NMT, speech and vision-language applications).
-IMPLEMENTS = ("houlsby-adapter", "unified-view-peft", "adaptformer", "nmt-adapters", "orthoadapters", "adapterdrop",
-              "adapters-commonsense-knowledge", "adapter-tuning-effectiveness", "robust-adapter-transfer",
-              "intermediate-task-selection", "monolingual-nmt-adapters", "made", "nmt-language-domain-adapters",
-              "denoising-adapters", "speech-translation-adapters", "wav2vec2-asr-adapters", "vl-adapter")
+IMPLEMENTS = (
+    "houlsby-adapter",
+    "unified-view-peft",
+    "adaptformer",
+    "nmt-adapters",
+    "orthoadapters",
+    "adapterdrop",
+    "adapters-commonsense-knowledge",
+    "adapter-tuning-effectiveness",
+    "robust-adapter-transfer",
+    "intermediate-task-selection",
+    "monolingual-nmt-adapters",
+    "made",
+    "nmt-language-domain-adapters",
+    "denoising-adapters",
+    "speech-translation-adapters",
+    "wav2vec2-asr-adapters",
+    "vl-adapter",
+)
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -63,8 +86,16 @@ ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.Si
 class Adapter(nn.Module):
     """A(h) = s · (W_up f(W_down [LN] h + b_down) + b_up)."""
 
-    def __init__(self, d: int, m: int, activation: str = "relu", scale: float = 1.0, layer_norm: bool = False,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        d: int,
+        m: int,
+        activation: str = "relu",
+        scale: float = 1.0,
+        layer_norm: bool = False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.norm = nn.LayerNorm(d, device=device, dtype=dtype) if layer_norm else nn.Identity()
         self.down = nn.Linear(d, m, device=device, dtype=dtype)
@@ -113,9 +144,11 @@ class ParallelAdapter(SequentialAdapter):
 
 def is_add_norm_block(module: nn.Module) -> bool:
     """A post-norm output block, LN(dropout(dense(h)) + r): BERT's SelfOutput and Output, RoBERTa's, ..."""
-    return (isinstance(getattr(module, "dense", None), nn.Linear)
-            and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
-            and isinstance(getattr(module, "dropout", None), nn.Module))
+    return (
+        isinstance(getattr(module, "dense", None), nn.Linear)
+        and isinstance(getattr(module, "LayerNorm", None), nn.LayerNorm)
+        and isinstance(getattr(module, "dropout", None), nn.Module)
+    )
 
 
 class AddNormAdapter(SequentialAdapter):
@@ -147,13 +180,22 @@ def _width(sublayer: nn.Module, placement: str) -> int:
     d_out = output_width(sublayer)
     d_in = next(module for module in sublayer.modules() if isinstance(module, nn.Linear)).in_features
     if placement == "parallel" and d_in != d_out:
-        raise ValueError(f"a parallel adapter needs a sublayer with equal input and output widths, not {d_in} → {d_out}")
+        raise ValueError(
+            f"a parallel adapter needs a sublayer with equal input and output widths, not {d_in} → {d_out}"
+        )
     return d_out
 
 
-def inject_adapters(model: nn.Module, target_names: list[str], m: int = 64, placement: str = "sequential",
-                    activation: str = "relu", scale: float = 1.0, layer_norm: bool = False,
-                    track: bool = False) -> list[str]:
+def inject_adapters(
+    model: nn.Module,
+    target_names: list[str],
+    m: int = 64,
+    placement: str = "sequential",
+    activation: str = "relu",
+    scale: float = 1.0,
+    layer_norm: bool = False,
+    track: bool = False,
+) -> list[str]:
     """Wrap the named sublayers (any module; an Add & Norm block as AddNormAdapter) with adapters and
     freeze all else; track=True keeps what orthogonality_penalty needs."""
     if placement not in ("sequential", "parallel", "after_norm"):
@@ -164,8 +206,10 @@ def inject_adapters(model: nn.Module, target_names: list[str], m: int = 64, plac
         weight = next(sublayer.parameters())
         add_norm = is_add_norm_block(sublayer)
         if placement == "after_norm" and not add_norm:
-            raise ValueError(f"{name}: placement 'after_norm' needs a post-norm output block with dense, dropout and "
-                             f"LayerNorm (as BERT's SelfOutput and Output), not {type(sublayer).__name__}")
+            raise ValueError(
+                f"{name}: placement 'after_norm' needs a post-norm output block with dense, dropout and "
+                f"LayerNorm (as BERT's SelfOutput and Output), not {type(sublayer).__name__}"
+            )
         # In an Add & Norm block the parallel adapter reads the block's residual, whose width is the output's.
         d = output_width(sublayer) if add_norm else _width(sublayer, placement)
         adapter = Adapter(d, m, activation, scale, layer_norm, weight.device, weight.dtype)
@@ -211,8 +255,10 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
 def demo() -> None:
     """Adapt the frozen MLP: sequential adapters after two layers, then a parallel one beside the middle."""
     x, y = toy_task()
-    for name, targets, config in [("Sequential (Houlsby-style) m=8", ["2", "4"], HOULSBY),
-                                  ("Scaled parallel m=8", ["2"], SCALED_PARALLEL)]:
+    for name, targets, config in [
+        ("Sequential (Houlsby-style) m=8", ["2", "4"], HOULSBY),
+        ("Scaled parallel m=8", ["2"], SCALED_PARALLEL),
+    ]:
         model = toy_model()
         inject_adapters(model, targets, m=8, **config)
         before, after = train(model, x, y)

@@ -42,8 +42,14 @@ import torch
 from torch import nn
 
 from reference_impls._plumbing import find_targets, output_width, replace_module, report, toy_model, toy_task, train
-from reference_impls.bottleneck import (ACTIVATIONS, HOULSBY, Adapter, SequentialAdapter, inject_adapters,
-                                        is_add_norm_block)
+from reference_impls.bottleneck import (
+    ACTIVATIONS,
+    HOULSBY,
+    Adapter,
+    SequentialAdapter,
+    inject_adapters,
+    is_add_norm_block,
+)
 from reference_impls.ia3 import IA3Linear, inject_ia3
 from reference_impls.lora import LoRALinear, inject_lora
 
@@ -105,8 +111,11 @@ class InvertibleAdapter(nn.Module):
         factory = {"device": device, "dtype": dtype}
 
         def mlp(width_in: int, width_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Linear(width_in, width_in // reduction, **factory), ACTIVATIONS[activation](),
-                                 nn.Linear(width_in // reduction, width_out, **factory))
+            return nn.Sequential(
+                nn.Linear(width_in, width_in // reduction, **factory),
+                ACTIVATIONS[activation](),
+                nn.Linear(width_in // reduction, width_out, **factory),
+            )
 
         self.F, self.G = mlp(d - self.half, self.half), mlp(self.half, d - self.half)
         for net in (self.F, self.G):  # the identity at the start, like every adapter here
@@ -114,12 +123,12 @@ class InvertibleAdapter(nn.Module):
             nn.init.zeros_(net[-1].bias)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
-        e1, e2 = e[..., :self.half], e[..., self.half:]
+        e1, e2 = e[..., : self.half], e[..., self.half :]
         o1 = e1 + self.F(e2)
         return torch.cat([o1, e2 + self.G(o1)], dim=-1)
 
     def inverse(self, o: torch.Tensor) -> torch.Tensor:
-        o1, o2 = o[..., :self.half], o[..., self.half:]
+        o1, o2 = o[..., : self.half], o[..., self.half :]
         e2 = o2 - self.G(o1)
         return torch.cat([o1 - self.F(e2), e2], dim=-1)
 
@@ -146,8 +155,14 @@ class InverseThen(nn.Module):
         return self.output(self.invertible.inverse(hidden))
 
 
-def inject_invertible(model: nn.Module, embeddings_name: str, output_name: str | None = None, reduction: int = 2,
-                      activation: str = "relu", trainable: bool = True) -> InvertibleAdapter:
+def inject_invertible(
+    model: nn.Module,
+    embeddings_name: str,
+    output_name: str | None = None,
+    reduction: int = 2,
+    activation: str = "relu",
+    trainable: bool = True,
+) -> InvertibleAdapter:
     """Put an invertible adapter after the named embedding module and, if output_name names the output
     embeddings (a language-model head), its inverse before them. Trainable with the language adapter
     (trainable=True), frozen while a task adapter is trained on top (False); the rest is left as it is."""
@@ -161,8 +176,9 @@ def inject_invertible(model: nn.Module, embeddings_name: str, output_name: str |
     return invertible
 
 
-def inject_composition(model: nn.Module, target_names: list[str], adapters: int, m: int, mode: str = "fuse",
-                       activation: str = "relu") -> list[str]:
+def inject_composition(
+    model: nn.Module, target_names: list[str], adapters: int, m: int, mode: str = "fuse", activation: str = "relu"
+) -> list[str]:
     """Give each named sublayer `adapters` bottleneck adapters (fill them with load_adapter). Trainable:
     the fusion layers ("fuse"), or the last adapter of each stack ("stack": the task adapter on top
     of the language adapters)."""
@@ -193,11 +209,14 @@ def load_adapter(model: nn.Module, index: int, trained: nn.Module) -> None:
 def fusion_penalty(model: nn.Module) -> torch.Tensor:
     """Σ ‖I − V‖²_F over the fusion layers: add λ times it to the loss (the paper's regulariser)."""
     values = [module.value.weight for module in model.modules() if isinstance(module, Fusion)]
-    terms = [((value - torch.eye(value.shape[0], device=value.device, dtype=value.dtype)) ** 2).sum() for value in values]
+    terms = [
+        ((value - torch.eye(value.shape[0], device=value.device, dtype=value.dtype)) ** 2).sum() for value in values
+    ]
     return torch.stack(terms).sum()
 
 
 # ---- arithmetic on trained modules ------------------------------------------------------------
+
 
 def method_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """The parameters a PEFT method trains (the ones left trainable by its inject function)."""
@@ -255,15 +274,19 @@ def demo() -> None:
         halves.append(model)
     with torch.no_grad():
         alone = ", ".join(f"{loss(model(x[held_out]), y1[held_out]):.4g}" for model in halves)
-        print(f"(IA)³ modules trained on two sets of 32 examples, loss on held-out examples: {alone}; "
-              f"their average (no training): {loss(add_modules(halves)(x[held_out]), y1[held_out]):.4g}")
+        print(
+            f"(IA)³ modules trained on two sets of 32 examples, loss on held-out examples: {alone}; "
+            f"their average (no training): {loss(add_modules(halves)(x[held_out]), y1[held_out]):.4g}"
+        )
 
     model = toy_model()
     inject_lora(model, ["0", "2", "4"], r=4, alpha=8)
     train(model, x, y1)
     with torch.no_grad():
-        print(f"LoRA on its task: loss {loss(model(x), y1):.4g}; the base model: {loss(toy_model()(x), y1):.4g}; "
-              f"the negated module (unlearning): {loss(negate(model)(x), y1):.4g}")
+        print(
+            f"LoRA on its task: loss {loss(model(x), y1):.4g}; the base model: {loss(toy_model()(x), y1):.4g}; "
+            f"the negated module (unlearning): {loss(negate(model)(x), y1):.4g}"
+        )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,15 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from reference_impls._plumbing import (find_targets, freeze_all_but, replace_module, report, report_merge, set_merged,
-                                      train)
+from reference_impls._plumbing import (
+    find_targets,
+    freeze_all_but,
+    replace_module,
+    report,
+    report_merge,
+    set_merged,
+    train,
+)
 
 IMPLEMENTS = ("residual-adapters", "parallel-residual-adapters", "conv-adapter")
 
@@ -103,8 +110,9 @@ class ParallelResidualAdapter(nn.Module):
             self.merged = False
 
 
-def inject_residual_adapters(model: nn.Module, target_names: list[str], placement: str = "parallel",
-                             train_norms: bool = True) -> list[str]:
+def inject_residual_adapters(
+    model: nn.Module, target_names: list[str], placement: str = "parallel", train_norms: bool = True
+) -> list[str]:
     """Give the named nn.Conv2d layers a residual adapter; freeze all else but (train_norms) the BatchNorms."""
     if placement not in ("series", "parallel"):
         raise ValueError(f"placement is 'series' or 'parallel', not {placement!r}")
@@ -134,14 +142,17 @@ def unmerge_residual_adapters(model: nn.Module) -> None:
 class ConvAdapter(nn.Module):
     """α ⊙ W_up ∗ ReLU(W_dw ∗ x), W_dw grouped k×k down to C_in/γ channels, W_up 1×1 back up to C_out."""
 
-    def __init__(self, c_in: int, c_out: int, reduction: int = 4, kernel_size: int = 3, stride: int = 1,
-                 device=None, dtype=None):
+    def __init__(
+        self, c_in: int, c_out: int, reduction: int = 4, kernel_size: int = 3, stride: int = 1, device=None, dtype=None
+    ):
         super().__init__()
         if c_in % reduction:
             raise ValueError(f"the reduction {reduction} must divide the {c_in} input channels")
         factory = {"device": device, "dtype": dtype}
         width = c_in // reduction
-        self.down = nn.Conv2d(c_in, width, kernel_size, stride=stride, padding=kernel_size // 2, groups=width, **factory)
+        self.down = nn.Conv2d(
+            c_in, width, kernel_size, stride=stride, padding=kernel_size // 2, groups=width, **factory
+        )
         self.up = nn.Conv2d(width, c_out, 1, **factory)
         self.scale = nn.Parameter(torch.ones(1, c_out, 1, 1, **factory))
 
@@ -160,19 +171,32 @@ class ConvParallel(nn.Module):
         return self.block(x) + self.adapter(x)
 
 
-def inject_conv_adapters(model: nn.Module, target_names: list[str], reduction: int = 4,
-                         kernel_size: int = 3) -> list[str]:
+def inject_conv_adapters(
+    model: nn.Module, target_names: list[str], reduction: int = 4, kernel_size: int = 3
+) -> list[str]:
     """Put a Conv-Adapter beside each named conv block (or single convolution); freeze all else."""
     targets = find_targets(model, target_names, kind=nn.Module)
     for name in targets:
         block = model.get_submodule(name)
-        convs = [module for module in ([block] if isinstance(block, nn.Conv2d) else block.modules())
-                 if isinstance(module, nn.Conv2d)]
+        convs = [
+            module
+            for module in ([block] if isinstance(block, nn.Conv2d) else block.modules())
+            if isinstance(module, nn.Conv2d)
+        ]
         if not convs:
-            raise ValueError(f"{name}: a Conv-Adapter goes beside a block with convolutions, not {type(block).__name__}")
+            raise ValueError(
+                f"{name}: a Conv-Adapter goes beside a block with convolutions, not {type(block).__name__}"
+            )
         first = convs[0]
-        adapter = ConvAdapter(first.in_channels, convs[-1].out_channels, reduction, kernel_size,
-                              stride=first.stride[0], device=first.weight.device, dtype=first.weight.dtype)
+        adapter = ConvAdapter(
+            first.in_channels,
+            convs[-1].out_channels,
+            reduction,
+            kernel_size,
+            stride=first.stride[0],
+            device=first.weight.device,
+            dtype=first.weight.dtype,
+        )
         replace_module(model, name, ConvParallel(block, adapter))
     freeze_all_but(model, ConvAdapter, ("down", "up", "scale"))
     return targets
@@ -181,9 +205,17 @@ def inject_conv_adapters(model: nn.Module, target_names: list[str], reduction: i
 def toy_convnet(seed: int = 0) -> nn.Sequential:
     """A small ConvNet standing in for a pre-trained ResNet: two 3×3 conv-BN-ReLU stages and a head."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 8),
+    )
 
 
 def demo() -> None:
@@ -201,8 +233,15 @@ def demo() -> None:
     report_merge(model.eval(), x, merge_residual_adapters)  # the parallel adapters, into the 3×3 filters
 
     layers = toy_convnet()  # the same network, its conv-BatchNorm-ReLU stages named
-    model = nn.Sequential(OrderedDict(stem=nn.Sequential(*layers[:3]), stage=nn.Sequential(*layers[3:6]),
-                                      pool=layers[6], flatten=layers[7], head=layers[8]))
+    model = nn.Sequential(
+        OrderedDict(
+            stem=nn.Sequential(*layers[:3]),
+            stage=nn.Sequential(*layers[3:6]),
+            pool=layers[6],
+            flatten=layers[7],
+            head=layers[8],
+        )
+    )
     inject_conv_adapters(model, ["stage"], reduction=4)  # beside the 16-channel, stride-2 stage
     before, after = train(model, x, y, steps=150)
     report("Conv-Adapter beside the second stage, γ = 4", model, before, after)

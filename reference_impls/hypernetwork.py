@@ -39,8 +39,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from reference_impls._plumbing import (count_parameters, find_targets, output_width, replace_module, report, setting,
-                                      toy_model, toy_task)
+from reference_impls._plumbing import (
+    count_parameters,
+    find_targets,
+    output_width,
+    replace_module,
+    report,
+    setting,
+    toy_model,
+    toy_task,
+)
 
 IMPLEMENTS = ("hyperformer", "udapter")
 
@@ -64,13 +72,23 @@ def _generator(width_in: int, width_out: int) -> nn.Linear:
 class HyperNetwork(nn.Module):
     """Task, layer and place embeddings → the weights of one adapter."""
 
-    def __init__(self, d: int, m: int, tasks: int, layers: int, places: int, t: int = 64, hidden: int = 128,
-                 t_projected: int = 64):
+    def __init__(
+        self,
+        d: int,
+        m: int,
+        tasks: int,
+        layers: int,
+        places: int,
+        t: int = 64,
+        hidden: int = 128,
+        t_projected: int = 64,
+    ):
         super().__init__()
         self.d, self.m = d, m
         self.tasks, self.layers, self.places = nn.Embedding(tasks, t), nn.Embedding(layers, t), nn.Embedding(places, t)
-        self.project = nn.Sequential(_generator(3 * t, hidden), nn.ReLU(), _generator(hidden, t_projected),
-                                     nn.LayerNorm(t_projected))
+        self.project = nn.Sequential(
+            _generator(3 * t, hidden), nn.ReLU(), _generator(hidden, t_projected), nn.LayerNorm(t_projected)
+        )
         self.down, self.down_bias = _generator(t_projected, m * d), _generator(t_projected, m)
         self.up, self.up_bias = _generator(t_projected, d * m), _generator(t_projected, d)
         self.norm_weight, self.norm_bias = _generator(t_projected, d), _generator(t_projected, d)
@@ -86,8 +104,14 @@ class HyperNetwork(nn.Module):
         if self.task is None:
             raise ValueError("which task is this batch? Call the model inside `with use_task(model, task):`")
         I = self.embedding(self.task, layer, place)
-        return AdapterWeights(self.down(I).view(self.m, self.d), self.down_bias(I), self.up(I).view(self.d, self.m),
-                              self.up_bias(I), self.norm_weight(I), self.norm_bias(I))
+        return AdapterWeights(
+            self.down(I).view(self.m, self.d),
+            self.down_bias(I),
+            self.up(I).view(self.d, self.m),
+            self.up_bias(I),
+            self.norm_weight(I),
+            self.norm_bias(I),
+        )
 
 
 class HyperAdapter(nn.Module):
@@ -105,21 +129,26 @@ class HyperAdapter(nn.Module):
         return h + F.layer_norm(a, (h.shape[-1],), w.norm_weight, w.norm_bias)
 
 
-def inject_hyperformer(model: nn.Module, target_names: list[str], tasks: int, m: int, t: int = 64,
-                       hidden: int = 128, t_projected: int = 64) -> HyperNetwork:
+def inject_hyperformer(
+    model: nn.Module, target_names: list[str], tasks: int, m: int, t: int = 64, hidden: int = 128, t_projected: int = 64
+) -> HyperNetwork:
     """Put a generated adapter after each module named in target_names (the name's position in the
     list is its place, its n-th occurrence its layer), all made by one hypernetwork; freeze all but
     it, and return it."""
     targets = find_targets(model, target_names, kind=nn.Module)
-    place_of = {name: next(j for j, wanted in enumerate(target_names) if name == wanted or name.endswith("." + wanted))
-                for name in targets}
+    place_of = {
+        name: next(j for j, wanted in enumerate(target_names) if name == wanted or name.endswith("." + wanted))
+        for name in targets
+    }
     layer_of = {name: sum(place_of[other] == place_of[name] for other in targets[:i]) for i, name in enumerate(targets)}
     d = output_width(model.get_submodule(targets[0]))
     hypernetwork = HyperNetwork(d, m, tasks, max(layer_of.values()) + 1, len(target_names), t, hidden, t_projected)
     weight = next(model.parameters())
     hypernetwork.to(device=weight.device, dtype=weight.dtype)
     for name in targets:
-        replace_module(model, name, HyperAdapter(model.get_submodule(name), hypernetwork, layer_of[name], place_of[name]))
+        replace_module(
+            model, name, HyperAdapter(model.get_submodule(name), hypernetwork, layer_of[name], place_of[name])
+        )
     model.requires_grad_(False)
     hypernetwork.requires_grad_(True)
     return hypernetwork
@@ -131,6 +160,7 @@ def use_task(model: nn.Module, task: int):
 
 
 # ---- UDapter: adapters generated from language features ------------------------------------------
+
 
 class LanguageEmbedding(nn.Module):
     """e = W₂ ReLU(W₁ v + b₁) + b₂ for the language of the batch, v its row of the feature table."""
@@ -168,8 +198,9 @@ class GeneratedAdapter(nn.Module):
         return h + F.linear(F.gelu(F.linear(h, down, e @ self.down_bias)), up, e @ self.up_bias)
 
 
-def inject_udapter(model: nn.Module, target_names: list[str], features: torch.Tensor, m: int = 64, k: int = 32,
-                   hidden: int = 64) -> LanguageEmbedding:
+def inject_udapter(
+    model: nn.Module, target_names: list[str], features: torch.Tensor, m: int = 64, k: int = 32, hidden: int = 64
+) -> LanguageEmbedding:
     """Generated adapters after the named sublayers, for languages described by the rows of `features`;
     everything else frozen. Returns the language embedding (shared by all places)."""
     targets = find_targets(model, target_names, kind=nn.Module)
@@ -215,8 +246,10 @@ def demo() -> None:
     with torch.no_grad():
         after = [loss_fn(use_task_and_run(model, task, x), y).item() for task, y in enumerate((y1, y2))]
     trainable, total = count_parameters(model)
-    print(f"HyperFormer++ (2 tasks, 2 places, m=8): {trainable:,} trainable of {total:,} parameters "
-          f"({100 * trainable / total:.2f}%)")
+    print(
+        f"HyperFormer++ (2 tasks, 2 places, m=8): {trainable:,} trainable of {total:,} parameters "
+        f"({100 * trainable / total:.2f}%)"
+    )
     for task in range(2):
         print(f"loss on the new task: {before[task]:.4g} before, {after[task]:.4g} after training (task {task})")
 
@@ -237,8 +270,12 @@ def demo() -> None:
         with use_language(model, language):
             loss_fn(model(x), targets[language]).backward()
         optimizer.step()
-    report("UDapter (3 training languages, 2 places, m=8, k=8), on a 4th language never trained on",
-           model, before, unseen_loss())
+    report(
+        "UDapter (3 training languages, 2 places, m=8, k=8), on a 4th language never trained on",
+        model,
+        before,
+        unseen_loss(),
+    )
 
 
 if __name__ == "__main__":

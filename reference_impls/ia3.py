@@ -22,8 +22,17 @@ Trainable parameters per block: d_k + d_v + d_ff (2·d_model + d_ff for standard
 import torch
 from torch import nn
 
-from reference_impls._plumbing import (find_targets, freeze_all_but, replace_module, report, report_merge, set_merged,
-                                       toy_model, toy_task, train)
+from reference_impls._plumbing import (
+    find_targets,
+    freeze_all_but,
+    replace_module,
+    report,
+    report_merge,
+    set_merged,
+    toy_model,
+    toy_task,
+    train,
+)
 
 IMPLEMENTS = ("ia3",)
 

@@ -49,16 +49,59 @@ class UnsupportedAdapter(ValueError):
 # training-time settings, and settings whose effect is already in the saved tensors (targets,
 # ranks, initialisation). Any other field is accepted only at a neutral value (None, False, 0,
 # empty, "none"), so a PEFT feature we do not implement fails loudly instead of silently.
-HANDLED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-           "peft_version", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
-           "init_lora_weights", "init_weights", "init_ia3_weights", "r", "lora_alpha", "alpha_pattern",
-           "rank_pattern", "use_rslora", "use_dora", "fan_in_fan_out", "feedforward_modules", "lora_dropout",
-           "vera_dropout", "d_initial", "projection_prng_key", "save_projection", "megatron_core",
-           "qalora_group_size", "target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-           "orth_reg_weight", "total_step", "num_virtual_tokens", "token_dim", "num_transformer_submodules",
-           "num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
-           "tokenizer_name_or_path", "tokenizer_kwargs", "encoder_hidden_size", "prefix_projection",
-           "adapter_len", "adapter_layers"}
+HANDLED = {
+    "peft_type",
+    "task_type",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "auto_mapping",
+    "peft_version",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "init_lora_weights",
+    "init_weights",
+    "init_ia3_weights",
+    "r",
+    "lora_alpha",
+    "alpha_pattern",
+    "rank_pattern",
+    "use_rslora",
+    "use_dora",
+    "fan_in_fan_out",
+    "feedforward_modules",
+    "lora_dropout",
+    "vera_dropout",
+    "d_initial",
+    "projection_prng_key",
+    "save_projection",
+    "megatron_core",
+    "qalora_group_size",
+    "target_r",
+    "init_r",
+    "tinit",
+    "tfinal",
+    "deltaT",
+    "beta1",
+    "beta2",
+    "orth_reg_weight",
+    "total_step",
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    "num_attention_heads",
+    "num_layers",
+    "prompt_tuning_init",
+    "prompt_tuning_init_text",
+    "tokenizer_name_or_path",
+    "tokenizer_kwargs",
+    "encoder_hidden_size",
+    "prefix_projection",
+    "adapter_len",
+    "adapter_layers",
+}
 
 
 def _neutral(value) -> bool:
@@ -105,14 +148,17 @@ def _base_linear(model: nn.Module, path: str, fan_in_fan_out: bool) -> nn.Linear
         return module
     if type(module).__name__ == "Conv1D" and fan_in_fan_out:
         d_in, d_out = module.weight.shape
-        linear = nn.Linear(d_in, d_out, bias=module.bias is not None, device=module.weight.device,
-                           dtype=module.weight.dtype)
+        linear = nn.Linear(
+            d_in, d_out, bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype
+        )
         linear.weight.copy_(module.weight.T)
         if module.bias is not None:
             linear.bias.copy_(module.bias)
         return linear
-    raise UnsupportedAdapter(f"module {path!r} is a {type(module).__name__}; only nn.Linear (and GPT-2's Conv1D "
-                             f"with fan_in_fan_out) are supported")
+    raise UnsupportedAdapter(
+        f"module {path!r} is a {type(module).__name__}; only nn.Linear (and GPT-2's Conv1D "
+        f"with fan_in_fan_out) are supported"
+    )
 
 
 def _pattern_value(patterns: dict, path: str, default):
@@ -178,8 +224,10 @@ def _load_adalora(model, config, by_module, shared):
 def _load_prompt(model, config, tensors):
     """Prompt tuning and prefix tuning save the final vectors (a prefix after its MLP) as one tensor."""
     if config.get("num_transformer_submodules", 1) != 1:
-        raise UnsupportedAdapter(f"num_transformer_submodules = {config['num_transformer_submodules']} "
-                                 f"(encoder-decoder models) is not supported")
+        raise UnsupportedAdapter(
+            f"num_transformer_submodules = {config['num_transformer_submodules']} "
+            f"(encoder-decoder models) is not supported"
+        )
     if config.get("task_type") not in ("CAUSAL_LM", None):
         raise UnsupportedAdapter(f"task_type {config['task_type']!r} is not supported for prompts (only CAUSAL_LM)")
     prompt = tensors["prompt_embeddings"]
@@ -191,8 +239,10 @@ def _load_prompt(model, config, tensors):
         else:
             wrapper = PrefixTuning(model, n=n, hidden=None)
             if wrapper.prefix_input.shape != prompt.shape:
-                raise UnsupportedAdapter(f"prefix of shape {tuple(prompt.shape)} does not fit this model "
-                                         f"(expected {tuple(wrapper.prefix_input.shape)})")
+                raise UnsupportedAdapter(
+                    f"prefix of shape {tuple(prompt.shape)} does not fit this model "
+                    f"(expected {tuple(wrapper.prefix_input.shape)})"
+                )
             wrapper.prefix_input.copy_(prompt)
     for parameter in wrapper.parameters():
         parameter.requires_grad_(False)
@@ -217,23 +267,39 @@ def _load_adaption_prompt(model, config, tensors):
 def save_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
     """Write the model's LoRALinear (or DoRALinear) layers as a PEFT LoRA checkpoint."""
     layers = {path: module for path, module in model.named_modules() if isinstance(module, LoRALinear)}  # DoRA too
-    others = [(path, type(module).__name__) for path, module in model.named_modules()
-              if isinstance(module, (VeRALinear, SVDLinear, IA3Linear))]
+    others = [
+        (path, type(module).__name__)
+        for path, module in model.named_modules()
+        if isinstance(module, (VeRALinear, SVDLinear, IA3Linear))
+    ]
     if not layers or others:
-        raise UnsupportedAdapter("save_peft_adapter writes LoRA and DoRA layers only; "
-                                 + ("found {!r} ({})".format(*others[0]) if others else "the model has none"))
+        raise UnsupportedAdapter(
+            "save_peft_adapter writes LoRA and DoRA layers only; "
+            + ("found {!r} ({})".format(*others[0]) if others else "the model has none")
+        )
     dora = {type(layer) is DoRALinear for layer in layers.values()}
     rslora = {layer.scale != layer.alpha / layer.r for layer in layers.values()}  # α/√r rather than α/r
     if len(dora) > 1 or len(rslora) > 1:
         raise UnsupportedAdapter("PEFT keeps use_dora and use_rslora for the whole adapter: the layers mix them")
     r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, "inference_mode": True,
-              "r": r, "lora_alpha": alpha, "target_modules": sorted(layers), "use_dora": dora.pop(),
-              "use_rslora": rslora.pop(), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
-              # PEFT matches a pattern against the end of a module's path: the full path, escaped, is exact.
-              "rank_pattern": {re.escape(path): layer.r for path, layer in layers.items() if layer.r != r},
-              "alpha_pattern": {re.escape(path): layer.alpha for path, layer in layers.items() if layer.alpha != alpha}}
+    config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(layers),
+        "use_dora": dora.pop(),
+        "use_rslora": rslora.pop(),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        # PEFT matches a pattern against the end of a module's path: the full path, escaped, is exact.
+        "rank_pattern": {re.escape(path): layer.r for path, layer in layers.items() if layer.r != r},
+        "alpha_pattern": {re.escape(path): layer.alpha for path, layer in layers.items() if layer.alpha != alpha},
+    }
     tensors = {}
     for path, layer in layers.items():
         key = WRAPPER_PREFIX + path

@@ -52,8 +52,18 @@ import math
 import torch
 from torch import nn
 
-from reference_impls._plumbing import (count_parameters, find_targets, freeze_all_but, replace_module, report,
-                                       report_merge, set_merged, toy_model, toy_task, train)
+from reference_impls._plumbing import (
+    count_parameters,
+    find_targets,
+    freeze_all_but,
+    replace_module,
+    report,
+    report_merge,
+    set_merged,
+    toy_model,
+    toy_task,
+    train,
+)
 from reference_impls.kernels.dora import fused_dora
 from reference_impls.kernels.fused_lora import fused_lora, kernel_takes
 
@@ -66,8 +76,9 @@ class LoRALinear(nn.Module):
 
     use_kernels = True  # False: always the plain PyTorch path (the kernel tests compare the two)
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(
+        self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False
+    ):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be positive, got {r}")
@@ -87,9 +98,14 @@ class LoRALinear(nn.Module):
         dtype throughout, no dropout, and a frozen base (the fused backward returns no gradient for
         W₀ or its bias, so an unfrozen bias would silently stop learning)."""
         bias = self.base.bias
-        return (self.use_kernels and not self.merged and isinstance(self.dropout, nn.Identity)
-                and not self.base.weight.requires_grad and (bias is None or not bias.requires_grad)
-                and kernel_takes(x, self.base.weight, self.A, self.B, bias))
+        return (
+            self.use_kernels
+            and not self.merged
+            and isinstance(self.dropout, nn.Identity)
+            and not self.base.weight.requires_grad
+            and (bias is None or not bias.requires_grad)
+            and kernel_takes(x, self.base.weight, self.A, self.B, bias)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if type(self) is LoRALinear and self.takes_kernel(x):
@@ -121,8 +137,9 @@ class LoRALinear(nn.Module):
 class DoRALinear(LoRALinear):
     """LoRA for the direction, a trained magnitude m per output feature."""
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-                 use_rslora: bool = False):
+    def __init__(
+        self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False
+    ):
         super().__init__(base, r, alpha, dropout, use_rslora)
         self.m = nn.Parameter(self.column_norm().detach())  # so that W' = W₀ at the start
 
@@ -174,8 +191,14 @@ def vera_projections(r: int, d_in: int, d_out: int, seed: int = 0) -> tuple[torc
 class VeRALinear(nn.Module):
     """A frozen nn.Linear plus Λ_b B Λ_d A x, with A and B shared between layers."""
 
-    def __init__(self, base: nn.Linear, shared: "VeRAShared", d_initial: float = 0.1, dropout: float = 0.0,
-                 owns_shared: bool = False):
+    def __init__(
+        self,
+        base: nn.Linear,
+        shared: "VeRAShared",
+        d_initial: float = 0.1,
+        dropout: float = 0.0,
+        owns_shared: bool = False,
+    ):
         super().__init__()
         self.base = base
         self.shared = [shared]  # a plain list: the matrices are registered (and saved) by one layer only
@@ -190,7 +213,7 @@ class VeRALinear(nn.Module):
 
     def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
         shared = self.shared[0]
-        return shared.A[:, :self.base.in_features], shared.B[:self.base.out_features, :]
+        return shared.A[:, : self.base.in_features], shared.B[: self.base.out_features, :]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.base(x)
@@ -257,8 +280,17 @@ class RankAllocator:
     """AdaLoRA's budget: after each backward, score every triplet (P_:i, λ_i, Q_i:) and, on the
     schedule, zero the λ of the least important ones until `budget` triplets remain in all."""
 
-    def __init__(self, model: nn.Module, target_r: int, total_steps: int, warmup_steps: int = 0,
-                 final_steps: int = 0, mask_every: int = 1, beta1: float = 0.85, beta2: float = 0.85):
+    def __init__(
+        self,
+        model: nn.Module,
+        target_r: int,
+        total_steps: int,
+        warmup_steps: int = 0,
+        final_steps: int = 0,
+        mask_every: int = 1,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+    ):
         self.layers = [module for module in model.modules() if isinstance(module, SVDLinear)]
         self.initial_budget = sum(layer.r for layer in self.layers)
         self.target_budget = target_r * len(self.layers)
@@ -274,7 +306,7 @@ class RankAllocator:
         if step > self.total - self.final:
             return self.target_budget, True
         remaining = 1 - (step - self.warmup) / (self.total - self.final - self.warmup)
-        budget = int((self.initial_budget - self.target_budget) * remaining ** 3 + self.target_budget)
+        budget = int((self.initial_budget - self.target_budget) * remaining**3 + self.target_budget)
         return budget, step % self.every == 0
 
     @torch.no_grad()
@@ -285,15 +317,18 @@ class RankAllocator:
         previous = self.sensitivity.get(key, torch.zeros_like(importance))
         self.sensitivity[key] = self.beta1 * previous + (1 - self.beta1) * importance
         previous_uncertainty = self.uncertainty.get(key, torch.zeros_like(importance))
-        self.uncertainty[key] = (self.beta2 * previous_uncertainty
-                                 + (1 - self.beta2) * (importance - self.sensitivity[key]).abs())
+        self.uncertainty[key] = (
+            self.beta2 * previous_uncertainty + (1 - self.beta2) * (importance - self.sensitivity[key]).abs()
+        )
         return self.sensitivity[key] * self.uncertainty[key]
 
     @torch.no_grad()
     def step(self, step: int) -> int:
         """Call after loss.backward(); returns the budget in force."""
-        scores = [(self.score(layer.lambda_).view(-1) + self.score(layer.P).mean(dim=0)
-                   + self.score(layer.Q).mean(dim=1)) for layer in self.layers]
+        scores = [
+            (self.score(layer.lambda_).view(-1) + self.score(layer.P).mean(dim=0) + self.score(layer.Q).mean(dim=1))
+            for layer in self.layers
+        ]
         budget, mask_now = self.budget(step)
         if mask_now and budget < self.initial_budget:
             threshold = torch.kthvalue(torch.cat(scores), self.initial_budget - budget).values
@@ -302,8 +337,15 @@ class RankAllocator:
         return budget
 
 
-def inject_lora(model: nn.Module, target_names: list[str], r: int = 8, alpha: float = 16.0,
-                dropout: float = 0.0, use_rslora: bool = False, use_dora: bool = False) -> list[str]:
+def inject_lora(
+    model: nn.Module,
+    target_names: list[str],
+    r: int = 8,
+    alpha: float = 16.0,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+) -> list[str]:
     """Wrap every nn.Linear named in target_names with LoRA (or DoRA) and freeze all else."""
     layer = DoRALinear if use_dora else LoRALinear
     targets = find_targets(model, target_names)
@@ -313,8 +355,9 @@ def inject_lora(model: nn.Module, target_names: list[str], r: int = 8, alpha: fl
     return targets
 
 
-def inject_vera(model: nn.Module, target_names: list[str], r: int = 256, d_initial: float = 0.1,
-                seed: int = 0, dropout: float = 0.0) -> list[str]:
+def inject_vera(
+    model: nn.Module, target_names: list[str], r: int = 256, d_initial: float = 0.1, seed: int = 0, dropout: float = 0.0
+) -> list[str]:
     """VeRA on the named layers: one shared pair of projections, sized for the largest layer."""
     targets = find_targets(model, target_names)
     layers = [model.get_submodule(name) for name in targets]
@@ -325,8 +368,9 @@ def inject_vera(model: nn.Module, target_names: list[str], r: int = 256, d_initi
     return targets
 
 
-def inject_adalora(model: nn.Module, target_names: list[str], r: int = 12, alpha: float = 32.0,
-                   dropout: float = 0.0) -> list[str]:
+def inject_adalora(
+    model: nn.Module, target_names: list[str], r: int = 12, alpha: float = 32.0, dropout: float = 0.0
+) -> list[str]:
     targets = find_targets(model, target_names)
     for name in targets:
         replace_module(model, name, SVDLinear(model.get_submodule(name), r, alpha, dropout))
@@ -351,10 +395,12 @@ def demo() -> None:
     x, y = toy_task()
     layers = ["0", "2", "4"]
     # VeRA trains far fewer numbers per rank, so it uses the large ranks and learning rate of its paper.
-    for name, inject, lr in [("LoRA r=4", lambda m: inject_lora(m, layers, r=4, alpha=8), 1e-2),
-                             ("DoRA r=4", lambda m: inject_lora(m, layers, r=4, alpha=8, use_dora=True), 3e-2),
-                             ("VeRA r=256", lambda m: inject_vera(m, layers, r=256, d_initial=1.0), 1e-1),
-                             ("AdaLoRA r=4", lambda m: inject_adalora(m, layers, r=4, alpha=4), 3e-2)]:
+    for name, inject, lr in [
+        ("LoRA r=4", lambda m: inject_lora(m, layers, r=4, alpha=8), 1e-2),
+        ("DoRA r=4", lambda m: inject_lora(m, layers, r=4, alpha=8, use_dora=True), 3e-2),
+        ("VeRA r=256", lambda m: inject_vera(m, layers, r=256, d_initial=1.0), 1e-1),
+        ("AdaLoRA r=4", lambda m: inject_adalora(m, layers, r=4, alpha=4), 3e-2),
+    ]:
         model = toy_model()
         inject(model)
         before, after = train(model, x, y, lr=lr)

@@ -22,8 +22,16 @@ The up-projection's t_i start at zero, so every adapter starts as the identity.
 import torch
 from torch import nn
 
-from reference_impls._plumbing import (find_targets, freeze_all_but, output_width, replace_module, report, toy_model,
-                                      toy_task, train)
+from reference_impls._plumbing import (
+    find_targets,
+    freeze_all_but,
+    output_width,
+    replace_module,
+    report,
+    toy_model,
+    toy_task,
+    train,
+)
 from reference_impls.bottleneck import ACTIVATIONS, SequentialAdapter
 
 IMPLEMENTS = ("compacter",)
@@ -67,8 +75,9 @@ class CompacterAdapter(nn.Module):
         return self.up(self.f(self.down(h)))
 
 
-def inject_compacter(model: nn.Module, target_names: list[str], m: int = 32, n: int = 4, rank: int = 1,
-                     activation: str = "gelu") -> list[str]:
+def inject_compacter(
+    model: nn.Module, target_names: list[str], m: int = 32, n: int = 4, rank: int = 1, activation: str = "gelu"
+) -> list[str]:
     """A Compacter after each named sublayer (Houlsby's places: Compacter; the FFN's only: Compacter++)."""
     targets = find_targets(model, target_names, kind=nn.Module)
     weight = next(model.parameters())

@@ -158,14 +158,16 @@ def inject_llama_adapter(model: nn.Module, n: int = 10, top_layers: int = 30) ->
     """Adaption prompts in the top `top_layers` attention layers of a LLaMA-style model; freezes the rest."""
     _freeze(model)
     layers = model.model.layers
-    for layer in layers[max(0, len(layers) - top_layers):]:
-        layer.self_attn = AdaptedAttention(layer.self_attn, n, model.config.hidden_size,
-                                           model.config.num_attention_heads)
+    for layer in layers[max(0, len(layers) - top_layers) :]:
+        layer.self_attn = AdaptedAttention(
+            layer.self_attn, n, model.config.hidden_size, model.config.num_attention_heads
+        )
     return model
 
 
-def inject_mam(model: nn.Module, ffn_names: tuple[str, ...] = ("mlp",), n: int = 30, hidden: int | None = 512,
-               m: int = 512) -> PrefixTuning:
+def inject_mam(
+    model: nn.Module, ffn_names: tuple[str, ...] = ("mlp",), n: int = 30, hidden: int | None = 512, m: int = 512
+) -> PrefixTuning:
     """He et al.'s MAM adapter: a scaled parallel adapter beside each FFN named in ffn_names, then
     prefix tuning around the whole model; only the adapters and the prefix are trained."""
     inject_adapters(model, list(ffn_names), m=m, **SCALED_PARALLEL)  # freezes all but the adapters
@@ -182,23 +184,33 @@ def demo() -> None:
 
     def tiny():
         torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=32,
+                hidden_size=48,
+                intermediate_size=96,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+            )
+        )
 
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 32, (64, 8), generator=generator)
     targets = torch.full_like(tokens, 7)  # the new task: whatever came before, predict token 7
-    for name, make in [("Prompt tuning n=8", lambda: PromptTuning(tiny(), n=8)),
-                       ("Prefix tuning n=8", lambda: PrefixTuning(tiny(), n=8, hidden=64)),
-                       ("P-tuning v2 n=8", lambda: PrefixTuning(tiny(), n=8, hidden=None)),
-                       ("LLaMA-Adapter n=8", lambda: inject_llama_adapter(tiny(), n=8, top_layers=2)),
-                       ("MAM (prefix n=8, parallel adapter m=16)", lambda: inject_mam(tiny(), n=8, hidden=64, m=16))]:
+    for name, make in [
+        ("Prompt tuning n=8", lambda: PromptTuning(tiny(), n=8)),
+        ("Prefix tuning n=8", lambda: PrefixTuning(tiny(), n=8, hidden=64)),
+        ("P-tuning v2 n=8", lambda: PrefixTuning(tiny(), n=8, hidden=None)),
+        ("LLaMA-Adapter n=8", lambda: inject_llama_adapter(tiny(), n=8, top_layers=2)),
+        ("MAM (prefix n=8, parallel adapter m=16)", lambda: inject_mam(tiny(), n=8, hidden=64, m=16)),
+    ]:
         model = make()
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(parameters, lr=1e-1)
         losses = []
         for _ in range(60):
-            logits = model(input_ids=tokens).logits[:, -tokens.shape[1]:]  # drop the prompt positions
+            logits = model(input_ids=tokens).logits[:, -tokens.shape[1] :]  # drop the prompt positions
             loss = nn.functional.cross_entropy(logits.reshape(-1, 32), targets.reshape(-1))
             optimizer.zero_grad()
             loss.backward()

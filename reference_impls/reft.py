@@ -72,8 +72,9 @@ class InterventionLayer(nn.Module):
         return self.edit(output)
 
 
-def inject_loreft(model: nn.Module, target_names: list[str], d: int, r: int = 4, prefix: int = 3,
-                  suffix: int = 0, tied: bool = False) -> list[str]:
+def inject_loreft(
+    model: nn.Module, target_names: list[str], d: int, r: int = 4, prefix: int = 3, suffix: int = 0, tied: bool = False
+) -> list[str]:
     """Intervene on the outputs (width d) of the named layers; freeze the model."""
     targets = find_targets(model, target_names, kind=nn.Module)
     for name in targets:

@@ -33,13 +33,23 @@ from torch import nn
 from torch.distributions import RelaxedBernoulli
 from torch.nn import functional as F
 
-from reference_impls._plumbing import (find_targets, freeze_all_but, output_width, replace_module, report, setting,
-                                      toy_model, toy_task, train)
+from reference_impls._plumbing import (
+    find_targets,
+    freeze_all_but,
+    output_width,
+    replace_module,
+    report,
+    setting,
+    toy_model,
+    toy_task,
+    train,
+)
 
 IMPLEMENTS = ("polytropon", "multi-head-routing", "mixture-of-vectors", "adamix")
 
 
 # ---- Polytropon and Multi-Head Routing ---------------------------------------------------------
+
 
 class PolyLoRALinear(nn.Module):
     """A frozen nn.Linear, S LoRA skills cut into H heads, and per-task skill logits (one set per layer)."""
@@ -55,7 +65,7 @@ class PolyLoRALinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(heads, skills, r, N // heads, **factory))  # B = 0: the base model at first
         for head in range(heads):
             for skill in range(skills):  # as nn.Linear(K/H, r) would initialise its weight
-                nn.init.kaiming_uniform_(self.A.data[head, skill].T, a=5 ** 0.5)
+                nn.init.kaiming_uniform_(self.A.data[head, skill].T, a=5**0.5)
         self.logits = nn.Parameter(torch.empty(tasks, heads, skills, **factory).uniform_(-1e-3, 1e-3))
         self.task_ids: torch.Tensor | None = None  # set by use_tasks() for a batch
 
@@ -78,8 +88,9 @@ class PolyLoRALinear(nn.Module):
         return self.base(x) + update.to(x.dtype)
 
 
-def inject_poly(model: nn.Module, target_names: list[str], tasks: int, skills: int, r: int = 8,
-                heads: int = 1) -> list[str]:
+def inject_poly(
+    model: nn.Module, target_names: list[str], tasks: int, skills: int, r: int = 8, heads: int = 1
+) -> list[str]:
     """Polytropon (heads=1) or MHR (heads>1) on the named nn.Linear layers; everything else frozen."""
     targets = find_targets(model, target_names)
     for name in targets:
@@ -94,6 +105,7 @@ def use_tasks(model: nn.Module, task_ids: torch.Tensor):
 
 
 # ---- Mixture of (IA)³ vectors -------------------------------------------------------------------
+
 
 class MoVLinear(nn.Module):
     """A frozen nn.Linear whose output is rescaled, token by token, by a router's mix of E vectors."""
@@ -119,6 +131,7 @@ def inject_mov(model: nn.Module, target_names: list[str], experts: int = 4) -> l
 
 
 # ---- AdaMix ----------------------------------------------------------------------------------------
+
 
 class AdaMixAdapter(nn.Module):
     """A sublayer F, then h + U f(D_k h) with D_k one of M down-projections (random while training,
@@ -156,8 +169,9 @@ def inject_adamix(model: nn.Module, target_names: list[str], m: int = 16, copies
 def consistency_loss(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """The symmetric KL divergence between the class distributions of two stochastic passes (logits)."""
     p, q = first.log_softmax(-1), second.log_softmax(-1)
-    return (F.kl_div(q, p, log_target=True, reduction="batchmean") + F.kl_div(p, q, log_target=True,
-                                                                                   reduction="batchmean")) / 2
+    return (
+        F.kl_div(q, p, log_target=True, reduction="batchmean") + F.kl_div(p, q, log_target=True, reduction="batchmean")
+    ) / 2
 
 
 def demo() -> None:
@@ -172,8 +186,10 @@ def demo() -> None:
         before, after = train(model, inputs, targets)
     report("Polytropon, 3 skills for 2 tasks, r=4", model, before, after)
 
-    for name, inject in [("MoV, 4 (IA)³ experts", lambda m: inject_mov(m, ["0", "2", "4"], experts=4)),
-                         ("AdaMix, 4 down-projections, m=8", lambda m: inject_adamix(m, ["2", "4"], m=8))]:
+    for name, inject in [
+        ("MoV, 4 (IA)³ experts", lambda m: inject_mov(m, ["0", "2", "4"], experts=4)),
+        ("AdaMix, 4 down-projections, m=8", lambda m: inject_adamix(m, ["2", "4"], m=8)),
+    ]:
         model = toy_model()
         inject(model)
         before, after = train(model, x, y1)

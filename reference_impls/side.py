@@ -33,8 +33,15 @@ IMPLEMENTS = ("ladder-side-tuning",)
 class LadderSideNetwork(nn.Module):
     """Frozen backbone blocks (and head), and a trainable side network reading them through gated ladders."""
 
-    def __init__(self, blocks: Sequence[nn.Module], side_blocks: Sequence[nn.Module], d: int, d_side: int,
-                 head: nn.Module | None = None, temperature: float = 0.1):
+    def __init__(
+        self,
+        blocks: Sequence[nn.Module],
+        side_blocks: Sequence[nn.Module],
+        d: int,
+        d_side: int,
+        head: nn.Module | None = None,
+        temperature: float = 0.1,
+    ):
         super().__init__()
         if len(blocks) != len(side_blocks):
             raise ValueError(f"one side block per backbone block: {len(side_blocks)} for {len(blocks)}")
@@ -70,9 +77,13 @@ class LadderSideNetwork(nn.Module):
         return self.head(self.up(self.norm(side)))
 
 
-def ladder_side_tuning(blocks: Sequence[nn.Module], d: int, reduction: int = 8,
-                       make_side_block: Callable[[int], nn.Module] | None = None,
-                       head: nn.Module | None = None) -> LadderSideNetwork:
+def ladder_side_tuning(
+    blocks: Sequence[nn.Module],
+    d: int,
+    reduction: int = 8,
+    make_side_block: Callable[[int], nn.Module] | None = None,
+    head: nn.Module | None = None,
+) -> LadderSideNetwork:
     """An LST model around a backbone given as its blocks (and head). make_side_block(d_side) builds
     one side block; by default a small MLP (Linear, GELU) of width d/reduction."""
     d_side = max(1, d // reduction)
@@ -91,8 +102,10 @@ def demo() -> None:
     before, after = train(model, x, y)
     report("Ladder side-tuning, side width 16", model, before, after)
     mu = torch.sigmoid(model.gates / model.temperature)
-    print(f"  gates μ after training (1: the side network's own state, 0: the backbone's): "
-          f"{', '.join(f'{value:.2f}' for value in mu.tolist())}")
+    print(
+        f"  gates μ after training (1: the side network's own state, 0: the backbone's): "
+        f"{', '.join(f'{value:.2f}' for value in mu.tolist())}"
+    )
 
 
 if __name__ == "__main__":

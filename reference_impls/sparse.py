@@ -28,12 +28,22 @@ import math
 import torch
 from torch import nn
 
-from reference_impls._plumbing import count_parameters, find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
+from reference_impls._plumbing import (
+    count_parameters,
+    find_targets,
+    freeze_all_but,
+    replace_module,
+    report,
+    toy_model,
+    toy_task,
+    train,
+)
 
 IMPLEMENTS = ("bitfit", "diff-pruning", "lt-sft")
 
 
 # ---- BitFit -----------------------------------------------------------------------------------
+
 
 def bitfit(model: nn.Module, only: tuple[str, ...] = ()) -> list[str]:
     """Train only the biases (or only those whose module path contains one of `only`); returns their names."""
@@ -106,7 +116,10 @@ def l0_penalty(model: nn.Module) -> torch.Tensor:
 
 # ---- LT-SFT -----------------------------------------------------------------------------------
 
-def lottery_ticket_masks(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+
+def lottery_ticket_masks(
+    before: dict[str, torch.Tensor], after: dict[str, torch.Tensor], k: int
+) -> dict[str, torch.Tensor]:
     """Masks of the k entries (over all tensors) that moved most in a full fine-tuning, |θ₁ − θ₀|."""
     moved = torch.cat([(after[name] - before[name]).abs().flatten() for name in before])
     threshold = torch.topk(moved, k).values[-1]
@@ -137,8 +150,11 @@ def restrict_training(model: nn.Module, masks: dict[str, torch.Tensor]) -> list:
 
 def sparse_difference(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """φ = θ − θ₀, stored sparsely (only its non-zero entries)."""
-    return {name: (parameter.detach() - before[name]).to_sparse() for name, parameter in model.named_parameters()
-            if name in before and (parameter.detach() != before[name]).any()}
+    return {
+        name: (parameter.detach() - before[name]).to_sparse()
+        for name, parameter in model.named_parameters()
+        if name in before and (parameter.detach() != before[name]).any()
+    }
 
 
 @torch.no_grad()
@@ -173,8 +189,10 @@ def demo() -> None:
             module.project(keep=200)
     with torch.no_grad():
         end = nn.functional.mse_loss(model.eval()(x), y).item()
-    print(f"Diff pruning: δ kept at 600 of {3 * 64 * 64:,} weights; loss on the new task: {start:.4g} before, "
-          f"{end:.4g} after training")
+    print(
+        f"Diff pruning: δ kept at 600 of {3 * 64 * 64:,} weights; loss on the new task: {start:.4g} before, "
+        f"{end:.4g} after training"
+    )
 
     model = toy_model()
     theta0 = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -189,8 +207,10 @@ def demo() -> None:
         hook.remove()
     phi = sparse_difference(model, theta0)
     nonzero = sum(int(p.values().count_nonzero()) for p in phi.values())
-    print(f"LT-SFT: {nonzero} of {count_parameters(model)[1]:,} parameters differ; "
-          f"loss on the new task: {before:.4g} before, {after:.4g} after training")
+    print(
+        f"LT-SFT: {nonzero} of {count_parameters(model)[1]:,} parameters differ; "
+        f"loss on the new task: {before:.4g} before, {after:.4g} after training"
+    )
 
 
 if __name__ == "__main__":

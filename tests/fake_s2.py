@@ -48,8 +48,11 @@ class FakeS2:
         if method == "GET" and path.endswith("/paper/search"):
             words = set(normalise_title((parse_qs(query).get("query") or [""])[0]).split())
             limit = int((parse_qs(query).get("limit") or ["100"])[0])
-            found = [project(paper) for paper in self.papers.values()
-                     if words and words <= set(normalise_title(paper.get("title") or "").split())]
+            found = [
+                project(paper)
+                for paper in self.papers.values()
+                if words and words <= set(normalise_title(paper.get("title") or "").split())
+            ]
             return 200, {"total": len(found), "offset": 0, "data": found[:limit]}
         match = re.fullmatch(r".*/paper/(.+)", path)
         if method == "GET" and match:

@@ -42,9 +42,18 @@ def assert_merge_round_trip(model, merge, unmerge, x, rtol=1e-5, atol=1e-5, weig
 def tiny_bert(hidden: int = 32, intermediate: int = 37):
     """A small random BERT (two layers, four heads), built from a config: nothing is downloaded."""
     from transformers import BertConfig, BertModel
+
     torch.manual_seed(0)
-    return BertModel(BertConfig(vocab_size=99, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=intermediate, max_position_embeddings=40)).eval()
+    return BertModel(
+        BertConfig(
+            vocab_size=99,
+            hidden_size=hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=intermediate,
+            max_position_embeddings=40,
+        )
+    ).eval()
 
 
 def assert_same_encoding(ours, theirs, base, length: int = 9):
@@ -66,6 +75,14 @@ def run_demo(module: str) -> str:
     import sys
 
     from repo_inputs import REPO
+
     environment = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, env=environment, cwd=REPO,
-                          check=True, timeout=300).stdout
+    return subprocess.run(
+        [sys.executable, "-m", module],
+        capture_output=True,
+        text=True,
+        env=environment,
+        cwd=REPO,
+        check=True,
+        timeout=300,
+    ).stdout

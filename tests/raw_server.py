@@ -32,12 +32,15 @@ def read_request(connection: socket.socket) -> tuple[str, str, str, bytes]:
 
 
 def head(status: int, length: int) -> bytes:
-    return (f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
-            f"Connection: close\r\n\r\n").encode()
+    return (
+        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+        f"Connection: close\r\n\r\n"
+    ).encode()
 
 
 def drip(interval: float = 1.0, limit_seconds: float = 30.0):
     """Send a whole body's worth of headers, then one byte of it every `interval` seconds."""
+
     def behave(connection, request):
         body = b"[" + b" " * 10_000 + b"]"
         connection.sendall(head(200, len(body)))
@@ -50,22 +53,27 @@ def drip(interval: float = 1.0, limit_seconds: float = 30.0):
             except OSError:
                 return  # the client gave up, as it should
             time.sleep(interval)
+
     return behave
 
 
 def cut_off():
     """Promise a long body, send part of it, close."""
+
     def behave(connection, request):
         connection.sendall(head(200, 5000) + b'[{"paperId": "')
+
     return behave
 
 
 def answer(api):
     """What the fake API answers (tests/fake_s2.py)."""
+
     def behave(connection, request):
         status, body = api.answer(*request)
         data = json.dumps(body).encode()
         connection.sendall(head(status, len(data)) + data)
+
     return behave
 
 

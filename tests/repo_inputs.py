@@ -6,8 +6,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # What `catalog` reads from the working directory: enough to check, render and build the site.
-REPO_INPUTS = ["papers.yaml", "catalog/metadata.json", "mkdocs.yml", "README.md", "CONTRIBUTING.md", "site",
-               "reference_impls", "benchmarks/results"]
+REPO_INPUTS = [
+    "papers.yaml",
+    "catalog/metadata.json",
+    "mkdocs.yml",
+    "README.md",
+    "CONTRIBUTING.md",
+    "site",
+    "reference_impls",
+    "benchmarks/results",
+]
 
 
 def copy_repo_inputs(target: Path) -> Path:

@@ -32,6 +32,7 @@ def seed_papers() -> list[dict]:
 
 def serve(httpserver, api: FakeS2, **expected) -> str:
     """Answer every request (matching `expected`, e.g. headers=...) as the fake API; returns its base URL."""
+
     def handle(request):
         status, body = api.answer(request.method, request.path, request.query_string.decode(), request.get_data())
         return Response(json.dumps(body), status=status, content_type="application/json")
@@ -51,13 +52,15 @@ def fault(httpserver, status=500, body='{"message": "Internal Server Error"}', h
     def handle(request):
         time.sleep(delay)
         return Response(body, status=status, headers=headers or {}, content_type="application/json")
+
     httpserver.expect_oneshot_request(ANY).respond_with_handler(handle)
 
 
 def fast(url, **policy) -> S2Client:
     waits = []
-    client = S2Client(url, timeout=policy.pop("timeout", 5.0),
-                      policy=RetryPolicy(base_seconds=0.01, sleep=waits.append, **policy))
+    client = S2Client(
+        url, timeout=policy.pop("timeout", 5.0), policy=RetryPolicy(base_seconds=0.01, sleep=waits.append, **policy)
+    )
     client.waits = waits
     return client
 
@@ -66,10 +69,18 @@ def empty_store(root: Path) -> None:
     (root / STORE).write_text(json.dumps({"format": 1, "records": {}}))
 
 
-NEW_PAPER = {"paperId": "f" * 40, "externalIds": {"ArXiv": "2401.00001", "CorpusId": 1},
-             "title": "MoRA: A Made-up Adapter for Tests", "authors": [{"authorId": "1", "name": "Ada Lovelace"}],
-             "venue": "arXiv.org", "year": 2024, "citationCount": 3, "tldr": {"model": "tldr@v2.0.0", "text": "A test."},
-             "abstract": "An abstract.", "citationStyles": {"bibtex": "@Article{mora}"}}
+NEW_PAPER = {
+    "paperId": "f" * 40,
+    "externalIds": {"ArXiv": "2401.00001", "CorpusId": 1},
+    "title": "MoRA: A Made-up Adapter for Tests",
+    "authors": [{"authorId": "1", "name": "Ada Lovelace"}],
+    "venue": "arXiv.org",
+    "year": 2024,
+    "citationCount": 3,
+    "tldr": {"model": "tldr@v2.0.0", "text": "A test."},
+    "abstract": "An abstract.",
+    "citationStyles": {"bibtex": "@Article{mora}"},
+}
 
 
 @pytest.fixture

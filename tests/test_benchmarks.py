@@ -20,8 +20,12 @@ def test_kernels_smoke(tmp_path):
     assert result["smoke"] and result["command"] == "python benchmarks/kernels.py --smoke"
     assert result["checks"] and all(row["ok"] for row in result["checks"])
     assert {row["kernel"] for row in result["timings"]} == {
-        "fused_lora forward", "LoRA training step (fwd+bwd, frozen W)", "dora forward",
-        "punica bgmv decode, one adapter per request", "nf4 dequantize"}
+        "fused_lora forward",
+        "LoRA training step (fwd+bwd, frozen W)",
+        "dora forward",
+        "punica bgmv decode, one adapter per request",
+        "nf4 dequantize",
+    }
     assert all(row["module"] for row in result["checks"] + result["timings"])  # every row finds its page
     forward = next(row for row in result["timings"] if row["kernel"] == "fused_lora forward")
     assert {"shrink_in_kernel_ms", "shrink_before_ms", "peft_ms", "base_ms", "floor_over_base"} <= set(forward)
@@ -30,6 +34,7 @@ def test_kernels_smoke(tmp_path):
 def load_kernels_benchmark(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import kernels
+
     return kernels
 
 
@@ -38,12 +43,20 @@ def test_kernels_benchmark_keeps_going_when_a_section_fails(tmp_path, monkeypatc
 
     def broken(*args):
         raise RuntimeError("no <such> kernel")
+
     monkeypatch.setattr(kernels, "check_nf4", broken)
     monkeypatch.setattr(sys, "argv", ["kernels.py", "--smoke", "--only", "nf4", "--out", str(tmp_path / "k.json")])
     assert kernels.main() == 1  # a failed section fails the run...
     result = json.loads((tmp_path / "k.json").read_text())
-    assert result["checks"] == [{"kernel": "nf4 checks", "error": "RuntimeError: no <such> kernel", "ok": False,
-                                 "goal_met": None, "module": "kernels.nf4"}]
+    assert result["checks"] == [
+        {
+            "kernel": "nf4 checks",
+            "error": "RuntimeError: no <such> kernel",
+            "ok": False,
+            "goal_met": None,
+            "module": "kernels.nf4",
+        }
+    ]
     assert [row["kernel"] for row in result["timings"]] == ["nf4 dequantize"]  # ...but the others still ran
     assert "ERROR RuntimeError: no <such> kernel" in capsys.readouterr().out
 
@@ -51,11 +64,11 @@ def test_kernels_benchmark_keeps_going_when_a_section_fails(tmp_path, monkeypatc
 def test_kernels_benchmark_rotates_inputs_past_the_l2_cache(monkeypatch):
     kernels = load_kernels_benchmark(monkeypatch)
     monkeypatch.setattr(kernels, "DEVICE", "cuda")
-    assert kernels.input_sets(33 * 2 ** 20) == 2  # one W of 4096 x 4096 in bf16: two sets exceed 64 MB
-    assert kernels.input_sets(5 * 2 ** 20) * 5 * 2 ** 20 > kernels.L2_BYTES
+    assert kernels.input_sets(33 * 2**20) == 2  # one W of 4096 x 4096 in bf16: two sets exceed 64 MB
+    assert kernels.input_sets(5 * 2**20) * 5 * 2**20 > kernels.L2_BYTES
     assert kernels.input_sets(0) == kernels.MAX_SETS  # bounded, whatever the caller says
     monkeypatch.setattr(kernels, "DEVICE", "cpu")
-    assert kernels.input_sets(2 ** 20) == 1
+    assert kernels.input_sets(2**20) == 1
 
 
 def test_enrich_benchmark_small(tmp_path):

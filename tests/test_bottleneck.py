@@ -10,8 +10,17 @@ from torch import nn
 from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.bottleneck import (BAPNA_FIRAT, HOULSBY, PARALLEL, PFEIFFER, SCALED_PARALLEL, Adapter,
-                                        drop_adapters, inject_adapters, orthogonality_penalty)
+from reference_impls.bottleneck import (
+    BAPNA_FIRAT,
+    HOULSBY,
+    PARALLEL,
+    PFEIFFER,
+    SCALED_PARALLEL,
+    Adapter,
+    drop_adapters,
+    inject_adapters,
+    orthogonality_penalty,
+)
 
 
 def block(d=21, d_ff=37):
@@ -63,8 +72,11 @@ def test_sequential_and_parallel_follow_their_equations():
         randomise(model)
         a = model.ffn.adapter
         f = {"swish": nn.functional.silu, "relu": nn.functional.relu}[config["activation"]]
-        norm = (lambda h: nn.functional.layer_norm(h, (21,), a.norm.weight, a.norm.bias)) if config.get("layer_norm") \
+        norm = (
+            (lambda h: nn.functional.layer_norm(h, (21,), a.norm.weight, a.norm.bias))
+            if config.get("layer_norm")
             else (lambda h: h)
+        )
         adapter = lambda h: a.scale * (f(norm(h) @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias)
         h = sublayer(x)
         expected = h + adapter(h) if config["placement"] == "sequential" else h + adapter(x)
@@ -107,19 +119,26 @@ def test_bad_placements_are_refused():
 
 def hub_config(name: str):
     from adapters import DoubleSeqBnConfig, ParBnConfig, SeqBnConfig
-    return {"houlsby": DoubleSeqBnConfig(reduction_factor=4), "pfeiffer": SeqBnConfig(reduction_factor=4),
-            "parallel": ParBnConfig(reduction_factor=4, scaling=1.0),
-            "scaled parallel": ParBnConfig(reduction_factor=4)}[name]  # ParBn's default scaling is 4
+
+    return {
+        "houlsby": DoubleSeqBnConfig(reduction_factor=4),
+        "pfeiffer": SeqBnConfig(reduction_factor=4),
+        "parallel": ParBnConfig(reduction_factor=4, scaling=1.0),
+        "scaled parallel": ParBnConfig(reduction_factor=4),
+    }[name]  # ParBn's default scaling is 4
 
 
-@pytest.mark.parametrize("hub, config, places, suffix", [
-    ("houlsby", HOULSBY, ("attention.output", "output"), ".dense"),  # around the dense layer
-    ("houlsby", HOULSBY, ("attention.output", "output"), ""),  # around the Add & Norm block: the same
-    ("pfeiffer", PFEIFFER, ("output",), ""),
-    ("parallel", PARALLEL, ("output",), ""),
-    ("scaled parallel", SCALED_PARALLEL, ("output",), ""),
-    ("parallel", PARALLEL, ("attention.output", "output"), ""),  # beside attention too (ParBn with mh_adapter)
-])
+@pytest.mark.parametrize(
+    "hub, config, places, suffix",
+    [
+        ("houlsby", HOULSBY, ("attention.output", "output"), ".dense"),  # around the dense layer
+        ("houlsby", HOULSBY, ("attention.output", "output"), ""),  # around the Add & Norm block: the same
+        ("pfeiffer", PFEIFFER, ("output",), ""),
+        ("parallel", PARALLEL, ("output",), ""),
+        ("scaled parallel", SCALED_PARALLEL, ("output",), ""),
+        ("parallel", PARALLEL, ("attention.output", "output"), ""),  # beside attention too (ParBn with mh_adapter)
+    ],
+)
 def test_placements_equal_adapterhub_on_a_tiny_bert(hub, config, places, suffix):
     """Each paper's configuration computes what the authors' library computes with the same weights."""
     import adapters
@@ -170,6 +189,7 @@ def test_add_norm_adapters_drop_and_track():
 
 def test_demo_runs_and_learns(capsys):
     from reference_impls.bottleneck import demo
+
     demo()
     losses = demo_losses(capsys.readouterr().out)
     assert len(losses) == 2 and all(after < before for before, after in losses)
@@ -177,6 +197,7 @@ def test_demo_runs_and_learns(capsys):
 
 def test_adapter_drop_switches_off_the_lowest_adapters():
     from reference_impls.bottleneck import drop_adapters
+
     model = Net()
     inject_adapters(model, ["ffn", "out"], m=4, **HOULSBY)
     randomise(model)

@@ -15,14 +15,17 @@ from conftest import REPO, copy_repo_inputs
 from test_site import build
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
-                                reason="no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)",
+)
 ARTIFACTS = REPO / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
 def site_url(tmp_path_factory):
     site = build(copy_repo_inputs(tmp_path_factory.mktemp("browser")))
+
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
@@ -42,9 +45,18 @@ def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     # The flags that keep Chromium from reaching for the network, which this machine does not have.
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1280,1000", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.implicitly_wait(0)
@@ -56,6 +68,7 @@ def browser(tmp_path_factory):
 def wait_for(browser, condition, timeout=20):
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
+
     # Material redraws the search results as its worker catches up with each typed letter, so an
     # element found a moment ago may be gone: look again rather than fail.
     return WebDriverWait(browser, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
@@ -71,6 +84,7 @@ def click(browser, css: str) -> None:
             return False
         element.click()
         return True
+
     wait_for(browser, attempt)
 
 
@@ -83,7 +97,9 @@ def test_search_lora_open_its_page_and_follow_the_implementation_link(browser, s
     click(browser, "label.md-search__icon, .md-search__input")
     box = wait_for(browser, seen.element_to_be_clickable((By.CSS_SELECTOR, "input.md-search__input")))
     box.send_keys("LoRA")
-    wait_for(browser, seen.element_to_be_clickable((By.CSS_SELECTOR, ".md-search-result__list a[href*='papers/lora/']")))
+    wait_for(
+        browser, seen.element_to_be_clickable((By.CSS_SELECTOR, ".md-search-result__list a[href*='papers/lora/']"))
+    )
     browser.save_screenshot(str(ARTIFACTS / "1-search-lora.png"))
     click(browser, ".md-search-result__list a[href*='papers/lora/']")
 
@@ -95,7 +111,9 @@ def test_search_lora_open_its_page_and_follow_the_implementation_link(browser, s
     browser.save_screenshot(str(ARTIFACTS / "2-lora-paper.png"))
 
     click(browser, ".aa-impl-box a.aa-impl")
-    wait_for(browser, seen.text_to_be_present_in_element((By.CSS_SELECTOR, "article h1"), "Reference implementation: lora"))
+    wait_for(
+        browser, seen.text_to_be_present_in_element((By.CSS_SELECTOR, "article h1"), "Reference implementation: lora")
+    )
     assert browser.find_element(By.CSS_SELECTOR, "article h1").text == "Reference implementation: lora"
     code = browser.find_element(By.CSS_SELECTOR, "article .highlight code").text
     assert "class LoRALinear(nn.Module):" in code and "def merge(self)" in code

@@ -62,46 +62,89 @@ def test_the_real_catalog_is_clean(capsys):
     assert "67 entries, 0 error(s)" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("broken, expected", [
-    # YAML syntax: an unclosed quote, reported at its line.
-    (GOOD.replace("  kind: method\n", "   kind: method\n", 1),
-     r"^papers\.yaml:3: YAML syntax: expected <block end>, but found '<block mapping start>'$"),
-    (GOOD.replace('  title: "LoRA: Low-Rank Adaptation of Large Language Models"\n', ""),
-     r"^papers\.yaml:1: entry 'lora': title: required field is missing$"),
-    (GOOD.replace("id: prefix-tuning", "id: lora"),
-     r"^papers\.yaml:11: entry 'lora': id: duplicate id: already used by the entry at papers\.yaml:1$"),
-    (GOOD.replace('acl: "2021.acl-long.353"', 'arxiv: "2106.09685"'),
-     r"^papers\.yaml:15: entry 'prefix-tuning': arxiv: same paper as entry 'lora' \(papers\.yaml:1\): same arXiv id$"),
-    (GOOD.replace("https://github.com/microsoft/LoRA", "javascript:alert(1)"),
-     r"^papers\.yaml:6: entry 'lora': code: 'javascript:alert\(1\)' is not an http\(s\):// link$"),
-    (GOOD.replace("tags: [Prefix tuning]", "tags: [Prefix tuning, Prefx]"),
-     r"^papers\.yaml:16: entry 'prefix-tuning': tags: unknown tag\(s\) 'Prefx'; tags are defined in"),
-    (GOOD.replace("  impl: [lora]\n", "  impl: [lora]\n  venu: ICLR\n"),
-     r"^papers\.yaml:9: entry 'lora': venu: unknown field \(did you mean 'venue'\?\)$"),
-    (GOOD.replace('title: "Prefix-Tuning: Optimizing', 'title: "prefix tuning --- optimizing'),
-     None),  # a different title: not a duplicate
-    (GOOD.replace('title: "Prefix-Tuning: Optimizing Continuous Prompts for Generation"',
-                  'title: "LoRA -- low-rank adaptation of large language models!"'),
-     r"^papers\.yaml:12: entry 'prefix-tuning': title: same paper as entry 'lora' \(papers\.yaml:1\): same title$"),
-    (GOOD.replace('arxiv: "2106.09685"', "arxiv: 2106.09680"),
-     r"^papers\.yaml:5: entry 'lora': arxiv: must be a quoted string: YAML read 2106.0968 as a number$"),
-    (GOOD.replace('arxiv: "2106.09685"', 'arxiv: "2106.09685v2"'),
-     r"^papers\.yaml:5: entry 'lora': arxiv: malformed arxiv '2106\.09685v2': expected an arXiv id"),
-    (GOOD.replace('acl: "2021.acl-long.353"', 'doi: "https://doi.org/10.1/x"'),
-     r"^papers\.yaml:15: entry 'prefix-tuning': doi: malformed doi"),
-    (GOOD.replace("kind: method", "kind: metod", 1),
-     r"^papers\.yaml:3: entry 'lora': kind: 'metod' is not one of: 'method', 'system'"),
-    (GOOD.replace("section: NLP / Methods", "section: NLP", 1),
-     r"^papers\.yaml:4: entry 'lora': section: unknown section 'NLP'"),
-    (GOOD.replace("added: 2026-11-23", "added: yesterday", 1),
-     r"^papers\.yaml:9: entry 'lora': added: must be a date written YYYY-MM-DD$"),
-    (GOOD.replace('  acl: "2021.acl-long.353"\n', ""),
-     r"^papers\.yaml:11: entry 'prefix-tuning': a paper needs at least one identifier"),
-    (GOOD.replace("  code: https://github.com/microsoft/LoRA\n", "  code: https://a.org\n  code: https://b.org\n"),
-     r"^papers\.yaml:7: entry 'lora': code: field given twice in one entry$"),
-    (GOOD.replace("- id: prefix-tuning", "- just a string\n- id: prefix-tuning"),
-     r"^papers\.yaml:11: entry #2 is not a mapping of fields$"),
-])
+@pytest.mark.parametrize(
+    "broken, expected",
+    [
+        # YAML syntax: an unclosed quote, reported at its line.
+        (
+            GOOD.replace("  kind: method\n", "   kind: method\n", 1),
+            r"^papers\.yaml:3: YAML syntax: expected <block end>, but found '<block mapping start>'$",
+        ),
+        (
+            GOOD.replace('  title: "LoRA: Low-Rank Adaptation of Large Language Models"\n', ""),
+            r"^papers\.yaml:1: entry 'lora': title: required field is missing$",
+        ),
+        (
+            GOOD.replace("id: prefix-tuning", "id: lora"),
+            r"^papers\.yaml:11: entry 'lora': id: duplicate id: already used by the entry at papers\.yaml:1$",
+        ),
+        (
+            GOOD.replace('acl: "2021.acl-long.353"', 'arxiv: "2106.09685"'),
+            r"^papers\.yaml:15: entry 'prefix-tuning': arxiv: same paper as entry 'lora' \(papers\.yaml:1\): same arXiv id$",
+        ),
+        (
+            GOOD.replace("https://github.com/microsoft/LoRA", "javascript:alert(1)"),
+            r"^papers\.yaml:6: entry 'lora': code: 'javascript:alert\(1\)' is not an http\(s\):// link$",
+        ),
+        (
+            GOOD.replace("tags: [Prefix tuning]", "tags: [Prefix tuning, Prefx]"),
+            r"^papers\.yaml:16: entry 'prefix-tuning': tags: unknown tag\(s\) 'Prefx'; tags are defined in",
+        ),
+        (
+            GOOD.replace("  impl: [lora]\n", "  impl: [lora]\n  venu: ICLR\n"),
+            r"^papers\.yaml:9: entry 'lora': venu: unknown field \(did you mean 'venue'\?\)$",
+        ),
+        (
+            GOOD.replace('title: "Prefix-Tuning: Optimizing', 'title: "prefix tuning --- optimizing'),
+            None,
+        ),  # a different title: not a duplicate
+        (
+            GOOD.replace(
+                'title: "Prefix-Tuning: Optimizing Continuous Prompts for Generation"',
+                'title: "LoRA -- low-rank adaptation of large language models!"',
+            ),
+            r"^papers\.yaml:12: entry 'prefix-tuning': title: same paper as entry 'lora' \(papers\.yaml:1\): same title$",
+        ),
+        (
+            GOOD.replace('arxiv: "2106.09685"', "arxiv: 2106.09680"),
+            r"^papers\.yaml:5: entry 'lora': arxiv: must be a quoted string: YAML read 2106.0968 as a number$",
+        ),
+        (
+            GOOD.replace('arxiv: "2106.09685"', 'arxiv: "2106.09685v2"'),
+            r"^papers\.yaml:5: entry 'lora': arxiv: malformed arxiv '2106\.09685v2': expected an arXiv id",
+        ),
+        (
+            GOOD.replace('acl: "2021.acl-long.353"', 'doi: "https://doi.org/10.1/x"'),
+            r"^papers\.yaml:15: entry 'prefix-tuning': doi: malformed doi",
+        ),
+        (
+            GOOD.replace("kind: method", "kind: metod", 1),
+            r"^papers\.yaml:3: entry 'lora': kind: 'metod' is not one of: 'method', 'system'",
+        ),
+        (
+            GOOD.replace("section: NLP / Methods", "section: NLP", 1),
+            r"^papers\.yaml:4: entry 'lora': section: unknown section 'NLP'",
+        ),
+        (
+            GOOD.replace("added: 2026-11-23", "added: yesterday", 1),
+            r"^papers\.yaml:9: entry 'lora': added: must be a date written YYYY-MM-DD$",
+        ),
+        (
+            GOOD.replace('  acl: "2021.acl-long.353"\n', ""),
+            r"^papers\.yaml:11: entry 'prefix-tuning': a paper needs at least one identifier",
+        ),
+        (
+            GOOD.replace(
+                "  code: https://github.com/microsoft/LoRA\n", "  code: https://a.org\n  code: https://b.org\n"
+            ),
+            r"^papers\.yaml:7: entry 'lora': code: field given twice in one entry$",
+        ),
+        (
+            GOOD.replace("- id: prefix-tuning", "- just a string\n- id: prefix-tuning"),
+            r"^papers\.yaml:11: entry #2 is not a mapping of fields$",
+        ),
+    ],
+)
 def test_broken_copies_are_reported_with_file_and_line(broken, expected):
     _, problems = check(broken)
     found = messages(problems)
@@ -112,9 +155,11 @@ def test_broken_copies_are_reported_with_file_and_line(broken, expected):
 
 
 def test_all_problems_are_reported_at_once():
-    broken = (GOOD.replace("https://github.com/microsoft/LoRA", "file:///etc/passwd")
-              .replace("tags: [Prefix tuning]", "tags: [Nope]")
-              .replace("id: prefix-tuning", "id: Prefix Tuning"))
+    broken = (
+        GOOD.replace("https://github.com/microsoft/LoRA", "file:///etc/passwd")
+        .replace("tags: [Prefix tuning]", "tags: [Nope]")
+        .replace("id: prefix-tuning", "id: Prefix Tuning")
+    )
     _, problems = check(broken)
     assert len(messages(problems)) == 3
     assert [problem.line for problem in problems] == sorted(problem.line for problem in problems)
@@ -123,11 +168,18 @@ def test_all_problems_are_reported_at_once():
 def test_impl_declared_by_the_module_but_not_for_this_entry_warns():
     _, problems = check(GOOD, impls=modules(("lora", ("prefix-tuning",))))
     found = [str(problem) for problem in problems]
-    assert "papers.yaml:8: entry 'lora': impl: warning: reference_impls/lora.py does not implement this entry yet " \
-           "(the entry is not in the module's IMPLEMENTS)" in found
-    assert "papers.yaml:17: entry 'prefix-tuning': impl: reference_impls/lora.py implements this entry; add 'lora'" in found
+    assert (
+        "papers.yaml:8: entry 'lora': impl: warning: reference_impls/lora.py does not implement this entry yet "
+        "(the entry is not in the module's IMPLEMENTS)" in found
+    )
+    assert (
+        "papers.yaml:17: entry 'prefix-tuning': impl: reference_impls/lora.py implements this entry; add 'lora'"
+        in found
+    )
     _, problems = check(GOOD, impls=modules(("lora", ("lora", "ghost"))))
-    assert messages(problems) == ["reference_impls/lora.py:0: IMPLEMENTS names 'ghost', which is not an entry of papers.yaml"]
+    assert messages(problems) == [
+        "reference_impls/lora.py:0: IMPLEMENTS names 'ghost', which is not an entry of papers.yaml"
+    ]
 
 
 def test_missing_impl_warns_and_strict_impl_fails():
@@ -140,32 +192,46 @@ def test_missing_impl_warns_and_strict_impl_fails():
 
 def test_paper_without_metadata_record_is_an_error():
     _, problems = check(GOOD, stored=("lora",))
-    assert messages(problems) == ["papers.yaml:11: entry 'prefix-tuning': id: no metadata record in the store; "
-                                  "run `catalog enrich` (or add it with `catalog add`)"]
+    assert messages(problems) == [
+        "papers.yaml:11: entry 'prefix-tuning': id: no metadata record in the store; "
+        "run `catalog enrich` (or add it with `catalog add`)"
+    ]
 
 
 def test_paperless_tool_needs_no_record_but_a_link():
-    tool = GOOD + '\n- id: opendelta\n  title: OpenDelta\n  kind: framework\n  section: Frameworks and Tools\n' \
-                  '  paper: false\n  tags: []\n  impl: []\n  added: 2026-11-23\n'
+    tool = (
+        GOOD + "\n- id: opendelta\n  title: OpenDelta\n  kind: framework\n  section: Frameworks and Tools\n"
+        "  paper: false\n  tags: []\n  impl: []\n  added: 2026-11-23\n"
+    )
     _, problems = check(tool)
-    assert messages(problems) == ["papers.yaml:20: entry 'opendelta': an entry without a paper needs a code or website link"]
-    _, problems = check(tool.replace("  paper: false\n", "  paper: false\n  website: https://opendelta.readthedocs.io/\n"))
+    assert messages(problems) == [
+        "papers.yaml:20: entry 'opendelta': an entry without a paper needs a code or website link"
+    ]
+    _, problems = check(
+        tool.replace("  paper: false\n", "  paper: false\n  website: https://opendelta.readthedocs.io/\n")
+    )
     assert problems == []
 
 
 def test_title_normalisation():
-    assert normalise_title("VL-ADAPTER: Parameter-Efficient  Transfer") == normalise_title("vl adapter parameter efficient transfer")
+    assert normalise_title("VL-ADAPTER: Parameter-Efficient  Transfer") == normalise_title(
+        "vl adapter parameter efficient transfer"
+    )
     assert normalise_title("Goran Glavaš") == "goran glavas"
 
 
-@pytest.mark.parametrize("mutate, status", [(lambda text: text, 0), (lambda text: text.replace("kind: method", "kind: ???", 1), 1)])
+@pytest.mark.parametrize(
+    "mutate, status", [(lambda text: text, 0), (lambda text: text.replace("kind: method", "kind: ???", 1), 1)]
+)
 def test_exit_status_of_the_command(repo_copy, mutate, status):
     papers = repo_copy / "papers.yaml"
     papers.write_text(mutate(papers.read_text()))
     result = subprocess.run([sys.executable, "-m", "catalog.cli", "check"], capture_output=True, text=True)
     assert result.returncode == status, result.stderr
     if status:
-        assert re.search(r"^papers\.yaml:\d+: entry 'houlsby-adapter': kind: '\?\?\?' is not one of", result.stderr, re.M)
+        assert re.search(
+            r"^papers\.yaml:\d+: entry 'houlsby-adapter': kind: '\?\?\?' is not one of", result.stderr, re.M
+        )
 
 
 def test_unreadable_or_corrupt_files_fail_cleanly(repo_copy, capsys):
@@ -180,9 +246,20 @@ def test_insert_entry_into_a_section_without_entries_adds_its_header():
     import datetime
 
     from catalog.add import entry_block, insert_entry
+
     catalog = parse_catalog(GOOD, "papers.yaml")
-    block = entry_block({"id": "new-survey", "title": "A Survey", "kind": "survey", "section": "Surveys",
-                         "arxiv": "2401.00002", "tags": [], "impl": [], "added": datetime.date(2026, 11, 23)})
+    block = entry_block(
+        {
+            "id": "new-survey",
+            "title": "A Survey",
+            "kind": "survey",
+            "section": "Surveys",
+            "arxiv": "2401.00002",
+            "tags": [],
+            "impl": [],
+            "added": datetime.date(2026, 11, 23),
+        }
+    )
     text = insert_entry(catalog, "Surveys", block)
     assert text.startswith(GOOD) and text.endswith("\n# ─── Surveys " + "─" * 63 + "\n\n" + block)
     assert [entry.id for entry in parse_catalog(text).entries] == ["lora", "prefix-tuning", "new-survey"]

@@ -12,8 +12,17 @@ from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.bottleneck import PFEIFFER, Adapter, inject_adapters
-from reference_impls.composition import (ComposedAdapters, Fusion, InvertibleAdapter, add_modules, fusion_penalty,
-                                         inject_composition, inject_invertible, load_adapter, negate)
+from reference_impls.composition import (
+    ComposedAdapters,
+    Fusion,
+    InvertibleAdapter,
+    add_modules,
+    fusion_penalty,
+    inject_composition,
+    inject_invertible,
+    load_adapter,
+    negate,
+)
 from reference_impls.ia3 import inject_ia3
 from reference_impls.lora import inject_lora
 
@@ -38,8 +47,10 @@ def randomise(model, std=0.5):
 def share_random_adapters(hub_place, our_place, names):
     """Give AdapterHub's adapters `names` at one place random weights, and ours (slots 0, 1, ...) the same."""
     for index, name in enumerate(names):
-        for source, target in ((hub_place.adapters[name].adapter_down[0], our_place.adapters[index].down),
-                               (hub_place.adapters[name].adapter_up, our_place.adapters[index].up)):
+        for source, target in (
+            (hub_place.adapters[name].adapter_down[0], our_place.adapters[index].down),
+            (hub_place.adapters[name].adapter_up, our_place.adapters[index].up),
+        ):
             source.weight.normal_(0, 0.2)
             source.bias.normal_(0, 0.2)
             target.load_state_dict(source.state_dict())
@@ -94,8 +105,12 @@ def test_fusion_follows_its_equation_and_trains_alone():
         torch.testing.assert_close(composed(x), expected)
     model(x).sum().backward()
     assert {name for name, p in model.named_parameters() if p.grad is not None} == {
-        "ffn.fusion.query.weight", "ffn.fusion.query.bias", "ffn.fusion.key.weight", "ffn.fusion.key.bias",
-        "ffn.fusion.value.weight"}
+        "ffn.fusion.query.weight",
+        "ffn.fusion.query.bias",
+        "ffn.fusion.key.weight",
+        "ffn.fusion.key.bias",
+        "ffn.fusion.value.weight",
+    }
 
 
 def test_fusion_starts_from_the_adapters_own_outputs():
@@ -127,7 +142,11 @@ def test_stacking_feeds_each_adapter_the_previous_output_and_trains_the_top():
         y1 = y0 + composed.adapters[0](y0)
         torch.testing.assert_close(composed(x), y1 + composed.adapters[1](y1))
     assert [name for name, p in model.named_parameters() if p.requires_grad] == [
-        "ffn.adapters.1.down.weight", "ffn.adapters.1.down.bias", "ffn.adapters.1.up.weight", "ffn.adapters.1.up.bias"]
+        "ffn.adapters.1.down.weight",
+        "ffn.adapters.1.down.bias",
+        "ffn.adapters.1.up.weight",
+        "ffn.adapters.1.up.bias",
+    ]
 
 
 def test_load_adapter_copies_trained_adapters_place_by_place():
@@ -205,9 +224,10 @@ def test_composed_places_accept_both_kinds_of_sublayer():
 
 def test_demo_runs_and_learns(capsys):
     from reference_impls.composition import demo
+
     demo()
     output = capsys.readouterr().out
-    (before, after), = demo_losses(output)
+    ((before, after),) = demo_losses(output)
     assert after < 0.5 * before
     assert "their average (no training)" in output and "unlearning" in output
 
@@ -220,8 +240,14 @@ def test_mad_x_equals_adapterhub_on_a_tiny_masked_lm():
     from adapters import BertAdapterModel, SeqBnConfig, SeqBnInvConfig, Stack
     from transformers import BertConfig, BertForMaskedLM
 
-    config = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=37, max_position_embeddings=40)
+    config = BertConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=40,
+    )
     torch.manual_seed(0)
     theirs = BertAdapterModel(config).eval()
     theirs.add_masked_lm_head("lm")

@@ -12,16 +12,28 @@ from torch.nn import functional as F
 from helpers import demo_losses
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.conv import (ParallelResidualAdapter, SeriesResidualAdapter, inject_conv_adapters,
-                                  inject_residual_adapters, merge_residual_adapters, toy_convnet,
-                                  unmerge_residual_adapters)
+from reference_impls.conv import (
+    ParallelResidualAdapter,
+    SeriesResidualAdapter,
+    inject_conv_adapters,
+    inject_residual_adapters,
+    merge_residual_adapters,
+    toy_convnet,
+    unmerge_residual_adapters,
+)
 
 
 def net():
     """Odd channel counts and sizes, a strided conv, a conv with bias, and a 5×5 filter."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 7, 3, padding=1, bias=False), nn.BatchNorm2d(7), nn.ReLU(),
-                         nn.Conv2d(7, 11, 5, stride=2, padding=2), nn.BatchNorm2d(11), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(3, 7, 3, padding=1, bias=False),
+        nn.BatchNorm2d(7),
+        nn.ReLU(),
+        nn.Conv2d(7, 11, 5, stride=2, padding=2),
+        nn.BatchNorm2d(11),
+        nn.ReLU(),
+    )
 
 
 def randomise(model):
@@ -72,8 +84,9 @@ def test_parallel_adapter_reads_the_input_at_the_conv_stride():
         torch.testing.assert_close(adapter(x), expected)
 
 
-@pytest.mark.parametrize("placement, per_conv", [("series", lambda c_in, c: c * c + 2 * c),
-                                                 ("parallel", lambda c_in, c: c_in * c)])
+@pytest.mark.parametrize(
+    "placement, per_conv", [("series", lambda c_in, c: c * c + 2 * c), ("parallel", lambda c_in, c: c_in * c)]
+)
 def test_parameter_count_and_gradients(placement, per_conv):
     model = net()
     inject_residual_adapters(model, ["0", "3"], placement=placement, train_norms=False)
@@ -118,6 +131,7 @@ def test_what_cannot_be_adapted_or_merged_is_refused():
 
 def test_demo_runs_and_learns(capsys):
     from reference_impls.conv import demo
+
     demo()
     output = capsys.readouterr().out
     losses = demo_losses(output)

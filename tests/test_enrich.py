@@ -52,8 +52,10 @@ def test_only_missing_or_old_records_are_fetched(repo_copy, fake, capsys):
 
 def test_1201_ids_go_in_three_requests(repo_copy, httpserver):
     import sys
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     from synthetic_catalog import synthetic_entries
+
     text, store = synthetic_entries(1201)
     api = FakeS2([record.paper.to_json() for record in store.records.values()])
     url = serve(httpserver, api)
@@ -73,37 +75,50 @@ def test_unknown_papers_are_reported_by_line_and_keep_their_record(repo_copy, fa
     err = capsys.readouterr().err
     lines = (repo_copy / "papers.yaml").read_text().splitlines()
     line = lines.index("- id: lora") + 1
-    assert f"papers.yaml:{line}: entry 'lora': not found by Semantic Scholar (a8ca46b171467ceb2d7652fbfb67fe701ad86092)" in err
+    assert (
+        f"papers.yaml:{line}: entry 'lora': not found by Semantic Scholar (a8ca46b171467ceb2d7652fbfb67fe701ad86092)"
+        in err
+    )
     assert "entry 'bitfit': not found" in err
     store = load_store(STORE)
     assert store.records["lora"] == old_lora and store.records["vera"].source == url
 
 
 def test_records_are_matched_by_identifier_not_position():
-    paper = Paper.model_validate({"paperId": "abc" * 13 + "d",
-                                  "externalIds": {"ArXiv": "2106.09685", "DOI": "10.1/X.Y", "ACL": "2021.acl-long.1"}})
+    paper = Paper.model_validate(
+        {
+            "paperId": "abc" * 13 + "d",
+            "externalIds": {"ArXiv": "2106.09685", "DOI": "10.1/X.Y", "ACL": "2021.acl-long.1"},
+        }
+    )
     assert answers("abc" * 13 + "d", paper) and not answers("abd" * 13 + "d", paper)
-    assert answers("ARXIV:2106.09685", paper) and answers("DOI:10.1/x.y", paper) and answers("ACL:2021.acl-long.1", paper)
+    assert (
+        answers("ARXIV:2106.09685", paper) and answers("DOI:10.1/x.y", paper) and answers("ACL:2021.acl-long.1", paper)
+    )
     assert not answers("ARXIV:2106.09686", paper)
     entries = load_catalog(REPO / "papers.yaml").entries
     assert lookup_id(next(e for e in entries if e.id == "lora")) == "a8ca46b171467ceb2d7652fbfb67fe701ad86092"
 
 
-@pytest.mark.parametrize("status, body, headers", [
-    (429, '{"message": "Too Many Requests"}', {"Retry-After": "3"}),
-    (500, '{"message": "Internal Server Error"}', None),
-    (502, "<html>Bad Gateway</html>", None),
-    (503, '{"message": "Service Unavailable"}', None),
-    (200, "{not json", None),
-    (200, "[]", None),  # an empty answer to a non-empty batch
-])
+@pytest.mark.parametrize(
+    "status, body, headers",
+    [
+        (429, '{"message": "Too Many Requests"}', {"Retry-After": "3"}),
+        (500, '{"message": "Internal Server Error"}', None),
+        (502, "<html>Bad Gateway</html>", None),
+        (503, '{"message": "Service Unavailable"}', None),
+        (200, "{not json", None),
+        (200, "[]", None),  # an empty answer to a non-empty batch
+    ],
+)
 def test_transient_faults_are_retried(repo_copy, fake, httpserver, status, body, headers):
     api, url = fake
     fault(httpserver, status, body, headers)
     client = fast(url)
     entries = load_catalog("papers.yaml").entries
-    store, report = enrich(plan(entries, load_store(STORE), datetime.now(timezone.utc), refresh=True),
-                           load_store(STORE), client)
+    store, report = enrich(
+        plan(entries, load_store(STORE), datetime.now(timezone.utc), refresh=True), load_store(STORE), client
+    )
     assert len(report.fetched) == 64 and client.requests == 2
     assert client.waits == ([3.0] if headers else [0.01])  # Retry-After honoured, else the backoff
 
@@ -113,8 +128,9 @@ def test_timeouts_are_retried(repo_copy, fake, httpserver):
     fault(httpserver, 200, "[]", delay=1.0)
     client = fast(url, timeout=0.3)
     entries = load_catalog("papers.yaml").entries
-    _, report = enrich(plan(entries, load_store(STORE), datetime.now(timezone.utc), refresh=True),
-                       load_store(STORE), client)
+    _, report = enrich(
+        plan(entries, load_store(STORE), datetime.now(timezone.utc), refresh=True), load_store(STORE), client
+    )
     # The test server answers one request at a time, so the first retry may queue behind the slow
     # answer and time out too: what matters is that timeouts were retried until one succeeded.
     assert len(report.fetched) == 64 and client.requests >= 2 and len(client.waits) == client.requests - 1
@@ -138,8 +154,9 @@ def test_retries_are_bounded_in_count_and_time(fake, httpserver):
 def test_persistent_failure_leaves_the_store_byte_for_byte(repo_copy, httpserver, capsys):
     httpserver.expect_request(ANY).respond_with_json({"message": "down for maintenance"}, status=500)
     before = STORE.read_bytes()
-    status = main(["enrich", "--api-url", httpserver.url_for("/graph/v1"), "--refresh", "--retries", "2",
-                   "--backoff", "0.01"])
+    status = main(
+        ["enrich", "--api-url", httpserver.url_for("/graph/v1"), "--refresh", "--retries", "2", "--backoff", "0.01"]
+    )
     assert status == 1 and STORE.read_bytes() == before
     assert "HTTP 500 down for maintenance; gave up after the retries" in capsys.readouterr().err
 
@@ -155,8 +172,10 @@ def test_unreachable_server_exits_2_with_one_line_and_store_unchanged(repo_copy,
 
 def test_interruption_between_batches_keeps_finished_batches(repo_copy, httpserver):
     import sys
+
     sys.path.insert(0, str(REPO / "benchmarks"))
     from synthetic_catalog import synthetic_entries
+
     text, store = synthetic_entries(1100)
     api = FakeS2([record.paper.to_json() for record in store.records.values()])
     second_batch_first_id = store.records["paper-00500"].paper.paperId
@@ -196,8 +215,22 @@ def test_api_key_is_sent_as_header(repo_copy, httpserver, monkeypatch):
 def test_add_inserts_a_valid_entry_and_keeps_every_line(repo_copy, fake_with_new, lookup, capsys):
     papers = repo_copy / "papers.yaml"
     before = papers.read_text()
-    status = main(["add", lookup, "--api-url", fake_with_new, "--section", "NLP / Methods", "--kind", "method",
-                   "--tags", "LoRA", "--impl", "lora"])
+    status = main(
+        [
+            "add",
+            lookup,
+            "--api-url",
+            fake_with_new,
+            "--section",
+            "NLP / Methods",
+            "--kind",
+            "method",
+            "--tags",
+            "LoRA",
+            "--impl",
+            "lora",
+        ]
+    )
     assert status == 0, capsys.readouterr().err
     after = papers.read_text()
     # Every old line is still there, unchanged and in order: the only difference is one inserted block.
@@ -206,10 +239,15 @@ def test_add_inserts_a_valid_entry_and_keeps_every_line(repo_copy, fake_with_new
     assert len(edits) == 1 and edits[0][0] == "insert"
     catalog = load_catalog("papers.yaml")
     new = next(entry for entry in catalog.entries if entry.id == "mora")
-    added = after.splitlines()[new.line - 1:new.line - 1 + edits[0][4] - edits[0][3]]
+    added = after.splitlines()[new.line - 1 : new.line - 1 + edits[0][4] - edits[0][3]]
     assert added[-1] == ""  # the block and the blank line that separates it
-    assert added[:5] == ["- id: mora", '  title: "MoRA: A Made-up Adapter for Tests"', "  kind: method",
-                         "  section: NLP / Methods", '  arxiv: "2401.00001"']
+    assert added[:5] == [
+        "- id: mora",
+        '  title: "MoRA: A Made-up Adapter for Tests"',
+        "  kind: method",
+        "  section: NLP / Methods",
+        '  arxiv: "2401.00001"',
+    ]
     assert "  tags: [LoRA]" in added and "  impl: [lora]" in added
     last_methods = [entry for entry in catalog.entries if entry.section == "NLP / Methods"]
     assert last_methods[-1] is new  # right after the section's last entry
@@ -219,8 +257,10 @@ def test_add_inserts_a_valid_entry_and_keeps_every_line(repo_copy, fake_with_new
 
 def test_add_refuses_duplicates_with_the_existing_line(repo_copy, fake_with_new, capsys):
     before = (repo_copy / "papers.yaml").read_bytes(), STORE.read_bytes()
-    assert main(["add", "ARXIV:2106.09685", "--api-url", fake_with_new, "--section", "NLP / Methods",
-                 "--kind", "method"]) == 1
+    assert (
+        main(["add", "ARXIV:2106.09685", "--api-url", fake_with_new, "--section", "NLP / Methods", "--kind", "method"])
+        == 1
+    )
     line = (repo_copy / "papers.yaml").read_text().splitlines().index("- id: lora") + 1
     assert f"already in the catalog: papers.yaml:{line}: entry 'lora'" in capsys.readouterr().err
     assert ((repo_copy / "papers.yaml").read_bytes(), STORE.read_bytes()) == before
@@ -228,12 +268,30 @@ def test_add_refuses_duplicates_with_the_existing_line(repo_copy, fake_with_new,
 
 def test_add_reports_unknown_papers_and_bad_options_without_writing(repo_copy, fake_with_new, capsys):
     before = (repo_copy / "papers.yaml").read_bytes(), STORE.read_bytes()
-    assert main(["add", "ARXIV:2401.99999", "--api-url", fake_with_new, "--section", "NLP / Methods",
-                 "--kind", "method"]) == 1
+    assert (
+        main(["add", "ARXIV:2401.99999", "--api-url", fake_with_new, "--section", "NLP / Methods", "--kind", "method"])
+        == 1
+    )
     assert "has no paper with id 'ARXIV:2401.99999'" in capsys.readouterr().err
-    assert main(["add", "ARXIV:2401.00001", "--api-url", fake_with_new, "--section", "NLP / Methods",
-                 "--kind", "method", "--tags", "NotATag"]) == 1
+    assert (
+        main(
+            [
+                "add",
+                "ARXIV:2401.00001",
+                "--api-url",
+                fake_with_new,
+                "--section",
+                "NLP / Methods",
+                "--kind",
+                "method",
+                "--tags",
+                "NotATag",
+            ]
+        )
+        == 1
+    )
     assert "unknown tag(s) 'NotATag'" in capsys.readouterr().err
-    assert main(["add", "ARXIV:2401.00001", "--api-url", fake_with_new, "--section", "Nowhere",
-                 "--kind", "method"]) == 1
+    assert (
+        main(["add", "ARXIV:2401.00001", "--api-url", fake_with_new, "--section", "Nowhere", "--kind", "method"]) == 1
+    )
     assert ((repo_copy / "papers.yaml").read_bytes(), STORE.read_bytes()) == before

@@ -32,16 +32,20 @@ def run(argv, capsys) -> tuple[int, str, str]:
 
 def mangled(httpserver, api, change):
     """The next batch request is answered by the fake API, then change(list of records) applied."""
+
     def handle(request):
         status, body = api.answer(request.method, request.path, request.query_string.decode(), request.get_data())
         return Response(json.dumps(change(body)), status=status, content_type="application/json")
+
     httpserver.expect_oneshot_request(ANY).respond_with_handler(handle)
 
 
 def with_lora(**fields):
     """A change to a batch answer: the lora record's fields replaced."""
+
     def change(records):
         return [{**record, **fields} if record and record["paperId"] == LORA_ID else record for record in records]
+
     return change
 
 
@@ -70,9 +74,13 @@ def test_a_bad_record_is_refused_and_the_old_one_kept(repo_copy, fake, httpserve
     old = load_store(STORE).records["lora"]
     status, out, err = run(["enrich", "--api-url", url, "--refresh"], capsys)
     assert status == 0 and "fetched 63 of 64 papers in 1 request(s); 0 not found, 1 refused" in out
-    line = next(n for n, text in enumerate((repo_copy / "papers.yaml").read_text().splitlines(), 1) if text == "- id: lora")
-    assert f"papers.yaml:{line}: entry 'lora': Semantic Scholar's record (ARXIV:2106.09685) was refused: {message}" in err \
-        or f"papers.yaml:{line}: entry 'lora': Semantic Scholar's record ({LORA_ID}) was refused: {message}" in err, err
+    line = next(
+        n for n, text in enumerate((repo_copy / "papers.yaml").read_text().splitlines(), 1) if text == "- id: lora"
+    )
+    assert (
+        f"papers.yaml:{line}: entry 'lora': Semantic Scholar's record (ARXIV:2106.09685) was refused: {message}" in err
+        or f"papers.yaml:{line}: entry 'lora': Semantic Scholar's record ({LORA_ID}) was refused: {message}" in err
+    ), err
     store = load_store(STORE)
     assert store.records["lora"] == old and store.records["vera"].source == url
     assert run(["check"], capsys)[0] == 0 and run(["render"], capsys)[0] == 0
@@ -100,12 +108,24 @@ def test_a_batch_of_garbage_stores_nothing(repo_copy, fake, httpserver, capsys, 
 
 # ---- the protocol: status, Retry-After, deadlines ---------------------------------------------------
 
-@pytest.mark.parametrize("value, expected", [
-    ("3", 3.0), ("0", 0.0), ("2.5", 2.5), ("soon", None), ("", None), ("-3", None), ("inf", None), ("1e9", None),
-    ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: now
-    ("Wed, 21 Oct 2015 07:28:00 -0000", 0.0),  # RFC 2822's "no zone": naive, read as UTC
-    ("Wed, 99 Oct 2015 07:28:00 GMT", None), ("Thu, 01 Jan 1970 00:00:00 +9999", None),
-])
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("3", 3.0),
+        ("0", 0.0),
+        ("2.5", 2.5),
+        ("soon", None),
+        ("", None),
+        ("-3", None),
+        ("inf", None),
+        ("1e9", None),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # a date in the past: now
+        ("Wed, 21 Oct 2015 07:28:00 -0000", 0.0),  # RFC 2822's "no zone": naive, read as UTC
+        ("Wed, 99 Oct 2015 07:28:00 GMT", None),
+        ("Thu, 01 Jan 1970 00:00:00 +9999", None),
+    ],
+)
 def test_retry_after_is_seconds_or_an_http_date(value, expected):
     assert retry_after_seconds(value) == expected
     soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
@@ -122,8 +142,11 @@ def test_unreadable_retry_after_falls_back_to_the_backoff(repo_copy, fake, https
 
 def test_retry_after_as_a_date_is_honoured(repo_copy, fake, httpserver):
     api, url = fake
-    fault(httpserver, 503, headers={"Retry-After": format_datetime(datetime.now(timezone.utc) + timedelta(seconds=20),
-                                                                     usegmt=True)})
+    fault(
+        httpserver,
+        503,
+        headers={"Retry-After": format_datetime(datetime.now(timezone.utc) + timedelta(seconds=20), usegmt=True)},
+    )
     waits = []
     client = S2Client(url, policy=RetryPolicy(base_seconds=0.01, sleep=waits.append))
     assert len(client.get_papers(["ARXIV:2106.09685"])) == 1 and 15 < waits[0] <= 20
@@ -147,8 +170,10 @@ def test_a_404_from_the_batch_endpoint_is_a_clear_error(repo_copy, httpserver, c
     assert "HTTP 404 Not found: the batch endpoint is missing; is the API URL right" in err
 
 
-@pytest.mark.parametrize("status, body", [(200, '{"error": "oops"}'), (200, "[" * 20_000), (200, "<html>"),
-                                          (200, '"a string"'), (500, "[" * 20_000)])
+@pytest.mark.parametrize(
+    "status, body",
+    [(200, '{"error": "oops"}'), (200, "[" * 20_000), (200, "<html>"), (200, '"a string"'), (500, "[" * 20_000)],
+)
 def test_garbled_answers_are_retried(repo_copy, fake, httpserver, capsys, status, body):
     api, url = fake
     fault(httpserver, status, body)
@@ -176,8 +201,23 @@ def test_the_worst_case_is_the_budget_plus_one_timeout(repo_copy, capsys):
     """Every attempt drips; with --timeout 1 and --retry-budget 2 the run ends within 3 s (+ slack)."""
     with raw_server([drip(interval=0.3)]) as (url, served):
         started = time.monotonic()
-        status, _, err = run(["enrich", "--api-url", url, "--refresh", "--timeout", "1", "--retries", "50",
-                              "--backoff", "0.1", "--retry-budget", "2"], capsys)
+        status, _, err = run(
+            [
+                "enrich",
+                "--api-url",
+                url,
+                "--refresh",
+                "--timeout",
+                "1",
+                "--retries",
+                "50",
+                "--backoff",
+                "0.1",
+                "--retry-budget",
+                "2",
+            ],
+            capsys,
+        )
         elapsed = time.monotonic() - started
     assert status == 1 and elapsed < 3 + 1.5, elapsed
     assert len(served) >= 2  # it did retry, within the budget
@@ -190,9 +230,18 @@ def test_a_connection_dropped_mid_body_is_retried(repo_copy, capsys):
     assert status == 0 and "fetched 64 of 64 papers in 2 request(s)" in out and len(served) == 2
 
 
-@pytest.mark.parametrize("option, value", [("--timeout", "0"), ("--timeout", "-1"), ("--timeout", "nan"),
-                                           ("--retries", "-1"), ("--retries", "x"), ("--retry-budget", "inf"),
-                                           ("--max-age", "abc")])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--timeout", "0"),
+        ("--timeout", "-1"),
+        ("--timeout", "nan"),
+        ("--retries", "-1"),
+        ("--retries", "x"),
+        ("--retry-budget", "inf"),
+        ("--max-age", "abc"),
+    ],
+)
 def test_bad_options_are_usage_errors(repo_copy, capsys, option, value):
     with pytest.raises(SystemExit) as exit_info:
         main(["enrich", option, value])
@@ -207,8 +256,10 @@ def test_help_states_the_worst_case(capsys):
 
 # ---- the store: temporary files of a killed write ----------------------------------------------------
 
+
 def test_a_killed_writes_temporary_file_is_removed_and_ignored_by_git(repo_copy, fake, capsys):
     from conftest import REPO
+
     api, url = fake
     leftover = STORE.parent / ".metadata.json.999999999.k1ll3d.tmp"  # no process has that pid
     leftover.write_text('{"format": 1, "rec')
@@ -219,6 +270,7 @@ def test_a_killed_writes_temporary_file_is_removed_and_ignored_by_git(repo_copy,
 
 
 # ---- catalog add -----------------------------------------------------------------------------------
+
 
 def add(url, lookup, capsys, *extra):
     return run(["add", lookup, "--api-url", url, "--section", "NLP / Methods", "--kind", "method", *extra], capsys)
@@ -270,9 +322,14 @@ def test_add_understands_ids_however_written(repo_copy, api_with, capsys, lookup
     assert status == 0 and "added 'mora'" in out, err
 
 
-@pytest.mark.parametrize("lookup, message", [("ARXIV:2401", "malformed arXiv id '2401'"),
-                                             ("DOI:nope", "malformed DOI 'nope'"),
-                                             ("CorpusId:abc", "malformed Semantic Scholar corpus id")])
+@pytest.mark.parametrize(
+    "lookup, message",
+    [
+        ("ARXIV:2401", "malformed arXiv id '2401'"),
+        ("DOI:nope", "malformed DOI 'nope'"),
+        ("CorpusId:abc", "malformed Semantic Scholar corpus id"),
+    ],
+)
 def test_add_refuses_malformed_ids_before_asking(repo_copy, httpserver, capsys, lookup, message):
     status, _, err = add(httpserver.url_for("/graph/v1"), lookup, capsys)
     assert status == 1 and message in err and not httpserver.log

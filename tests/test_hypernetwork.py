@@ -10,8 +10,15 @@ from torch.nn import functional as F
 from helpers import demo_losses
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.hypernetwork import (GeneratedAdapter, HyperAdapter, HyperNetwork, inject_hyperformer,
-                                          inject_udapter, use_language, use_task)
+from reference_impls.hypernetwork import (
+    GeneratedAdapter,
+    HyperAdapter,
+    HyperNetwork,
+    inject_hyperformer,
+    inject_udapter,
+    use_language,
+    use_task,
+)
 
 D = 13
 
@@ -40,8 +47,9 @@ def randomise(hypernetwork):
 def test_places_and_layers_come_from_the_target_names():
     model = model_of()
     inject_hyperformer(model, ["attn", "ffn"], tasks=2, m=3, t=4, hidden=6, t_projected=5)
-    adapters = {name: (module.layer, module.place) for name, module in model.named_modules()
-                if isinstance(module, HyperAdapter)}
+    adapters = {
+        name: (module.layer, module.place) for name, module in model.named_modules() if isinstance(module, HyperAdapter)
+    }
     assert adapters == {f"{i}.{name}": (i, place) for i in range(3) for place, name in enumerate(["attn", "ffn"])}
     hypernetworks = {id(module) for module in model.modules() if isinstance(module, HyperNetwork)}
     assert len(hypernetworks) == 1  # one, shared by all six places
@@ -49,8 +57,17 @@ def test_places_and_layers_come_from_the_target_names():
 
 def test_parameter_count_is_the_papers_formula_and_does_not_grow_with_layers():
     T, t, k, tp, m = 3, 4, 6, 5, 3
-    formula = (T * t + (3 + 2) * t + (3 * t * k + k) + (k * tp + tp) + 2 * tp + 2 * (tp * D * m + D * m)
-               + (tp * m + m) + (tp * D + D) + 2 * (tp * D + D))
+    formula = (
+        T * t
+        + (3 + 2) * t
+        + (3 * t * k + k)
+        + (k * tp + tp)
+        + 2 * tp
+        + 2 * (tp * D * m + D * m)
+        + (tp * m + m)
+        + (tp * D + D)
+        + 2 * (tp * D + D)
+    )
     for layers in (3, 5):
         model = model_of(layers)
         inject_hyperformer(model, ["attn", "ffn"], tasks=T, m=m, t=t, hidden=k, t_projected=tp)
@@ -73,10 +90,15 @@ def test_each_adapter_follows_the_equations():
 
         D_, U_ = generated(hypernetwork.down, 3, D), generated(hypernetwork.up, D, 3)
         h = adapter.sublayer(x)
-        a = torch.nn.functional.gelu(h @ D_.T + generated(hypernetwork.down_bias, 3)) @ U_.T + generated(hypernetwork.up_bias, D)
+        a = torch.nn.functional.gelu(h @ D_.T + generated(hypernetwork.down_bias, 3)) @ U_.T + generated(
+            hypernetwork.up_bias, D
+        )
         mean, var = a.mean(-1, keepdim=True), a.var(-1, unbiased=False, keepdim=True)
-        expected = h + (a - mean) / torch.sqrt(var + 1e-5) * generated(hypernetwork.norm_weight, D) \
+        expected = (
+            h
+            + (a - mean) / torch.sqrt(var + 1e-5) * generated(hypernetwork.norm_weight, D)
             + generated(hypernetwork.norm_bias, D)
+        )
         with use_task(model, 1):
             torch.testing.assert_close(adapter(x), expected)
 
@@ -92,7 +114,11 @@ def test_tasks_differ_only_the_hypernetwork_trains_and_a_task_must_be_named():
         second = model(x)
     assert (first - second).abs().max() > 1e-3
     second.sum().backward()
-    assert {name.split(".")[-2] for name, p in model.named_parameters() if p.grad is not None} >= {"down", "up", "tasks"}
+    assert {name.split(".")[-2] for name, p in model.named_parameters() if p.grad is not None} >= {
+        "down",
+        "up",
+        "tasks",
+    }
     assert all(p.grad is None for name, p in model.named_parameters() if "sublayer" in name)
     with pytest.raises(ValueError, match="use_task"):
         model(x)  # outside the block, no task is set
@@ -111,6 +137,7 @@ def test_state_dict_round_trip():
 
 def test_demo_runs_and_learns_both_tasks_and_the_unseen_language(capsys):
     from reference_impls.hypernetwork import demo
+
     demo()
     losses = demo_losses(capsys.readouterr().out)
     assert len(losses) == 3 and all(after < 0.8 * before for before, after in losses)

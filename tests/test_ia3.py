@@ -57,8 +57,9 @@ def test_equals_peft(dtype, tolerance):
     base = Tiny()
     ours = copy.deepcopy(base)
     inject_ia3(ours, ["up", "down"], feedforward_names=["down"])
-    theirs = inject_adapter_in_model(IA3Config(target_modules=["up", "down"], feedforward_modules=["down"]),
-                                     copy.deepcopy(base))
+    theirs = inject_adapter_in_model(
+        IA3Config(target_modules=["up", "down"], feedforward_modules=["down"]), copy.deepcopy(base)
+    )
     with torch.no_grad():
         for name in ("up", "down"):
             vector = getattr(theirs, name).ia3_l["default"]
@@ -71,6 +72,7 @@ def test_equals_peft(dtype, tolerance):
 
 def test_demo_recovers_the_scales(capsys):
     from reference_impls.ia3 import demo
+
     demo()
     [(before, after)] = demo_losses(capsys.readouterr().out)
     assert after < before / 100

@@ -13,8 +13,15 @@ from reference_impls.interop import UnsupportedAdapter, load_peft_adapter, save_
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=44,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -26,16 +33,27 @@ def tiny_gpt2():
 CASES = {
     "lora": (tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
     "rslora": (tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=True)),
-    "rank_and_alpha_pattern": (tiny_llama, LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
-        rank_pattern={"layers.0.self_attn.q_proj": 2, "up_proj": 6}, alpha_pattern={"v_proj": 3, "layers.1.mlp.up_proj": 12})),
-    "lora_gpt2_fan_in_fan_out": (tiny_gpt2, LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj"],
-                                                       fan_in_fan_out=True)),
+    "rank_and_alpha_pattern": (
+        tiny_llama,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "up_proj"],
+            rank_pattern={"layers.0.self_attn.q_proj": 2, "up_proj": 6},
+            alpha_pattern={"v_proj": 3, "layers.1.mlp.up_proj": 12},
+        ),
+    ),
+    "lora_gpt2_fan_in_fan_out": (
+        tiny_gpt2,
+        LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
+    ),
     "dora": (tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], use_dora=True)),
     "vera": (tiny_llama, VeraConfig(r=8, target_modules=["q_proj", "v_proj"], projection_prng_key=7)),
     "ia3": (tiny_llama, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
-    "adalora": (tiny_llama, AdaLoraConfig(init_r=6, target_r=2, lora_alpha=8, total_step=10,
-                                          target_modules=["q_proj", "v_proj"])),
+    "adalora": (
+        tiny_llama,
+        AdaLoraConfig(init_r=6, target_r=2, lora_alpha=8, total_step=10, target_modules=["q_proj", "v_proj"]),
+    ),
 }
 
 
@@ -67,8 +85,9 @@ def test_peft_checkpoint_loads_and_gives_the_same_logits(case, tmp_path):
 
 
 def test_unsupported_types_and_fields_are_named(tmp_path):
-    peft_model = get_peft_model(tiny_llama(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4,
-                                                                  encoder_hidden_size=8))
+    peft_model = get_peft_model(
+        tiny_llama(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8)
+    )
     peft_model.save_pretrained(tmp_path / "p_tuning_v1")
     with pytest.raises(UnsupportedAdapter, match="peft_type 'P_TUNING' is not supported"):
         load_peft_adapter(tiny_llama(), tmp_path / "p_tuning_v1")
@@ -89,6 +108,7 @@ def test_saved_adapters_load_into_peft_and_give_the_same_logits(case, tmp_path):
     """PEFT checkpoint → our layers → save_peft_adapter → PeftModel.from_pretrained: PEFT computes
     what it computed before the round trip (ranks, alphas, rsLoRA and DoRA's magnitudes kept)."""
     from peft import PeftModel
+
     make_model, config = CASES[case]
     peft_model, fresh = save_with_nonzero_weights(make_model, config, tmp_path / "from_peft")
     ours = load_peft_adapter(fresh, tmp_path / "from_peft")
@@ -103,6 +123,7 @@ def test_saved_adapters_load_into_peft_and_give_the_same_logits(case, tmp_path):
 
 def test_save_refuses_what_peft_lora_cannot_hold(tmp_path):
     from reference_impls.lora import inject_lora, inject_vera
+
     with pytest.raises(UnsupportedAdapter, match="the model has none"):
         save_peft_adapter(tiny_llama(), tmp_path)
     model = tiny_llama()

@@ -17,15 +17,28 @@ from conftest import REPO
 def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "report.json"
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "benchmarks/compile_kernels.py", "--quick", "--json", str(out)], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/compile_kernels.py", "--quick", "--json", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(out.read_text())["rows"]
 
 
 def test_every_launch_compiles_fits_and_does_not_spill(report):
-    assert {row["kernel"] for row in report} == {"_lora_gemm", "_weight_norm", "_bgmv_shrink", "_bgmv_expand",
-                                                 "_sgmv_shrink", "_sgmv_expand", "_dequantize_nf4"}
+    assert {row["kernel"] for row in report} == {
+        "_lora_gemm",
+        "_weight_norm",
+        "_bgmv_shrink",
+        "_bgmv_expand",
+        "_sgmv_shrink",
+        "_sgmv_expand",
+        "_dequantize_nf4",
+    }
     for row in report:
         assert row["compiled"] and row["fits"], row
         assert row["spilled_bytes"] == 0, row

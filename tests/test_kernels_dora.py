@@ -5,7 +5,13 @@ import torch
 
 from helpers import relative_error, spy
 
-from reference_impls.kernels.dora import FusedDoRAFunction, fused_dora, reference_dora, reference_weight_norm, weight_norm
+from reference_impls.kernels.dora import (
+    FusedDoRAFunction,
+    fused_dora,
+    reference_dora,
+    reference_weight_norm,
+    weight_norm,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])
@@ -13,8 +19,8 @@ DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-
 
 def inputs(M, K, N, r, dtype, grad=False):
     x = torch.randn(M, K, device=DEVICE, dtype=dtype, requires_grad=grad)
-    W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
-    A = (torch.randn(r, K, device=DEVICE, dtype=dtype) / K ** 0.5).requires_grad_(grad)
+    W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K**0.5
+    A = (torch.randn(r, K, device=DEVICE, dtype=dtype) / K**0.5).requires_grad_(grad)
     B = torch.randn(N, r, device=DEVICE, dtype=dtype).requires_grad_(grad)
     m = torch.rand(N, device=DEVICE, dtype=dtype).add(0.5).requires_grad_(grad)
     return x, W, A, B, m
@@ -48,6 +54,7 @@ def test_the_dora_module_takes_the_kernel_only_where_it_is_exact(monkeypatch):
     """On CUDA, DoRALinear runs the kernel (asserted) and equals its own PyTorch path; everywhere, the
     kernel equals that path; a trainable base keeps the PyTorch path."""
     from reference_impls import lora as lora_module
+
     layer = lora_module.DoRALinear(torch.nn.Linear(30, 22), r=3, alpha=6).to(DEVICE)
     layer.base.requires_grad_(False)
     with torch.no_grad():
@@ -60,8 +67,12 @@ def test_the_dora_module_takes_the_kernel_only_where_it_is_exact(monkeypatch):
     expected = layer(x)
     assert len(launches) == (1 if DEVICE == "cuda" else 0)
     assert relative_error(y, expected) < 1e-4
-    assert relative_error(fused_dora(x, layer.base.weight, layer.A, layer.B, layer.m, layer.scale, layer.base.bias),
-                          expected) < 1e-4
+    assert (
+        relative_error(
+            fused_dora(x, layer.base.weight, layer.A, layer.B, layer.m, layer.scale, layer.base.bias), expected
+        )
+        < 1e-4
+    )
     layer.use_kernels = True
     layer.base.weight.requires_grad_(True)
     layer(x).sum().backward()

@@ -5,8 +5,14 @@ import torch
 
 from helpers import relative_error, spy
 
-from reference_impls.kernels.fused_lora import (FEW_ROWS_CONFIGS, MANY_ROWS_CONFIGS, FusedLoRAFunction, fused_lora,
-                                                lora_gemm, reference_fused_lora)
+from reference_impls.kernels.fused_lora import (
+    FEW_ROWS_CONFIGS,
+    MANY_ROWS_CONFIGS,
+    FusedLoRAFunction,
+    fused_lora,
+    lora_gemm,
+    reference_fused_lora,
+)
 from reference_impls.kernels import fused_lora as fused_lora_module
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -18,8 +24,8 @@ DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-
 @pytest.mark.parametrize("M, K, N, r", [(37, 70, 45, 4), (1, 33, 17, 16), (65, 64, 96, 5)])
 def test_forward_equals_reference(M, K, N, r, dtype, tolerance):
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
-    W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5
-    A = torch.randn(r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    W = torch.randn(N, K, device=DEVICE, dtype=dtype) / K**0.5
+    A = torch.randn(r, K, device=DEVICE, dtype=dtype) / K**0.5
     B = torch.randn(N, r, device=DEVICE, dtype=dtype)
     bias = torch.randn(N, device=DEVICE, dtype=dtype)
     y = fused_lora(x, W, A, B, 0.5, bias)
@@ -37,7 +43,7 @@ def test_empty_batch_and_leading_dimensions():
 def test_backward_equals_autograd_of_the_reference():
     M, K, N, r = 19, 40, 27, 6
     x = torch.randn(M, K, device=DEVICE, requires_grad=True)
-    W = torch.randn(N, K, device=DEVICE) / K ** 0.5
+    W = torch.randn(N, K, device=DEVICE) / K**0.5
     A = torch.randn(r, K, device=DEVICE, requires_grad=True)
     B = torch.randn(N, r, device=DEVICE, requires_grad=True)
     dy = torch.randn(M, N, device=DEVICE)
@@ -55,6 +61,7 @@ def test_the_lora_module_takes_the_kernel_only_where_it_is_exact(monkeypatch):
     kernel equals that path. An unfrozen base weight or bias keeps the PyTorch path: the fused backward
     gives them no gradient."""
     from reference_impls import lora as lora_module
+
     layer = lora_module.LoRALinear(torch.nn.Linear(30, 22), r=3, alpha=6).to(DEVICE)
     layer.base.requires_grad_(False)
     with torch.no_grad():
@@ -67,8 +74,10 @@ def test_the_lora_module_takes_the_kernel_only_where_it_is_exact(monkeypatch):
     expected = layer(x)  # the module's PyTorch path
     assert len(launches) == (1 if DEVICE == "cuda" else 0)
     assert relative_error(y, expected) < 1e-4
-    assert relative_error(fused_lora(x, layer.base.weight, layer.A, layer.B, layer.scale, layer.base.bias),
-                          expected) < 1e-4
+    assert (
+        relative_error(fused_lora(x, layer.base.weight, layer.A, layer.B, layer.scale, layer.base.bias), expected)
+        < 1e-4
+    )
     layer.use_kernels = True
     layer.base.bias.requires_grad_(True)  # a trainable bias: the kernel would not train it
     layer(x).sum().backward()
@@ -84,7 +93,10 @@ def test_every_tile_shape_the_gpu_may_pick(config, shrink_in_kernel):
     # On a GPU in 16 bits, as the tuner meets them (the widest shapes do not fit fp32 in shared memory).
     dtype, limit = (torch.float16, 1e-2) if DEVICE == "cuda" else (torch.float32, 1e-5)
     x = torch.randn(M, K, device=DEVICE, dtype=dtype)
-    W, A = torch.randn(N, K, device=DEVICE, dtype=dtype) / K ** 0.5, torch.randn(r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    W, A = (
+        torch.randn(N, K, device=DEVICE, dtype=dtype) / K**0.5,
+        torch.randn(r, K, device=DEVICE, dtype=dtype) / K**0.5,
+    )
     B, bias = torch.randn(N, r, device=DEVICE, dtype=dtype), torch.randn(N, device=DEVICE, dtype=dtype)
     c = torch.rand(N, device=DEVICE) + 0.5
     expected_u = (x.float() @ A.float().T).to(dtype)
@@ -102,13 +114,13 @@ def test_both_ways_of_making_u_in_training(rows, monkeypatch):
     """Forward and backward agree with the reference whether u = x Aᵀ is made in the kernel or before it."""
     K, N, r = 33, 29, 7
     x = torch.randn(rows, K, device=DEVICE, requires_grad=True)
-    W = torch.randn(N, K, device=DEVICE) / K ** 0.5
+    W = torch.randn(N, K, device=DEVICE) / K**0.5
     A = torch.randn(r, K, device=DEVICE, requires_grad=True)
     B = torch.randn(N, r, device=DEVICE, requires_grad=True)
     dy = torch.randn(rows, N, device=DEVICE)
     reference_fused_lora(x, W, A, B, 1.5).backward(dy)
     expected = [t.grad.clone() for t in (x, A, B)]
-    for up_to in (0, 10 ** 9):
+    for up_to in (0, 10**9):
         monkeypatch.setattr(fused_lora_module, "SHRINK_IN_KERNEL_UP_TO", up_to)
         for t in (x, A, B):
             t.grad = None
@@ -123,6 +135,7 @@ def test_layers_hand_the_kernel_only_operands_it_can_multiply():
     """LoRALinear and DoRALinear use the kernels on CUDA only for one dtype throughout and no autocast;
     otherwise (mixed dtypes, autocast) they take the plain PyTorch path."""
     from reference_impls.kernels.fused_lora import operands_match
+
     x, W = torch.randn(3, 8), torch.randn(5, 8)
     assert operands_match(x, W, torch.randn(2, 8), torch.randn(5, 2), None)
     assert not operands_match(x.to(torch.bfloat16), W, None)  # bf16 activations, fp32 weights

@@ -1,13 +1,21 @@
 """NF4 with double quantisation against bitsandbytes (bit for bit), the kernel against its twin, QLoRALinear."""
 
-
 import pytest
 import torch
 
 from helpers import demo_losses, run_demo, spy
 from reference_impls._plumbing import count_parameters
-from reference_impls.kernels.nf4 import (NF4_LEVELS, NF4Weight, QLoRALinear, dequantize_nf4, dynamic_map, inject_qlora,
-                                         quantize_nf4, reference_dequantize_nf4, storage_bytes)
+from reference_impls.kernels.nf4 import (
+    NF4_LEVELS,
+    NF4Weight,
+    QLoRALinear,
+    dequantize_nf4,
+    dynamic_map,
+    inject_qlora,
+    quantize_nf4,
+    reference_dequantize_nf4,
+    storage_bytes,
+)
 
 try:  # the oracle; CI installs it, the GPU machine has none (its tests of the kernel still run there)
     import bitsandbytes.functional as bnb
@@ -40,8 +48,8 @@ def test_quantisation_matches_bitsandbytes(shape):
     # The 8-bit codes of the block maxima: equal, except where bitsandbytes' approximate search took
     # a neighbour (one step, or two among the dense codes near zero); there ours is strictly nearer.
     code = dynamic_map()
-    block_max = torch.stack([W.reshape(-1)[i:i + 64].abs().max() for i in range(0, W.numel(), 64)])
-    target = (block_max - ours.absmax_mean) / ours.absmax_scales.repeat_interleave(256)[:len(block_max)]
+    block_max = torch.stack([W.reshape(-1)[i : i + 64].abs().max() for i in range(0, W.numel(), 64)])
+    target = (block_max - ours.absmax_mean) / ours.absmax_scales.repeat_interleave(256)[: len(block_max)]
     differ = (ours.absmax_codes != state.absmax).nonzero().flatten()
     assert len(differ) <= max(2, len(block_max) // 20)
     for i in differ.tolist():
@@ -80,8 +88,12 @@ def test_quantisation_error_is_small_and_zero_is_exact():
 
 def test_qlora_linear_trains_only_the_adapter_and_computes_lora_on_nf4(monkeypatch):
     from reference_impls.kernels import fused_lora, nf4
+
     launches = spy(monkeypatch, fused_lora, "lora_gemm")
-    fallbacks = [spy(monkeypatch, nf4, "reference_dequantize_nf4"), spy(monkeypatch, fused_lora, "reference_fused_lora")]
+    fallbacks = [
+        spy(monkeypatch, nf4, "reference_dequantize_nf4"),
+        spy(monkeypatch, fused_lora, "reference_fused_lora"),
+    ]
     base = torch.nn.Linear(48, 40).to(DEVICE)
     layer = QLoRALinear(base, r=4, alpha=8, compute_dtype=torch.float32)
     with torch.no_grad():
@@ -137,5 +149,5 @@ def test_inject_qlora_quantises_the_targets_and_trains_only_the_adapters():
 
 def test_demo_runs_and_learns():
     output = run_demo("reference_impls.kernels.nf4")
-    (before, after), = demo_losses(output)
+    ((before, after),) = demo_losses(output)
     assert after < 0.1 * before

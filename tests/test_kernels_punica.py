@@ -8,15 +8,26 @@ from torch import nn
 
 from helpers import demo_losses, relative_error, run_demo, spy
 
-from reference_impls.kernels.punica import (MultiLoRALinear, bgmv, bgmv_table, inject_multi_lora, load_lora,
-                                            reference_shrink_expand, route, rows_aligned, segments_of, sgmv, stacked_table)
+from reference_impls.kernels.punica import (
+    MultiLoRALinear,
+    bgmv,
+    bgmv_table,
+    inject_multi_lora,
+    load_lora,
+    reference_shrink_expand,
+    route,
+    rows_aligned,
+    segments_of,
+    sgmv,
+    stacked_table,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])
 
 
 def stacks(L, r, K, N, dtype):
-    A = torch.randn(L, r, K, device=DEVICE, dtype=dtype) / K ** 0.5
+    A = torch.randn(L, r, K, device=DEVICE, dtype=dtype) / K**0.5
     B = torch.randn(L, N, r, device=DEVICE, dtype=dtype)
     return A, B
 
@@ -82,13 +93,16 @@ def test_multi_lora_layer_serves_mixed_batches_like_separate_lora_layers(monkeyp
     LoRA layer computed in plain PyTorch."""
     from reference_impls.kernels import punica
     from reference_impls.lora import LoRALinear
+
     launches = {name: spy(monkeypatch, punica, name) for name in ("bgmv_table", "sgmv_table")}
     base = torch.nn.Linear(24, 20).to(DEVICE)
     layer = MultiLoRALinear(base, adapters=3, r=4, alpha=8)
     with torch.no_grad():
         layer.B.normal_()
-    for adapter_of_row in (torch.tensor([2, 0, -1, 1, 1, 2], device=DEVICE),  # decode: BGMV
-                           torch.tensor([1] * 20 + [0] * 12 + [-1] * 3, device=DEVICE)):  # prefill: SGMV
+    for adapter_of_row in (
+        torch.tensor([2, 0, -1, 1, 1, 2], device=DEVICE),  # decode: BGMV
+        torch.tensor([1] * 20 + [0] * 12 + [-1] * 3, device=DEVICE),
+    ):  # prefill: SGMV
         x = torch.randn(len(adapter_of_row), 24, device=DEVICE)
         got = layer(x, adapter_of_row)
         for row, adapter in enumerate(adapter_of_row.tolist()):
@@ -100,7 +114,7 @@ def test_multi_lora_layer_serves_mixed_batches_like_separate_lora_layers(monkeyp
                 with torch.no_grad():
                     single.A.copy_(layer.A[adapter])
                     single.B.copy_(layer.B[adapter])
-                expected = single(x[row:row + 1])[0]
+                expected = single(x[row : row + 1])[0]
             assert relative_error(got[row], expected) < 1e-4
     assert [len(calls) for calls in launches.values()] == [1, 1]  # decode through BGMV, prefill through SGMV
 
@@ -118,6 +132,7 @@ class Encoder(nn.Module):
 
 def test_a_served_model_gives_each_request_what_its_own_lora_model_gives():
     from reference_impls.lora import inject_lora
+
     torch.manual_seed(0)
     base = Encoder().to(DEVICE)
     trained = []
@@ -140,7 +155,7 @@ def test_a_served_model_gives_each_request_what_its_own_lora_model_gives():
         got = served(x)
     with torch.no_grad():
         for request, adapter in enumerate(adapter_of_request.tolist()):
-            expected = (trained[adapter] if adapter >= 0 else base)(x[request:request + 1])[0]
+            expected = (trained[adapter] if adapter >= 0 else base)(x[request : request + 1])[0]
             assert relative_error(got[request], expected) < 1e-4
     with pytest.raises(ValueError, match="route"):  # route() is over: the layers no longer know the adapters
         served(x)
@@ -153,6 +168,7 @@ def test_serving_refuses_what_does_not_fit():
     with pytest.raises(ValueError, match="does not fit"):
         layer.load_adapter(0, torch.zeros(2, 8), torch.zeros(6, 2))  # rank 2 into rank-4 slots
     from reference_impls.lora import inject_lora
+
     model, served = nn.Sequential(nn.Linear(8, 6)), nn.Sequential(nn.Linear(8, 6))
     inject_lora(model, ["0"], r=4, alpha=8)
     inject_multi_lora(served, ["0"], adapters=2, r=4, alpha=4)

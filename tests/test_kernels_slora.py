@@ -17,7 +17,7 @@ K, N = 40, 36
 
 
 def adapter(rank):
-    return torch.randn(rank, K, device=DEVICE) / K ** 0.5, torch.randn(N, rank, device=DEVICE), float(2 * rank)
+    return torch.randn(rank, K, device=DEVICE) / K**0.5, torch.randn(N, rank, device=DEVICE), float(2 * rank)
 
 
 def dense(base, x, names, adapters):
@@ -45,6 +45,7 @@ def served():
 
 def test_prefill_and_decode_equal_dense_with_mixed_ranks(served, monkeypatch):
     from reference_impls.kernels import punica
+
     launches = [spy(monkeypatch, punica, name) for name in ("sgmv_table", "bgmv_table")]
     pool, adapters, base, layer = served
     prefill = ["c"] * 20 + ["a"] * 9 + [None] * 4 + ["d"] * 17  # segments: SGMV
@@ -74,8 +75,9 @@ def test_evict_and_reload_keeps_results_exact(served):
 def test_reference_table_reads_stacked_tensors_like_the_direct_computation():
     A, B = torch.randn(3, 4, 10), torch.randn(3, 12, 4)
     x, y, ids = torch.randn(6, 10), torch.randn(6, 12), torch.tensor([0, 2, -1, 1, 1, 0])
-    torch.testing.assert_close(reference_table(y, x, stacked_table(A, B, 0.5), ids),
-                               reference_shrink_expand(y, x, A, B, ids, 0.5))
+    torch.testing.assert_close(
+        reference_table(y, x, stacked_table(A, B, 0.5), ids), reference_shrink_expand(y, x, A, B, ids, 0.5)
+    )
 
 
 def test_adapters_are_fetched_per_batch_and_the_least_recently_used_evicted():
@@ -83,10 +85,12 @@ def test_adapters_are_fetched_per_batch_and_the_least_recently_used_evicted():
     pool = AdapterPool(20, K, N, device=DEVICE)
     base = torch.nn.Linear(K, N).to(DEVICE)
     layer = SLoRALinear(base, pool, host=adapters)
-    for names, resident in [(["a", "b", None], ["a", "b"]),
-                            (["c", "a"], ["b", "a", "c"]),  # a was used again: b is now the oldest
-                            (["d", None], ["b", "a", "c", "d"]),  # 18 of 20 pages
-                            (["e", "a"], ["d", "a", "e"])]:  # e needs 8 pages: b, then c go; d is younger
+    for names, resident in [
+        (["a", "b", None], ["a", "b"]),
+        (["c", "a"], ["b", "a", "c"]),  # a was used again: b is now the oldest
+        (["d", None], ["b", "a", "c", "d"]),  # 18 of 20 pages
+        (["e", "a"], ["d", "a", "e"]),
+    ]:  # e needs 8 pages: b, then c go; d is younger
         x = torch.randn(len(names), K, device=DEVICE)
         assert relative_error(layer(x, names), dense(base, x, names, adapters)) < 1e-4
         assert list(pool.resident) == resident  # oldest used first

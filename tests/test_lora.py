@@ -82,8 +82,9 @@ def test_equals_peft_on_the_same_weights(use_rslora, dtype, tolerance):
     base = Tiny()
     ours = copy.deepcopy(base)
     inject_lora(ours, ["up", "down"], r=3, alpha=5, use_rslora=use_rslora)
-    theirs = inject_adapter_in_model(LoraConfig(r=3, lora_alpha=5, target_modules=["up", "down"],
-                                                use_rslora=use_rslora), copy.deepcopy(base))
+    theirs = inject_adapter_in_model(
+        LoraConfig(r=3, lora_alpha=5, target_modules=["up", "down"], use_rslora=use_rslora), copy.deepcopy(base)
+    )
     with torch.no_grad():
         for name in ("up", "down"):
             layer = getattr(theirs, name)
@@ -106,6 +107,7 @@ def test_only_named_linear_layers_are_wrapped():
 
 def test_demo_runs_and_every_method_learns(capsys):
     from reference_impls.lora import demo
+
     demo()
     losses = demo_losses(capsys.readouterr().out)
     assert len(losses) == 4
@@ -116,8 +118,14 @@ def test_demo_runs_and_every_method_learns(capsys):
 
 from peft import AdaLoraConfig, VeraConfig, get_peft_model  # noqa: E402
 
-from reference_impls.lora import (DoRALinear, RankAllocator, SVDLinear, inject_adalora, inject_vera,  # noqa: E402
-                                  orthogonal_penalty)
+from reference_impls.lora import (
+    DoRALinear,
+    RankAllocator,
+    SVDLinear,
+    inject_adalora,
+    inject_vera,  # noqa: E402
+    orthogonal_penalty,
+)
 
 
 def randomise_all(model: nn.Module) -> None:
@@ -149,17 +157,20 @@ def test_variants_are_identity_at_initialisation_and_count_parameters(method):
 @pytest.mark.parametrize("method", ["dora", "vera", "adalora"])
 def test_variants_merge_unmerge_round_trip(method):
     model = Tiny()
-    {"dora": lambda: inject_lora(model, ["up", "down"], r=3, use_dora=True),
-     "vera": lambda: inject_vera(model, ["up", "down"], r=5),
-     "adalora": lambda: inject_adalora(model, ["up", "down"], r=3)}[method]()
+    {
+        "dora": lambda: inject_lora(model, ["up", "down"], r=3, use_dora=True),
+        "vera": lambda: inject_vera(model, ["up", "down"], r=5),
+        "adalora": lambda: inject_adalora(model, ["up", "down"], r=3),
+    }[method]()
     randomise_all(model)
     if method == "dora":
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, DoRALinear):
                     module.m.abs_().add_(0.5)  # magnitudes are positive
-    assert_merge_round_trip(model, merge_lora, unmerge_lora, torch.randn(3, 13), rtol=1e-4, atol=1e-4,
-                            weight_rtol=1e-4, weight_atol=1e-5)
+    assert_merge_round_trip(
+        model, merge_lora, unmerge_lora, torch.randn(3, 13), rtol=1e-4, atol=1e-4, weight_rtol=1e-4, weight_atol=1e-5
+    )
 
 
 def test_dora_gradients_skip_the_norm_and_reach_m_A_B():
@@ -176,8 +187,9 @@ def test_dora_equals_peft(dtype, tolerance):
     base = Tiny()
     ours = copy.deepcopy(base)
     inject_lora(ours, ["up", "down"], r=3, alpha=5, use_dora=True)
-    theirs = inject_adapter_in_model(LoraConfig(r=3, lora_alpha=5, target_modules=["up", "down"], use_dora=True),
-                                     copy.deepcopy(base))
+    theirs = inject_adapter_in_model(
+        LoraConfig(r=3, lora_alpha=5, target_modules=["up", "down"], use_dora=True), copy.deepcopy(base)
+    )
     with torch.no_grad():
         for name in ("up", "down"):
             layer, mine = getattr(theirs, name), getattr(ours, name)
@@ -197,8 +209,9 @@ def test_vera_equals_peft_including_the_seeded_projections():
     ours = copy.deepcopy(base)
     inject_vera(ours, ["up", "down"], r=6, seed=1234)
     # PEFT keeps VeRA's shared projections on its tuner, so it needs get_peft_model, not inject_adapter_in_model.
-    peft_model = get_peft_model(copy.deepcopy(base), VeraConfig(r=6, target_modules=["up", "down"],
-                                                                projection_prng_key=1234))
+    peft_model = get_peft_model(
+        copy.deepcopy(base), VeraConfig(r=6, target_modules=["up", "down"], projection_prng_key=1234)
+    )
     theirs = peft_model.base_model.model
     # Same seed, same generator: the shared projections agree without copying them.
     torch.testing.assert_close(ours.up.shared[0].A, theirs.up.vera_A["default"])
@@ -218,8 +231,10 @@ def test_adalora_equals_peft():
     base = Tiny()
     ours = copy.deepcopy(base)
     inject_adalora(ours, ["up", "down"], r=4, alpha=8)
-    theirs = inject_adapter_in_model(AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=100,
-                                                   target_modules=["up", "down"]), copy.deepcopy(base))
+    theirs = inject_adapter_in_model(
+        AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=100, target_modules=["up", "down"]),
+        copy.deepcopy(base),
+    )
     with torch.no_grad():
         for name in ("up", "down"):
             layer, mine = getattr(theirs, name), getattr(ours, name)

@@ -36,7 +36,7 @@ def test_identity_at_start_shared_rules_and_parameter_count():
     assert model.ffn.adapter.down.rules is model.out.adapter.up.rules  # one set of slow weights
     n, r, d, m = 3, 1, 21, 6
     per_adapter = 2 * n * r * (d // n + m // n) + d + m
-    assert count_parameters(model)[0] == n ** 3 + 2 * per_adapter
+    assert count_parameters(model)[0] == n**3 + 2 * per_adapter
 
 
 def test_gradients_reach_only_compacter_parameters():
@@ -79,6 +79,7 @@ def test_compacter_equals_adapterhub_on_a_tiny_bert():
 
 def test_demo_runs_and_learns(capsys):
     from reference_impls.phm import demo
+
     demo()
     [(before, after)] = demo_losses(capsys.readouterr().out)
     assert after < before * 0.8
@@ -93,5 +94,6 @@ def test_bf16_matches_fp32():
                 module.t.normal_()
     x = torch.randn(2, 5, 21)
     expected = model(x)
-    torch.testing.assert_close(copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float(), expected,
-                               rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(
+        copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float(), expected, rtol=5e-2, atol=5e-2
+    )

@@ -35,8 +35,9 @@ def test_prompt_tuning_equals_peft_and_counts_n_times_d():
 
 @pytest.mark.parametrize("projection", [False, True])
 def test_prefix_tuning_equals_peft(projection):
-    config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=projection,
-                                encoder_hidden_size=16)
+    config = PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=projection, encoder_hidden_size=16
+    )
     theirs, base = peft_prompt_model(config)
     encoder = theirs.prompt_encoder["default"]
     ours = PrefixTuning(base, n=N, hidden=16 if projection else None).eval()
@@ -78,8 +79,9 @@ def test_llama_adapter_is_identity_at_start_and_equals_peft():
     torch.testing.assert_close(ours(input_ids=ids).logits, reference(input_ids=ids).logits)  # zero gates
     assert count_parameters(ours)[0] == 2 * (4 * 32 + 4)  # L · (n·d + heads)
 
-    theirs = get_peft_model(copy.deepcopy(base), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4,
-                                                                     adapter_layers=2)).eval()
+    theirs = get_peft_model(
+        copy.deepcopy(base), AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2)
+    ).eval()
     with torch.no_grad():
         for index in range(2):
             peft_attention = theirs.base_model.model.model.layers[index].self_attn
@@ -97,18 +99,25 @@ def test_llama_adapter_is_identity_at_start_and_equals_peft():
 
 
 def test_only_prompts_are_trainable():
-    for model in (PromptTuning(tiny_llama(), n=3), PrefixTuning(tiny_llama(), n=3, hidden=8),
-                  inject_llama_adapter(tiny_llama(), n=3, top_layers=1)):
+    for model in (
+        PromptTuning(tiny_llama(), n=3),
+        PrefixTuning(tiny_llama(), n=3, hidden=8),
+        inject_llama_adapter(tiny_llama(), n=3, top_layers=1),
+    ):
         names = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
         assert names and all(any(key in name for key in ("prompt", "prefix", "mlp", "gate")) for name in names), names
 
 
-@pytest.mark.parametrize("config", [
-    PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
-    PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
-    PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=16),
-    AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2),
-], ids=["prompt", "prefix", "prefix_projection", "adaption_prompt"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N),
+        PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, prefix_projection=True, encoder_hidden_size=16),
+        AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=4, adapter_layers=2),
+    ],
+    ids=["prompt", "prefix", "prefix_projection", "adaption_prompt"],
+)
 def test_peft_prompt_checkpoints_load_through_interop(config, tmp_path):
     theirs, base = peft_prompt_model(config)
     with torch.no_grad():
@@ -126,14 +135,19 @@ def test_peft_prompt_checkpoints_load_through_interop(config, tmp_path):
 
 def test_demo_runs_and_every_method_learns(capsys):
     from reference_impls.prompts import demo
+
     demo()
     losses = demo_losses(capsys.readouterr().out)
     assert len(losses) == 5 and all(after < before - 0.3 for before, after in losses), losses
 
 
 def test_bf16_matches_fp32():
-    for make in (lambda m: PromptTuning(m, n=3), lambda m: PrefixTuning(m, n=3, hidden=None),
-                 lambda m: inject_llama_adapter(m, n=3, top_layers=2), lambda m: inject_mam(m, n=3, hidden=None, m=4)):
+    for make in (
+        lambda m: PromptTuning(m, n=3),
+        lambda m: PrefixTuning(m, n=3, hidden=None),
+        lambda m: inject_llama_adapter(m, n=3, top_layers=2),
+        lambda m: inject_mam(m, n=3, hidden=None, m=4),
+    ):
         model = make(tiny_llama()).eval()
         with torch.no_grad():
             for name, parameter in model.named_parameters():
@@ -156,8 +170,10 @@ def test_mam_is_prefix_tuning_plus_a_scaled_parallel_adapter_beside_each_ffn():
     ids = IDS()
     # The equation, on a fresh copy of the same model: the same prefix, the adapters as forward hooks.
     reference = PrefixTuning(tiny_llama(), n=N, hidden=hidden).eval()
-    reference.load_state_dict({name: value for name, value in mam.state_dict().items()
-                               if name.startswith(("prefix_input", "mlp."))}, strict=False)
+    reference.load_state_dict(
+        {name: value for name, value in mam.state_dict().items() if name.startswith(("prefix_input", "mlp."))},
+        strict=False,
+    )
     torch.testing.assert_close(mam(input_ids=ids).logits, reference(input_ids=ids).logits)  # adapters start at 0
     adapters = []
     for layer, theirs in zip(mam.model.model.layers, reference.model.model.layers):
@@ -166,8 +182,11 @@ def test_mam_is_prefix_tuning_plus_a_scaled_parallel_adapter_beside_each_ffn():
             for parameter in adapter.parameters():
                 parameter.normal_(0, 0.3)
         adapters.append(adapter)
-        theirs.mlp.register_forward_hook(lambda module, args, out, a=adapter: out + 4 * (
-            torch.relu(args[0] @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias))
+        theirs.mlp.register_forward_hook(
+            lambda module, args, out, a=adapter: (
+                out + 4 * (torch.relu(args[0] @ a.down.weight.T + a.down.bias) @ a.up.weight.T + a.up.bias)
+            )
+        )
     torch.testing.assert_close(mam(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     mam.train()
     mam(input_ids=ids).logits.sum().backward()

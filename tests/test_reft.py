@@ -72,6 +72,7 @@ def test_loreft_equals_adapterhub_on_a_tiny_bert():
 
 def test_demo_runs_and_learns(capsys):
     from reference_impls.reft import demo
+
     demo()
     [(before, after)] = demo_losses(capsys.readouterr().out)
     assert after < before * 0.9
@@ -82,5 +83,6 @@ def test_bf16_matches_fp32():
     inject_loreft(model, ["0"], d=13, r=3, prefix=2, suffix=2)
     x = torch.randn(2, 7, 13)
     expected = model(x)
-    torch.testing.assert_close(copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float(), expected,
-                               rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(
+        copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float(), expected, rtol=5e-2, atol=5e-2
+    )

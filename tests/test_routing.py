@@ -10,8 +10,15 @@ from torch.nn import functional as F
 from helpers import demo_losses
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.routing import (AdaMixAdapter, MoVLinear, consistency_loss, inject_adamix, inject_mov, inject_poly,
-                                     use_tasks)
+from reference_impls.routing import (
+    AdaMixAdapter,
+    MoVLinear,
+    consistency_loss,
+    inject_adamix,
+    inject_mov,
+    inject_poly,
+    use_tasks,
+)
 
 
 class Net(nn.Module):
@@ -34,15 +41,19 @@ def test_poly_equals_peft(heads, training):
 
     torch.manual_seed(0)
     base = Net()
-    theirs = get_peft_model(copy.deepcopy(base), PolyConfig(r=3, n_tasks=4, n_skills=5, n_splits=heads,
-                                                            target_modules=["q", "o"]))
+    theirs = get_peft_model(
+        copy.deepcopy(base), PolyConfig(r=3, n_tasks=4, n_skills=5, n_splits=heads, target_modules=["q", "o"])
+    )
     ours = copy.deepcopy(base)
     inject_poly(ours, ["q", "o"], tasks=4, skills=5, r=3, heads=heads)
     with torch.no_grad():
         for name in ("q", "o"):
             hub, mine = theirs.base_model.model.get_submodule(name), ours.get_submodule(name)
-            for parameter in (hub.poly_lora_A["default"], hub.poly_lora_B["default"],
-                              hub.poly_router["default"].module_logits):
+            for parameter in (
+                hub.poly_lora_A["default"],
+                hub.poly_lora_B["default"],
+                hub.poly_router["default"].module_logits,
+            ):
                 parameter.normal_()
             mine.A.copy_(hub.poly_lora_A["default"])
             mine.B.copy_(hub.poly_lora_B["default"])
@@ -131,14 +142,20 @@ def test_consistency_loss_is_a_symmetric_kl():
 
 def test_demo_runs_and_learns(capsys):
     from reference_impls.routing import demo
+
     demo()
     losses = demo_losses(capsys.readouterr().out)
     assert len(losses) == 3 and all(after < 0.8 * before for before, after in losses)
 
 
-@pytest.mark.parametrize("inject", [lambda m: inject_poly(m, ["q", "o"], tasks=2, skills=3, r=2, heads=2),
-                                    lambda m: inject_mov(m, ["q", "o"], experts=3),
-                                    lambda m: inject_adamix(m, ["q"], m=4, copies=2)])
+@pytest.mark.parametrize(
+    "inject",
+    [
+        lambda m: inject_poly(m, ["q", "o"], tasks=2, skills=3, r=2, heads=2),
+        lambda m: inject_mov(m, ["q", "o"], experts=3),
+        lambda m: inject_adamix(m, ["q"], m=4, copies=2),
+    ],
+)
 def test_bfloat16_in_training_and_evaluation(inject):
     model = Net().to(torch.bfloat16)
     inject(model)

@@ -80,15 +80,17 @@ def test_one_side_block_per_backbone_block():
 
 def test_demo_runs_and_learns(capsys):
     from reference_impls.side import demo
+
     demo()
-    (before, after), = demo_losses(capsys.readouterr().out)
+    ((before, after),) = demo_losses(capsys.readouterr().out)
     assert after < 0.2 * before
 
 
 def test_bfloat16_backbone_gets_a_bfloat16_side_network():
     blocks, head = backbone()
-    model = ladder_side_tuning([block.to(torch.bfloat16) for block in blocks], d=D, reduction=4,
-                               head=head.to(torch.bfloat16))
+    model = ladder_side_tuning(
+        [block.to(torch.bfloat16) for block in blocks], d=D, reduction=4, head=head.to(torch.bfloat16)
+    )
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     out = model(torch.randn(3, D, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16

@@ -23,8 +23,9 @@ HOSTILE = '<script>alert("x")</script> ](javascript:alert(1)) {{ 7*7 }} | $x$ & 
 
 
 def build(root: Path) -> Path:
-    result = subprocess.run([sys.executable, "-m", "catalog.cli", "build", "--out", "out"], cwd=root,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "catalog.cli", "build", "--out", "out"], cwd=root, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING  -" not in result.stderr, result.stderr
     return root / "out"
@@ -70,8 +71,18 @@ def test_real_site_has_every_page_and_no_broken_link(real_site):
     for section in SECTIONS:
         assert (real_site / "sections" / section.slug / "index.html").exists()
     assert len(list((real_site / "papers").glob("*/index.html"))) == 67
-    for page in ("index.html", "papers/index.html", "tags/index.html", "impls/index.html", "contributing/index.html",
-                 "404.html", "feed.xml", "assets/papers-per-year.svg", "assets/papers-data.js", "search/search_index.json"):
+    for page in (
+        "index.html",
+        "papers/index.html",
+        "tags/index.html",
+        "impls/index.html",
+        "contributing/index.html",
+        "404.html",
+        "feed.xml",
+        "assets/papers-per-year.svg",
+        "assets/papers-data.js",
+        "search/search_index.json",
+    ):
         assert (real_site / page).exists(), page
 
 
@@ -92,6 +103,7 @@ def test_filled_pages_are_complete_pages(real_site):
 
 def test_render_alone_writes_every_page_as_markdown_for_mkdocs_serve(repo_copy):
     from catalog.cli import main
+
     assert main(["render"]) == 0
     docs = repo_copy / "build" / "docs"
     assert (docs / "papers" / "lora.md").exists() and (docs / "tags" / "lora" / "index.md").exists()
@@ -104,8 +116,11 @@ def test_paper_page_shows_record_corrections_and_edit_link(real_site):
     assert "Joe Davison" not in page  # the API's wrong author list is overridden by papers.yaml
     assert "sum of Kronecker products" in page  # the abstract
     assert "@inproceedings{mahabadi2021compacter" in page
-    line = next(number for number, text in enumerate((REPO / "papers.yaml").read_text().splitlines(), 1)
-                if text == "- id: compacter")
+    line = next(
+        number
+        for number, text in enumerate((REPO / "papers.yaml").read_text().splitlines(), 1)
+        if text == "- id: compacter"
+    )
     assert f"papers.yaml#L{line}" in page and f"line {line})" in page
     assert "https://arxiv.org/abs/2106.04647" in page and "https://github.com/rabeehk/compacter" in page
 
@@ -148,8 +163,11 @@ def test_hostile_text_from_yaml_and_api_shows_as_text(tmp_path):
     store_path.write_text(json.dumps(store))
     site = build(root)
 
-    for page in [site / "papers" / "lora" / "index.html", site / "sections" / "nlp-methods" / "index.html",
-                 site / "tags" / "lora" / "index.html"]:
+    for page in [
+        site / "papers" / "lora" / "index.html",
+        site / "sections" / "nlp-methods" / "index.html",
+        site / "tags" / "lora" / "index.html",
+    ]:
         text = page.read_text()
         assert "<script>alert" not in text and "<b>bold</b>" not in text, page
         assert "&lt;script&gt;alert" in text, page
@@ -181,24 +199,61 @@ def test_navigation_lists_the_sections_of_the_vocabulary():
 
 
 def test_readme_list_is_up_to_date():
-    result = subprocess.run([sys.executable, "-m", "catalog.cli", "readme", "--check"], cwd=REPO,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "catalog.cli", "readme", "--check"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_committed_gpu_benchmarks_show_on_implementation_pages(tmp_path):
     root = copy_repo_inputs(tmp_path)
     results = root / "benchmarks" / "results"
-    run = {"date": "2026-11-30T10:00:00+00:00", "command": "python benchmarks/kernels.py", "device": "NVIDIA H100 80GB HBM3",
-           "smoke": False, "checks": [{"kernel": "fused_lora", "shape": "M=1 K=4096 N=4096 r=16", "dtype": "bfloat16",
-                                       "max_relative_error": 0.004, "limit": 0.01, "ok": True, "module": "kernels.fused_lora"}],
-           "timings": [{"kernel": "fused_lora forward", "shape": "M=1 K=4096 N=4096 r=16", "ours_ms": 0.0213,
-                        "peft_ms": 0.04, "base_ms": 0.02, "ours_over_base": 1.065, "goal_ours_over_base": 1.25,
-                        "floor_over_base": 1.008, "goal_met": True, "module": "kernels.fused_lora"},
-                       {"kernel": "punica timings", "error": "RuntimeError: <boom>", "ok": False, "goal_met": None,
-                        "module": "kernels.punica"},
-                       {"kernel": "nf4 dequantize", "shape": "4096x11008 -> bfloat16", "ours_ms": 0.05,
-                        "fraction_of_copy_bandwidth": 0.83, "goal_met": True, "module": "kernels.nf4"}]}
+    run = {
+        "date": "2026-11-30T10:00:00+00:00",
+        "command": "python benchmarks/kernels.py",
+        "device": "NVIDIA H100 80GB HBM3",
+        "smoke": False,
+        "checks": [
+            {
+                "kernel": "fused_lora",
+                "shape": "M=1 K=4096 N=4096 r=16",
+                "dtype": "bfloat16",
+                "max_relative_error": 0.004,
+                "limit": 0.01,
+                "ok": True,
+                "module": "kernels.fused_lora",
+            }
+        ],
+        "timings": [
+            {
+                "kernel": "fused_lora forward",
+                "shape": "M=1 K=4096 N=4096 r=16",
+                "ours_ms": 0.0213,
+                "peft_ms": 0.04,
+                "base_ms": 0.02,
+                "ours_over_base": 1.065,
+                "goal_ours_over_base": 1.25,
+                "floor_over_base": 1.008,
+                "goal_met": True,
+                "module": "kernels.fused_lora",
+            },
+            {
+                "kernel": "punica timings",
+                "error": "RuntimeError: <boom>",
+                "ok": False,
+                "goal_met": None,
+                "module": "kernels.punica",
+            },
+            {
+                "kernel": "nf4 dequantize",
+                "shape": "4096x11008 -> bfloat16",
+                "ours_ms": 0.05,
+                "fraction_of_copy_bandwidth": 0.83,
+                "goal_met": True,
+                "module": "kernels.nf4",
+            },
+        ],
+    }
     (results / "kernels-NVIDIA_H100.json").write_text(json.dumps(run))
     (results / "kernels-smoke.json").write_text(json.dumps({**run, "smoke": True, "device": "CPU interpreter"}))
     site = build(root)

@@ -10,8 +10,19 @@ from torch import nn
 from helpers import demo_losses
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.sparse import (BETA, GAMMA, ZETA, DiffLinear, bitfit, compose, inject_diff_pruning, l0_penalty,
-                                    lottery_ticket_masks, restrict_training, sparse_difference)
+from reference_impls.sparse import (
+    BETA,
+    GAMMA,
+    ZETA,
+    DiffLinear,
+    bitfit,
+    compose,
+    inject_diff_pruning,
+    l0_penalty,
+    lottery_ticket_masks,
+    restrict_training,
+    sparse_difference,
+)
 from test_bottleneck import Net
 
 
@@ -107,12 +118,15 @@ def test_restricted_training_changes_only_the_ticket_and_differences_compose():
             parameter.copy_(theta0[name])
     compose(fresh, phi_language, phi_task)
     for name, parameter in fresh.named_parameters():
-        expected = theta0[name] + phi_language[name].to_dense() + phi_task.get(name, torch.zeros(1).to_sparse()).to_dense()
+        expected = (
+            theta0[name] + phi_language[name].to_dense() + phi_task.get(name, torch.zeros(1).to_sparse()).to_dense()
+        )
         torch.testing.assert_close(parameter.detach(), expected)
 
 
 def test_demo_runs(capsys):
     from reference_impls.sparse import demo
+
     demo()
     losses = demo_losses(capsys.readouterr().out)
     assert len(losses) == 3 and all(after < before for before, after in losses)
@@ -128,5 +142,6 @@ def test_diff_pruning_in_bf16_matches_fp32():
     model.eval()
     x = torch.randn(3, 21)
     expected = model(x)
-    torch.testing.assert_close(copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float(), expected,
-                               rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(
+        copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float(), expected, rtol=5e-2, atol=5e-2
+    )

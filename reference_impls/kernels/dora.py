@@ -39,19 +39,43 @@ def reference_dora(x, W, A, B, m, scale: float, bias=None):
 
 
 @triton.jit
-def _weight_norm(w_ptr, a_ptr, b_ptr, out_ptr, N, K, R, scale, stride_wn, stride_wk, stride_ar, stride_ak,
-                 stride_bn, stride_br, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _weight_norm(
+    w_ptr,
+    a_ptr,
+    b_ptr,
+    out_ptr,
+    N,
+    K,
+    R,
+    scale,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_bn,
+    stride_br,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     j = tl.arange(0, BLOCK_R)
-    b = tl.load(b_ptr + rows[:, None] * stride_bn + j[None, :] * stride_br, mask=(rows[:, None] < N) & (j[None, :] < R),
-                other=0.0).to(tl.float32)
+    b = tl.load(
+        b_ptr + rows[:, None] * stride_bn + j[None, :] * stride_br,
+        mask=(rows[:, None] < N) & (j[None, :] < R),
+        other=0.0,
+    ).to(tl.float32)
     squares = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + k[None, :] * stride_wk,
-                    mask=(rows[:, None] < N) & (k[None, :] < K), other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + j[:, None] * stride_ar + k[None, :] * stride_ak, mask=(j[:, None] < R) & (k[None, :] < K),
-                    other=0.0).to(tl.float32)
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_wn + k[None, :] * stride_wk,
+            mask=(rows[:, None] < N) & (k[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)
+        a = tl.load(
+            a_ptr + j[:, None] * stride_ar + k[None, :] * stride_ak, mask=(j[:, None] < R) & (k[None, :] < K), other=0.0
+        ).to(tl.float32)
         v = w + scale * tl.dot(b, a, input_precision="ieee", out_dtype=tl.float32)  # W + s·BA's tile, in registers
         squares += tl.sum(v * v, axis=1)
     tl.store(out_ptr + rows, tl.sqrt(squares), mask=rows < N)
@@ -66,9 +90,25 @@ def weight_norm(W, A, B, scale: float, block_n=None, block_k=None) -> torch.Tens
     N, K = W.shape
     R = A.shape[0]
     out = torch.empty(N, device=W.device, dtype=torch.float32)
-    _weight_norm[(triton.cdiv(N, block_n),)](W, A, B, out, N, K, R, scale, W.stride(0), W.stride(1), A.stride(0),
-                                             A.stride(1), B.stride(0), B.stride(1), BLOCK_N=block_n, BLOCK_K=block_k,
-                                             BLOCK_R=max(16, triton.next_power_of_2(R)))
+    _weight_norm[(triton.cdiv(N, block_n),)](
+        W,
+        A,
+        B,
+        out,
+        N,
+        K,
+        R,
+        scale,
+        W.stride(0),
+        W.stride(1),
+        A.stride(0),
+        A.stride(1),
+        B.stride(0),
+        B.stride(1),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        BLOCK_R=max(16, triton.next_power_of_2(R)),
+    )
     return out
 
 

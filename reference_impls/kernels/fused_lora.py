@@ -63,8 +63,11 @@ def operands_match(x: torch.Tensor, *operands) -> bool:
     """One floating dtype for all (tl.dot multiplies like with like), and no autocast, which would
     want other dtypes than the ones stored."""
     dtypes = {x.dtype} | {operand.dtype for operand in operands if operand is not None}
-    return (len(dtypes) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and not torch.is_autocast_enabled(x.device.type))
+    return (
+        len(dtypes) == 1
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and not torch.is_autocast_enabled(x.device.type)
+    )
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -73,30 +76,68 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 def _config(block_m, block_n, block_k, warps, stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps,
-                         num_stages=stages)
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages
+    )
 
 
 FEW_ROWS_CONFIGS = [  # up to 128 rows: bound by reading W, so many narrow tiles and deep pipelines
-    _config(16, 32, 256, 4, 4), _config(16, 64, 128, 4, 4), _config(16, 64, 256, 4, 3),
-    _config(32, 32, 256, 4, 4), _config(32, 64, 128, 4, 4), _config(64, 64, 128, 4, 3),
-    _config(16, 128, 128, 4, 4), _config(64, 128, 64, 4, 4),
+    _config(16, 32, 256, 4, 4),
+    _config(16, 64, 128, 4, 4),
+    _config(16, 64, 256, 4, 3),
+    _config(32, 32, 256, 4, 4),
+    _config(32, 64, 128, 4, 4),
+    _config(64, 64, 128, 4, 3),
+    _config(16, 128, 128, 4, 4),
+    _config(64, 128, 64, 4, 4),
 ]
 MANY_ROWS_CONFIGS = [  # bound by the tensor cores: wide tiles, 8 warps
-    _config(128, 256, 64, 8, 3), _config(256, 128, 64, 8, 3), _config(128, 128, 64, 8, 4),
-    _config(128, 128, 64, 4, 4), _config(64, 128, 64, 4, 4), _config(128, 64, 64, 4, 4),
+    _config(128, 256, 64, 8, 3),
+    _config(256, 128, 64, 8, 3),
+    _config(128, 128, 64, 8, 4),
+    _config(128, 128, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
+    _config(128, 64, 64, 4, 4),
 ]
 INTERPRETER_CONFIG = _config(64, 64, 64, 4, 1)  # few, large programs: the interpreter pays per step
 
 
 @triton.jit
 def _lora_gemm(
-    x_ptr, w_ptr, a_ptr, u_ptr, b_ptr, col_scale_ptr, bias_ptr, y_ptr,
-    M, N, K, R, M_BUCKET, scale,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_um, stride_ur,
-    stride_bn, stride_br, stride_ym, stride_yn,
-    SHRINK: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    a_ptr,
+    u_ptr,
+    b_ptr,
+    col_scale_ptr,
+    bias_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    R,
+    M_BUCKET,
+    scale,
+    stride_xm,
+    stride_xk,
+    stride_wn,
+    stride_wk,
+    stride_ar,
+    stride_ak,
+    stride_um,
+    stride_ur,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    stride_yn,
+    SHRINK: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """y[m, n] = c[n] · (Σ_k x[m, k] w[n, k] + scale · Σ_j u[m, j] b[n, j]) (+ bias[n]), a tile per program.
@@ -122,12 +163,16 @@ def _lora_gemm(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows_in[:, None] * stride_xm + k[None, :] * stride_xk, mask=k[None, :] < K, other=0.0)
-        w = tl.load(w_ptr + cols_in[None, :] * stride_wn + k[:, None] * stride_wk,
-                    mask=k[:, None] < K, other=0.0)  # the (K, N) view of w
+        w = tl.load(
+            w_ptr + cols_in[None, :] * stride_wn + k[:, None] * stride_wk, mask=k[:, None] < K, other=0.0
+        )  # the (K, N) view of w
         acc += tl.dot(x, w, input_precision=PRECISION, out_dtype=tl.float32)
         if SHRINK:
-            a = tl.load(a_ptr + j[None, :] * stride_ar + k[:, None] * stride_ak,
-                        mask=(j[None, :] < R) & (k[:, None] < K), other=0.0)  # the (K, r) view of A
+            a = tl.load(
+                a_ptr + j[None, :] * stride_ar + k[:, None] * stride_ak,
+                mask=(j[None, :] < R) & (k[:, None] < K),
+                other=0.0,
+            )  # the (K, r) view of A
             u_acc += tl.dot(x, a, input_precision=PRECISION, out_dtype=tl.float32)
     # Epilogue: the rank-r update while the tile is still in registers (r padded to BLOCK_R ≥ 16).
     u_mask = (rows[:, None] < M) & (j[None, :] < R)
@@ -143,8 +188,11 @@ def _lora_gemm(
         acc *= tl.load(col_scale_ptr + cols_in).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols_in).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+    tl.store(
+        y_ptr + rows[:, None] * stride_ym + cols[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(rows[:, None] < M) & (cols[None, :] < N),
+    )
 
 
 _TUNING_KEY = ["M_BUCKET", "N", "K", "R", "SHRINK", "HAS_COL_SCALE", "HAS_BIAS"]
@@ -169,11 +217,42 @@ def lora_gemm(x, W_nk, B_nr, scale: float, *, A_rk=None, u=None, bias=None, col_
     if M == 0:
         return y, u
     a = A_rk if A_rk is not None else u  # an unused pointer must still point somewhere
-    args = (x, W_nk, a, u, B_nr, col_scale if col_scale is not None else x, bias if bias is not None else x, y,
-            M, N, K, R, triton.next_power_of_2(M), scale, x.stride(0), x.stride(1), W_nk.stride(0), W_nk.stride(1),
-            a.stride(0), a.stride(1), u.stride(0), u.stride(1), B_nr.stride(0), B_nr.stride(1), y.stride(0), y.stride(1))
-    flags = {"SHRINK": A_rk is not None, "HAS_COL_SCALE": col_scale is not None, "HAS_BIAS": bias is not None,
-             "PRECISION": dot_precision(x.dtype), "BLOCK_R": max(16, triton.next_power_of_2(R)), "GROUP_M": 8}
+    args = (
+        x,
+        W_nk,
+        a,
+        u,
+        B_nr,
+        col_scale if col_scale is not None else x,
+        bias if bias is not None else x,
+        y,
+        M,
+        N,
+        K,
+        R,
+        triton.next_power_of_2(M),
+        scale,
+        x.stride(0),
+        x.stride(1),
+        W_nk.stride(0),
+        W_nk.stride(1),
+        a.stride(0),
+        a.stride(1),
+        u.stride(0),
+        u.stride(1),
+        B_nr.stride(0),
+        B_nr.stride(1),
+        y.stride(0),
+        y.stride(1),
+    )
+    flags = {
+        "SHRINK": A_rk is not None,
+        "HAS_COL_SCALE": col_scale is not None,
+        "HAS_BIAS": bias is not None,
+        "PRECISION": dot_precision(x.dtype),
+        "BLOCK_R": max(16, triton.next_power_of_2(R)),
+        "GROUP_M": 8,
+    }
     if config is not None:
         grid = (triton.cdiv(M, config.kwargs["BLOCK_M"]) * triton.cdiv(N, config.kwargs["BLOCK_N"]),)
         _lora_gemm[grid](*args, **flags, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)

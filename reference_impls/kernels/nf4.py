@@ -33,16 +33,39 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from reference_impls._plumbing import (count_parameters, find_targets, freeze_all_but, replace_module, toy_model, toy_task,
-                                      train)
+from reference_impls._plumbing import (
+    count_parameters,
+    find_targets,
+    freeze_all_but,
+    replace_module,
+    toy_model,
+    toy_task,
+    train,
+)
 from reference_impls.kernels.fused_lora import fused_lora, use_kernel
 
 IMPLEMENTS = ("qlora",)
 
-NF4_LEVELS = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0])
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ]
+)
 BLOCK, ABSMAX_BLOCK = 64, 256
 
 
@@ -51,7 +74,7 @@ def dynamic_map() -> torch.Tensor:
     fractions in [0.1, 1], more of them at larger exponents; plus 0 and 1; 256 sorted values."""
     values = []
     for exponent in range(7):
-        edges = torch.linspace(0.1, 1, 2 ** exponent + 1, dtype=torch.float32)
+        edges = torch.linspace(0.1, 1, 2**exponent + 1, dtype=torch.float32)
         means = (edges[:-1] + edges[1:]) / 2
         # The products are taken in float32, as bitsandbytes takes them, so the table matches to the bit.
         values += (10 ** (exponent - 6) * means).tolist() + (-(10 ** (exponent - 6)) * means).tolist()
@@ -111,8 +134,11 @@ def quantize_nf4(weight: torch.Tensor) -> NF4Weight:
 
 def reference_dequantize_nf4(q: NF4Weight, dtype=torch.float32) -> torch.Tensor:
     n = int(torch.tensor(q.shape).prod())
-    absmax = dynamic_map().to(q.packed.device)[q.absmax_codes.long()] * q.absmax_scales.repeat_interleave(ABSMAX_BLOCK)[
-        :len(q.absmax_codes)] + q.absmax_mean
+    absmax = (
+        dynamic_map().to(q.packed.device)[q.absmax_codes.long()]
+        * q.absmax_scales.repeat_interleave(ABSMAX_BLOCK)[: len(q.absmax_codes)]
+        + q.absmax_mean
+    )
     codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:n].long()
     values = NF4_LEVELS.to(q.packed.device)[codes] * absmax.repeat_interleave(BLOCK)[:n]
     return values.reshape(q.shape).to(dtype)
@@ -126,8 +152,9 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _dequantize_nf4(packed_ptr, absmax_codes_ptr, absmax_scales_ptr, levels_ptr, code8_ptr, out_ptr, n, mean,
-                    BLOCKS: tl.constexpr):
+def _dequantize_nf4(
+    packed_ptr, absmax_codes_ptr, absmax_scales_ptr, levels_ptr, code8_ptr, out_ptr, n, mean, BLOCKS: tl.constexpr
+):
     """Each program expands BLOCKS blocks of 64 values (32 packed bytes each), dequantising their maxima
     on the way; the two halves of each byte are interleaved in registers so that the stores are contiguous."""
     block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
@@ -153,8 +180,17 @@ def dequantize_nf4(q: NF4Weight, dtype=torch.bfloat16, blocks_per_program: int =
     # No fused multiply-add: c = code8 · c2 + μ is rounded twice, as PyTorch and bitsandbytes' CPU
     # code round it, so that the values are equal to the bit.
     _dequantize_nf4[(triton.cdiv(n, 64 * blocks_per_program),)](
-        q.packed, q.absmax_codes, q.absmax_scales, levels, code8, out, n, q.absmax_mean, BLOCKS=blocks_per_program,
-        enable_fp_fusion=False)
+        q.packed,
+        q.absmax_codes,
+        q.absmax_scales,
+        levels,
+        code8,
+        out,
+        n,
+        q.absmax_mean,
+        BLOCKS=blocks_per_program,
+        enable_fp_fusion=False,
+    )
     return out.reshape(q.shape)
 
 
@@ -171,12 +207,14 @@ class QLoRALinear(nn.Module):
         self.register_buffer("absmax_codes", q.absmax_codes)
         self.register_buffer("absmax_scales", q.absmax_scales)
         self.absmax_mean, self.shape = q.absmax_mean, q.shape
-        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().to(compute_dtype), requires_grad=False)
+        self.bias = (
+            None if base.bias is None else nn.Parameter(base.bias.detach().to(compute_dtype), requires_grad=False)
+        )
         self.compute_dtype, self.scale = compute_dtype, alpha / r
         device = base.weight.device
         self.A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=compute_dtype))
         self.B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=compute_dtype))
-        nn.init.kaiming_uniform_(self.A, a=5 ** 0.5)
+        nn.init.kaiming_uniform_(self.A, a=5**0.5)
 
     def get_extra_state(self) -> dict:  # saved in the state_dict beside the buffers
         return {"absmax_mean": self.absmax_mean, "shape": self.shape}
@@ -193,8 +231,9 @@ class QLoRALinear(nn.Module):
         return fused_lora(x.to(self.compute_dtype), W, self.A, self.B, self.scale, self.bias)
 
 
-def inject_qlora(model: nn.Module, target_names: list[str], r: int = 16, alpha: float = 16.0,
-                 compute_dtype=torch.bfloat16) -> list[str]:
+def inject_qlora(
+    model: nn.Module, target_names: list[str], r: int = 16, alpha: float = 16.0, compute_dtype=torch.bfloat16
+) -> list[str]:
     """Quantise the named nn.Linear layers to NF4, put a LoRA adapter on each, freeze all else.
     (The paper adapts every linear layer of the Transformer blocks.)"""
     targets = find_targets(model, target_names)
@@ -207,8 +246,10 @@ def inject_qlora(model: nn.Module, target_names: list[str], r: int = 16, alpha: 
 def storage_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes of the NF4 layers' 4-bit state, bytes the same weights take in 16 bits)."""
     layers = [module for module in model.modules() if isinstance(module, QLoRALinear)]
-    four_bit = sum(sum(buffer.numel() * buffer.element_size() for buffer in layer.buffers()) + 4  # + the fp32 mean
-                   for layer in layers)
+    four_bit = sum(
+        sum(buffer.numel() * buffer.element_size() for buffer in layer.buffers()) + 4  # + the fp32 mean
+        for layer in layers
+    )
     return four_bit, sum(2 * math.prod(layer.shape) for layer in layers)
 
 
@@ -222,13 +263,17 @@ def demo() -> None:
     with torch.no_grad():
         error = (model(x) - full_precision).norm() / full_precision.norm()
     four_bit, sixteen_bit = storage_bytes(model)
-    print(f"NF4 base: {four_bit:,} bytes instead of {sixteen_bit:,} in 16 bits; "
-          f"output changed by {100 * error:.1f}% (relative) by the quantisation")
+    print(
+        f"NF4 base: {four_bit:,} bytes instead of {sixteen_bit:,} in 16 bits; "
+        f"output changed by {100 * error:.1f}% (relative) by the quantisation"
+    )
     before, after = train(model, x, y)
     trainable, _ = count_parameters(model)
     frozen = sum(math.prod(layer.shape) for layer in model.modules() if isinstance(layer, QLoRALinear))
-    print(f"QLoRA r=4: {trainable:,} trainable parameters beside {frozen:,} frozen 4-bit weights "
-          f"({100 * trainable / (trainable + frozen):.2f}%)")
+    print(
+        f"QLoRA r=4: {trainable:,} trainable parameters beside {frozen:,} frozen 4-bit weights "
+        f"({100 * trainable / (trainable + frozen):.2f}%)"
+    )
     print(f"loss on the new task: {before:.4g} before, {after:.4g} after training")
 
 

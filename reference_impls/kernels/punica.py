@@ -53,6 +53,7 @@ def reference_shrink_expand(y, x, A, B, adapter_of_row, scale: float):
 # `b_stride` apart). Stacked tensors are the table of a contiguous layout (`stacked_table`); S-LoRA's
 # paged pool (slora.py) is any other, with a rank and a scale per adapter.
 
+
 @dataclass(frozen=True)
 class LoRATable:
     a_pool: torch.Tensor  # storage holding every A row
@@ -74,8 +75,16 @@ def stacked_table(A: torch.Tensor, B: torch.Tensor, scale: float) -> LoRATable:
     L, r, K = A.shape
     N = B.shape[1]
     l, j = torch.arange(L, device=A.device)[:, None], torch.arange(r, device=A.device)[None, :]
-    return LoRATable(A, l * r * K + j * K, 1, B, l * N * r + j, r, torch.full((L,), r, dtype=torch.int32, device=A.device),
-                     torch.full((L,), scale, dtype=torch.float32, device=A.device))
+    return LoRATable(
+        A,
+        l * r * K + j * K,
+        1,
+        B,
+        l * N * r + j,
+        r,
+        torch.full((L,), r, dtype=torch.int32, device=A.device),
+        torch.full((L,), scale, dtype=torch.float32, device=A.device),
+    )
 
 
 def reference_table(y, x, table: LoRATable, adapter_of_row):
@@ -101,9 +110,24 @@ def rows_aligned(table: LoRATable, K: int) -> bool:
 
 # ---- BGMV: one program per row ------------------------------------------------------------------
 
+
 @triton.jit
-def _bgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, idx_ptr, v_ptr, K, stride_xm, a_stride, table_stride,
-                 stride_vm, ROWS_ALIGNED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _bgmv_shrink(
+    x_ptr,
+    a_ptr,
+    a_rows_ptr,
+    ranks_ptr,
+    idx_ptr,
+    v_ptr,
+    K,
+    stride_xm,
+    a_stride,
+    table_stride,
+    stride_vm,
+    ROWS_ALIGNED: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """v[m] += x[m, k-block] · A_a[:, k-block]ᵀ: programs (row, block of K), their partial sums added
     atomically, so that a few rows still spread their adapters' reads over every SM."""
     m, pid_k = tl.program_id(0), tl.program_id(1)
@@ -116,14 +140,29 @@ def _bgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, idx_ptr, v_ptr, K, stride_
             rows = tl.multiple_of(rows, 8)
         k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        a = tl.load(a_ptr + rows[:, None] + k[None, :] * a_stride, mask=(j[:, None] < rank) & (k[None, :] < K),
-                    other=0.0).to(tl.float32)
+        a = tl.load(
+            a_ptr + rows[:, None] + k[None, :] * a_stride, mask=(j[:, None] < rank) & (k[None, :] < K), other=0.0
+        ).to(tl.float32)
         tl.atomic_add(v_ptr + m * stride_vm + j, tl.sum(a * x[None, :], axis=1), mask=j < rank, sem="relaxed")
 
 
 @triton.jit
-def _bgmv_expand(v_ptr, b_ptr, b_rows_ptr, ranks_ptr, scales_ptr, idx_ptr, y_ptr, N, b_stride, table_stride,
-                 stride_vm, stride_ym, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _bgmv_expand(
+    v_ptr,
+    b_ptr,
+    b_rows_ptr,
+    ranks_ptr,
+    scales_ptr,
+    idx_ptr,
+    y_ptr,
+    N,
+    b_stride,
+    table_stride,
+    stride_vm,
+    stride_ym,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     m, pid_n = tl.program_id(0), tl.program_id(1)
     adapter = tl.load(idx_ptr + m)
     if adapter >= 0:
@@ -132,8 +171,9 @@ def _bgmv_expand(v_ptr, b_ptr, b_rows_ptr, ranks_ptr, scales_ptr, idx_ptr, y_ptr
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.load(b_rows_ptr + adapter * table_stride + j, mask=j < rank, other=0)
         v = tl.load(v_ptr + m * stride_vm + j, mask=j < rank, other=0.0)
-        b = tl.load(b_ptr + rows[None, :] + n[:, None] * b_stride, mask=(n[:, None] < N) & (j[None, :] < rank),
-                    other=0.0).to(tl.float32)
+        b = tl.load(
+            b_ptr + rows[None, :] + n[:, None] * b_stride, mask=(n[:, None] < N) & (j[None, :] < rank), other=0.0
+        ).to(tl.float32)
         y = tl.load(y_ptr + m * stride_ym + n, mask=n < N, other=0.0).to(tl.float32)
         y += scale * tl.sum(b * v[None, :], axis=1)
         tl.store(y_ptr + m * stride_ym + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
@@ -150,12 +190,38 @@ def bgmv_table(y, x, table: LoRATable, adapter_of_row, block_k=512, block_n=128)
     v = torch.zeros(M, table.r_max, device=x.device, dtype=torch.float32)
     block_r = max(16, triton.next_power_of_2(table.r_max))
     ids = adapter_of_row.to(torch.int32)
-    _bgmv_shrink[(M, triton.cdiv(K, block_k))](x, table.a_pool, table.a_rows, table.ranks, ids, v, K, x.stride(0),
-                                               table.a_stride, table.a_rows.stride(0), v.stride(0),
-                                               ROWS_ALIGNED=rows_aligned(table, K), BLOCK_K=block_k, BLOCK_R=block_r)
-    _bgmv_expand[(M, triton.cdiv(N, block_n))](v, table.b_pool, table.b_rows, table.ranks, table.scales, ids, y, N,
-                                               table.b_stride, table.b_rows.stride(0), v.stride(0), y.stride(0),
-                                               BLOCK_N=block_n, BLOCK_R=block_r)
+    _bgmv_shrink[(M, triton.cdiv(K, block_k))](
+        x,
+        table.a_pool,
+        table.a_rows,
+        table.ranks,
+        ids,
+        v,
+        K,
+        x.stride(0),
+        table.a_stride,
+        table.a_rows.stride(0),
+        v.stride(0),
+        ROWS_ALIGNED=rows_aligned(table, K),
+        BLOCK_K=block_k,
+        BLOCK_R=block_r,
+    )
+    _bgmv_expand[(M, triton.cdiv(N, block_n))](
+        v,
+        table.b_pool,
+        table.b_rows,
+        table.ranks,
+        table.scales,
+        ids,
+        y,
+        N,
+        table.b_stride,
+        table.b_rows.stride(0),
+        v.stride(0),
+        y.stride(0),
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+    )
     return y
 
 
@@ -166,10 +232,27 @@ def bgmv(y, x, A, B, adapter_of_row, scale: float):
 
 # ---- SGMV: one program per block of a segment's rows ------------------------------------------
 
+
 @triton.jit
-def _sgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, starts_ptr, seg_adapter_ptr, v_ptr, K, stride_xm, a_stride,
-                 table_stride, stride_vm, PRECISION: tl.constexpr, ROWS_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+def _sgmv_shrink(
+    x_ptr,
+    a_ptr,
+    a_rows_ptr,
+    ranks_ptr,
+    starts_ptr,
+    seg_adapter_ptr,
+    v_ptr,
+    K,
+    stride_xm,
+    a_stride,
+    table_stride,
+    stride_vm,
+    PRECISION: tl.constexpr,
+    ROWS_ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     segment, block = tl.program_id(0), tl.program_id(1)
     adapter = tl.load(seg_adapter_ptr + segment)
     start, end = tl.load(starts_ptr + segment), tl.load(starts_ptr + segment + 1)
@@ -183,18 +266,35 @@ def _sgmv_shrink(x_ptr, a_ptr, a_rows_ptr, ranks_ptr, starts_ptr, seg_adapter_pt
         acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=(rows[:, None] < end) & (k[None, :] < K),
-                        other=0.0)
-            a = tl.load(a_ptr + a_rows[None, :] + k[:, None] * a_stride, mask=(j[None, :] < rank) & (k[:, None] < K),
-                        other=0.0)  # (K, r) view of A_a
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + k[None, :], mask=(rows[:, None] < end) & (k[None, :] < K), other=0.0
+            )
+            a = tl.load(
+                a_ptr + a_rows[None, :] + k[:, None] * a_stride, mask=(j[None, :] < rank) & (k[:, None] < K), other=0.0
+            )  # (K, r) view of A_a
             acc += tl.dot(x, a, input_precision=PRECISION, out_dtype=tl.float32)
         tl.store(v_ptr + rows[:, None] * stride_vm + j[None, :], acc, mask=(rows[:, None] < end) & (j[None, :] < rank))
 
 
 @triton.jit
-def _sgmv_expand(v_ptr, b_ptr, b_rows_ptr, ranks_ptr, scales_ptr, starts_ptr, seg_adapter_ptr, y_ptr, N, b_stride,
-                 table_stride, stride_vm, stride_ym, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_R: tl.constexpr):
+def _sgmv_expand(
+    v_ptr,
+    b_ptr,
+    b_rows_ptr,
+    ranks_ptr,
+    scales_ptr,
+    starts_ptr,
+    seg_adapter_ptr,
+    y_ptr,
+    N,
+    b_stride,
+    table_stride,
+    stride_vm,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     segment, block, pid_n = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     adapter = tl.load(seg_adapter_ptr + segment)
     start, end = tl.load(starts_ptr + segment), tl.load(starts_ptr + segment + 1)
@@ -204,10 +304,12 @@ def _sgmv_expand(v_ptr, b_ptr, b_rows_ptr, ranks_ptr, scales_ptr, starts_ptr, se
         j = tl.arange(0, BLOCK_R)
         n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         b_rows = tl.load(b_rows_ptr + adapter * table_stride + j, mask=j < rank, other=0)
-        v = tl.load(v_ptr + rows[:, None] * stride_vm + j[None, :], mask=(rows[:, None] < end) & (j[None, :] < rank),
-                    other=0.0)
-        b = tl.load(b_ptr + b_rows[:, None] + n[None, :] * b_stride, mask=(n[None, :] < N) & (j[:, None] < rank),
-                    other=0.0).to(tl.float32)  # (r, N) view of B_a
+        v = tl.load(
+            v_ptr + rows[:, None] * stride_vm + j[None, :], mask=(rows[:, None] < end) & (j[None, :] < rank), other=0.0
+        )
+        b = tl.load(
+            b_ptr + b_rows[:, None] + n[None, :] * b_stride, mask=(n[None, :] < N) & (j[:, None] < rank), other=0.0
+        ).to(tl.float32)  # (r, N) view of B_a
         mask = (rows[:, None] < end) & (n[None, :] < N)
         y = tl.load(y_ptr + rows[:, None] * stride_ym + n[None, :], mask=mask, other=0.0).to(tl.float32)
         y += scale * tl.dot(v, b, input_precision="ieee", out_dtype=tl.float32)
@@ -226,14 +328,43 @@ def sgmv_table(y, x, table: LoRATable, segment_starts, segment_adapter, block_m=
     v = torch.zeros(M, table.r_max, device=x.device, dtype=torch.float32)
     block_r = max(16, triton.next_power_of_2(table.r_max))
     blocks = triton.cdiv(longest, block_m)
-    _sgmv_shrink[(segments, blocks)](x, table.a_pool, table.a_rows, table.ranks, segment_starts, segment_adapter, v,
-                                     K, x.stride(0), table.a_stride, table.a_rows.stride(0), v.stride(0),
-                                     PRECISION=dot_precision(x.dtype), ROWS_ALIGNED=rows_aligned(table, K),
-                                     BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r)
+    _sgmv_shrink[(segments, blocks)](
+        x,
+        table.a_pool,
+        table.a_rows,
+        table.ranks,
+        segment_starts,
+        segment_adapter,
+        v,
+        K,
+        x.stride(0),
+        table.a_stride,
+        table.a_rows.stride(0),
+        v.stride(0),
+        PRECISION=dot_precision(x.dtype),
+        ROWS_ALIGNED=rows_aligned(table, K),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_R=block_r,
+    )
     _sgmv_expand[(segments, blocks, triton.cdiv(N, block_n))](
-        v, table.b_pool, table.b_rows, table.ranks, table.scales, segment_starts, segment_adapter, y, N,
-        table.b_stride, table.b_rows.stride(0), v.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r)
+        v,
+        table.b_pool,
+        table.b_rows,
+        table.ranks,
+        table.scales,
+        segment_starts,
+        segment_adapter,
+        y,
+        N,
+        table.b_stride,
+        table.b_rows.stride(0),
+        v.stride(0),
+        y.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+    )
     return y
 
 
@@ -270,7 +401,7 @@ class MultiLoRALinear(nn.Module):
         super().__init__()
         self.base, self.scale = base, alpha / r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.A = nn.Parameter(torch.randn(adapters, r, base.in_features, **factory) / base.in_features ** 0.5)
+        self.A = nn.Parameter(torch.randn(adapters, r, base.in_features, **factory) / base.in_features**0.5)
         self.B = nn.Parameter(torch.zeros(adapters, base.out_features, r, **factory))
         self.adapter_of_row: torch.Tensor | None = None  # set by route() for a whole model's forward pass
 
@@ -278,8 +409,10 @@ class MultiLoRALinear(nn.Module):
     def load_adapter(self, index: int, A: torch.Tensor, B: torch.Tensor) -> None:
         """Put a trained adapter (A: r × K, B: N × r) in slot `index`."""
         if A.shape != self.A.shape[1:] or B.shape != self.B.shape[1:]:
-            raise ValueError(f"adapter of shapes A {tuple(A.shape)}, B {tuple(B.shape)} does not fit slots of "
-                             f"A {tuple(self.A.shape[1:])}, B {tuple(self.B.shape[1:])}")
+            raise ValueError(
+                f"adapter of shapes A {tuple(A.shape)}, B {tuple(B.shape)} does not fit slots of "
+                f"A {tuple(self.A.shape[1:])}, B {tuple(self.B.shape[1:])}"
+            )
         self.A[index], self.B[index] = A, B
 
     def forward(self, x: torch.Tensor, adapter_of_row: torch.Tensor | None = None) -> torch.Tensor:
@@ -287,8 +420,10 @@ class MultiLoRALinear(nn.Module):
         tokens use its adapter), −1 for the base model alone. Without it, the one route() set."""
         routing = adapter_of_row if adapter_of_row is not None else self.adapter_of_row
         if routing is None:
-            raise ValueError("MultiLoRALinear needs an adapter index per row: pass adapter_of_row, or call the "
-                             "model inside `with route(model, adapter_of_row):`")
+            raise ValueError(
+                "MultiLoRALinear needs an adapter index per row: pass adapter_of_row, or call the "
+                "model inside `with route(model, adapter_of_row):`"
+            )
         if len(routing) != x.shape[0]:
             raise ValueError(f"{len(routing)} adapter indices for a batch of {x.shape[0]} rows")
         rows = x.reshape(-1, x.shape[-1])
@@ -297,8 +432,9 @@ class MultiLoRALinear(nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def inject_multi_lora(model: nn.Module, target_names: list[str], adapters: int, r: int = 16,
-                      alpha: float = 16.0) -> list[str]:
+def inject_multi_lora(
+    model: nn.Module, target_names: list[str], adapters: int, r: int = 16, alpha: float = 16.0
+) -> list[str]:
     """Give the named nn.Linear layers L adapter slots each, for serving: every parameter is frozen."""
     targets = find_targets(model, target_names)
     for name in targets:
@@ -343,15 +479,21 @@ def demo() -> None:
     for index, model in enumerate(trained):
         load_lora(served, index, model)
     # 16 requests per adapter and 16 for the base model alone, in random order.
-    adapter_of_row = torch.arange(-1, 3).repeat_interleave(16)[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    adapter_of_row = torch.arange(-1, 3).repeat_interleave(16)[
+        torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    ]
     x = torch.randn(64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad(), route(served, adapter_of_row):
         y = served(x)
     base = toy_model()
     with torch.no_grad():
-        expected = torch.stack([(trained[index] if index >= 0 else base)(row) for row, index in zip(x, adapter_of_row.tolist())])
-    print(f"One batch of 64 requests on 3 adapters and the base model: largest difference from running each "
-          f"request through its own model {(y - expected).abs().max().item():.1e}")
+        expected = torch.stack(
+            [(trained[index] if index >= 0 else base)(row) for row, index in zip(x, adapter_of_row.tolist())]
+        )
+    print(
+        f"One batch of 64 requests on 3 adapters and the base model: largest difference from running each "
+        f"request through its own model {(y - expected).abs().max().item():.1e}"
+    )
 
 
 if __name__ == "__main__":

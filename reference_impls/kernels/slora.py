@@ -39,7 +39,9 @@ class Resident:
 class AdapterPool:
     """Pages of K (for A's rows) and N (for B's columns) entries; any adapter may use any free pages."""
 
-    def __init__(self, pages: int, K: int, N: int, device=None, dtype=torch.float32, page_order: list[int] | None = None):
+    def __init__(
+        self, pages: int, K: int, N: int, device=None, dtype=torch.float32, page_order: list[int] | None = None
+    ):
         self.a_pages = torch.zeros(pages, K, device=device, dtype=dtype)
         self.b_pages = torch.zeros(pages, N, device=device, dtype=dtype)
         # Free pages, taken from the front; evicted ones go to the back, so the pool fragments as in real use.
@@ -91,8 +93,8 @@ class AdapterPool:
         K, N = self.a_pages.shape[1], self.b_pages.shape[1]
         for index, name in enumerate(names):
             resident = self.resident[name]
-            a_rows[index, :resident.rank] = torch.tensor(resident.a_pages) * K  # element offset of each page
-            b_rows[index, :resident.rank] = torch.tensor(resident.b_pages) * N
+            a_rows[index, : resident.rank] = torch.tensor(resident.a_pages) * K  # element offset of each page
+            b_rows[index, : resident.rank] = torch.tensor(resident.b_pages) * N
         device = self.a_pages.device
         ranks = torch.tensor([self.resident[name].rank for name in names], dtype=torch.int32, device=device)
         scales = torch.tensor([self.resident[name].scale for name in names], dtype=torch.float32, device=device)
@@ -114,8 +116,9 @@ class SLoRALinear(nn.Module):
         if self.host is not None:
             self.pool.make_resident(active, self.host)
         index = {name: position for position, name in enumerate(active)}
-        adapter_of_row = torch.tensor([index[name] if name is not None else -1 for name in adapter_names],
-                                      device=x.device)
+        adapter_of_row = torch.tensor(
+            [index[name] if name is not None else -1 for name in adapter_names], device=x.device
+        )
         return add_lora(self.base(x), x, self.pool.table(active), adapter_of_row)
 
 
@@ -126,9 +129,14 @@ def demo() -> None:
     K = N = 64
     torch.manual_seed(0)
     base = nn.Linear(K, N)
-    host = {f"adapter-{i}": (torch.randn(rank, K, generator=generator) / K ** 0.5,
-                             torch.randn(N, rank, generator=generator), 2.0 * rank)
-            for i, rank in enumerate([2, 4, 8, 16, 2, 4, 8, 16])}
+    host = {
+        f"adapter-{i}": (
+            torch.randn(rank, K, generator=generator) / K**0.5,
+            torch.randn(N, rank, generator=generator),
+            2.0 * rank,
+        )
+        for i, rank in enumerate([2, 4, 8, 16, 2, 4, 8, 16])
+    }
     layer = SLoRALinear(base, AdapterPool(32, K, N), host)
     for batch in range(6):
         pair = [f"adapter-{i}" for i in torch.randperm(8, generator=generator)[:2].tolist()]
@@ -143,9 +151,11 @@ def demo() -> None:
             if name is not None:
                 A, B, alpha = host[name]
                 expected[row] += (alpha / A.shape[0]) * (x[row] @ A.T) @ B.T
-        print(f"batch {batch} ({'decode' if batch % 2 else 'prefill'}, {len(names)} rows) on {', '.join(sorted(pair))}: "
-              f"resident now {', '.join(sorted(layer.pool.resident))} ({len(layer.pool.free_a)} of 32 pages free); "
-              f"largest difference from the dense computation {(y - expected).abs().max().item():.1e}")
+        print(
+            f"batch {batch} ({'decode' if batch % 2 else 'prefill'}, {len(names)} rows) on {', '.join(sorted(pair))}: "
+            f"resident now {', '.join(sorted(layer.pool.resident))} ({len(layer.pool.free_a)} of 32 pages free); "
+            f"largest difference from the dense computation {(y - expected).abs().max().item():.1e}"
+        )
 
 
 if __name__ == "__main__":
