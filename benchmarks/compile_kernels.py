@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's kernels cannot be compiled
@@ -191,7 +191,7 @@ def compile_launch(fn, args, kwargs, config) -> dict:
         compiled = triton.compile(
             ASTSource(fn, signature, constexprs=constants, attrs=attrs), target=HOPPER, options=options
         )
-    except Exception as error:  # noqa: BLE001: reported per launch; the others still compile
+    except Exception as error:  # noqa: BLE001 (reported per launch; the others still compile)
         shared = re.search(r"Required: (\d+)", str(error))
         return {
             "compiled": False,
@@ -243,7 +243,7 @@ def main() -> int:
         Path(args.json).write_text(
             json.dumps(
                 {
-                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "date": datetime.now(UTC).isoformat(timespec="seconds"),
                     "command": command,
                     "triton": triton.__version__,
                     "target": "sm_90",

@@ -10,12 +10,12 @@ against the number of records it held (the goal: linear in N).
 
 import json
 import math
+import resource
 import sys
 import tempfile
 import threading
 import time
-import resource
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -27,6 +27,7 @@ from catalog.enrich import enrich, plan  # noqa: E402
 from catalog.load import parse_catalog  # noqa: E402
 from catalog.s2 import RetryPolicy, S2Client  # noqa: E402
 from catalog.store import MetadataStore, save_store  # noqa: E402
+
 from fake_s2 import FakeS2  # noqa: E402
 from synthetic_catalog import synthetic_entries  # noqa: E402
 
@@ -89,7 +90,7 @@ def main() -> None:
         )
         started = time.perf_counter()
         store, report = enrich(
-            plan(catalog.entries, MetadataStore(), datetime.now(timezone.utc)), MetadataStore(), client, on_batch=save
+            plan(catalog.entries, MetadataStore(), datetime.now(UTC)), MetadataStore(), client, on_batch=save
         )
         wall = time.perf_counter() - started
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes; includes the server thread
@@ -99,7 +100,7 @@ def main() -> None:
     ideal = math.ceil(count / 500)
     per_record = [seconds / records * 1e6 for records, seconds in writes]
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/enrich.py " + " ".join(sys.argv[1:]),
         "papers": count,
         "fetched": len(report.fetched),

@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace as Namespace
 
@@ -47,7 +47,7 @@ from reference_impls.kernels import fused_lora as fused_lora_module  # noqa: E40
 from reference_impls.kernels.dora import FusedDoRAFunction, reference_dora  # noqa: E402
 from reference_impls.kernels.fused_lora import FusedLoRAFunction, lora_gemm, reference_fused_lora  # noqa: E402
 from reference_impls.kernels.nf4 import dequantize_nf4, quantize_nf4, reference_dequantize_nf4  # noqa: E402
-from reference_impls.kernels.punica import (
+from reference_impls.kernels.punica import (  # noqa: E402
     bgmv,
     bgmv_table,
     reference_shrink_expand,
@@ -590,7 +590,7 @@ def run_section(section: str, run) -> list[dict]:
     started = time.perf_counter()
     try:
         rows = run()
-    except Exception as error:  # noqa: BLE001: recorded and reported, and the run goes on
+    except Exception as error:  # noqa: BLE001 (recorded and reported, and the run goes on)
         traceback.print_exc()
         rows = [{"kernel": section, "error": f"{type(error).__name__}: {error}"[:500], "ok": False, "goal_met": None}]
     print(f"  {section}: {len(rows)} rows in {time.perf_counter() - started:.1f} s", flush=True)
@@ -700,7 +700,7 @@ def main() -> int:
         + (f" --only {args.only}" if args.only else "")
     )
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": command,
         "smoke": args.smoke,
         **environment(),

@@ -26,7 +26,7 @@ WORDS = (
 ).split()
 
 
-RETRIEVED = datetime.datetime(2024, 5, 1, tzinfo=datetime.timezone.utc)
+RETRIEVED = datetime.datetime(2024, 5, 1, tzinfo=datetime.UTC)
 
 
 def synthetic_entries(count: int, seed: int = 0) -> tuple[str, MetadataStore]:

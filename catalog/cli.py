@@ -194,7 +194,7 @@ def cmd_enrich(args) -> int:
     store = _store(args)
     if catalog is None or store is None:
         return 1
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     todo = plan(catalog.entries, store, now, args.max_age, args.refresh)
     if not todo:
         print("every paper has a record; nothing to fetch (use --refresh or --max-age DAYS)")
@@ -329,9 +329,7 @@ def cmd_add(args) -> int:
     updated_store = MetadataStore(
         {
             **store.records,
-            entry_id: StoredRecord(
-                paper, client.api_url, datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
-            ),
+            entry_id: StoredRecord(paper, client.api_url, datetime.datetime.now(datetime.UTC).replace(microsecond=0)),
         }
     )
     problems = [

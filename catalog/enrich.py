@@ -9,7 +9,7 @@ the client refused (catalog/record.py says why) leaves the entry's old record in
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from catalog import identifiers
 from catalog.record import Paper
@@ -62,7 +62,7 @@ def enrich(
     store: MetadataStore,
     client: S2Client,
     on_batch: Callable[[MetadataStore, int, int], None] = lambda store, done, total: None,
-    now: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+    now: Callable[[], datetime] = lambda: datetime.now(UTC),
 ) -> tuple[MetadataStore, EnrichReport]:
     """Fetch records for `todo`; returns the new store (the input is not changed) and a report.
 

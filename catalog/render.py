@@ -334,7 +334,7 @@ def atom_feed(papers: list[PaperView], site: SiteInfo) -> str:
     feed.language("en")
     newest = None
     for paper in reversed(papers):  # feedgen prepends, so add oldest first
-        added = datetime.datetime.combine(paper.entry.added, datetime.time(), datetime.timezone.utc)
+        added = datetime.datetime.combine(paper.entry.added, datetime.time(), datetime.UTC)
         newest = max(newest or added, added)
         item = feed.add_entry()
         item.id(site.site_url + paper.url)
@@ -345,5 +345,5 @@ def atom_feed(papers: list[PaperView], site: SiteInfo) -> str:
         item.summary(paper.tldr or paper.title)
         for author in paper.authors[:10]:
             item.author(name=author)
-    feed.updated(newest or datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc))
+    feed.updated(newest or datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC))
     return feed.atom_str(pretty=True).decode("utf-8")

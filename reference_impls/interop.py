@@ -25,11 +25,10 @@ loads them onto the same base model: every adapted layer by its full path, each 
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
-from collections import Counter
-
 from safetensors.torch import load_file, save_file
 from torch import nn
 

@@ -11,6 +11,7 @@ from werkzeug import Response
 
 from catalog.s2 import RetryPolicy, S2Client
 from catalog.store import load_store
+
 from fake_s2 import FakeS2
 from repo_inputs import REPO
 

@@ -7,8 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_same_encoding, demo_losses, tiny_bert
-
 from reference_impls._plumbing import count_parameters
 from reference_impls.bottleneck import (
     BAPNA_FIRAT,
@@ -21,6 +19,8 @@ from reference_impls.bottleneck import (
     inject_adapters,
     orthogonality_penalty,
 )
+
+from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 
 def block(d=21, d_ff=37):

@@ -10,9 +10,9 @@ import shutil
 import threading
 
 import pytest
+from test_site import build
 
 from conftest import REPO, copy_repo_inputs
-from test_site import build
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(

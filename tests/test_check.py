@@ -1,16 +1,16 @@
 """`catalog check` on the real catalog and on broken copies of it: exit status and file:line messages."""
 
 import re
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from catalog.cli import main
+from catalog.identifiers import normalise_title
 from catalog.impls import ImplModule
 from catalog.load import parse_catalog
-from catalog.identifiers import normalise_title
 from catalog.validate import validate
 
 GOOD = """\
@@ -80,7 +80,8 @@ def test_the_real_catalog_is_clean(capsys):
         ),
         (
             GOOD.replace('acl: "2021.acl-long.353"', 'arxiv: "2106.09685"'),
-            r"^papers\.yaml:15: entry 'prefix-tuning': arxiv: same paper as entry 'lora' \(papers\.yaml:1\): same arXiv id$",
+            r"^papers\.yaml:15: entry 'prefix-tuning': arxiv: same paper as entry 'lora' \(papers\.yaml:1\): "
+            r"same arXiv id$",
         ),
         (
             GOOD.replace("https://github.com/microsoft/LoRA", "javascript:alert(1)"),
@@ -103,7 +104,8 @@ def test_the_real_catalog_is_clean(capsys):
                 'title: "Prefix-Tuning: Optimizing Continuous Prompts for Generation"',
                 'title: "LoRA -- low-rank adaptation of large language models!"',
             ),
-            r"^papers\.yaml:12: entry 'prefix-tuning': title: same paper as entry 'lora' \(papers\.yaml:1\): same title$",
+            r"^papers\.yaml:12: entry 'prefix-tuning': title: same paper as entry 'lora' \(papers\.yaml:1\): "
+            r"same title$",
         ),
         (
             GOOD.replace('arxiv: "2106.09685"', "arxiv: 2106.09680"),

@@ -8,8 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import assert_same_encoding, demo_losses, tiny_bert
-
 from reference_impls._plumbing import count_parameters
 from reference_impls.bottleneck import PFEIFFER, Adapter, inject_adapters
 from reference_impls.composition import (
@@ -25,6 +23,8 @@ from reference_impls.composition import (
 )
 from reference_impls.ia3 import inject_ia3
 from reference_impls.lora import inject_lora
+
+from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 
 def ffn(d=21, d_ff=37):
@@ -170,7 +170,7 @@ def lora_model(seed):
     torch.manual_seed(seed)
     inject_lora(model, ["0", "2"], r=3, alpha=6)
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for _name, parameter in model.named_parameters():
             if parameter.requires_grad:
                 parameter.normal_()
     return model

@@ -9,8 +9,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from helpers import demo_losses
-
 from reference_impls._plumbing import count_parameters
 from reference_impls.conv import (
     ParallelResidualAdapter,
@@ -21,6 +19,8 @@ from reference_impls.conv import (
     toy_convnet,
     unmerge_residual_adapters,
 )
+
+from helpers import demo_losses
 
 
 def net():

@@ -4,8 +4,7 @@ import difflib
 import json
 import re
 import time
-from datetime import datetime, timedelta, timezone
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from werkzeug import Response
@@ -16,6 +15,7 @@ from catalog.load import load_catalog
 from catalog.record import Paper
 from catalog.s2 import RetryPolicy, S2Client, S2Error
 from catalog.store import load_store
+
 from conftest import REPO
 from fake_s2 import FakeS2
 from s2_helpers import ANY, NEW_PAPER, STORE, empty_store, fast, fault, seed_papers, serve
@@ -29,7 +29,7 @@ def test_enrich_fills_the_store_in_one_request(repo_copy, fake, capsys):
     assert len(store.records) == 64 and len(api.batches) == 1 and len(api.batches[0]) == 64
     lora = store.records["lora"]
     assert lora.source == url and lora.paper.citationStyles.bibtex.startswith("@Article{lora")
-    assert lora.retrieved > datetime.now(timezone.utc) - timedelta(minutes=5)
+    assert lora.retrieved > datetime.now(UTC) - timedelta(minutes=5)
     assert main(["check"]) == 0
     # The store is stable: sorted keys, one record per paper, so a rerun with the same answers is a no-op diff.
     before = STORE.read_bytes()
@@ -43,7 +43,7 @@ def test_only_missing_or_old_records_are_fetched(repo_copy, fake, capsys):
     assert api.batches == [] and "nothing to fetch" in capsys.readouterr().out
     catalog = load_catalog("papers.yaml")
     store = load_store(STORE)
-    now = datetime(2026, 11, 23, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 23, tzinfo=UTC)
     assert plan(catalog.entries, store, now) == []
     assert len(plan(catalog.entries, store, now, max_age_days=365)) == 64  # the seed records are from 2024
     assert len(plan(catalog.entries, store, now, max_age_days=10_000)) == 0
@@ -116,9 +116,7 @@ def test_transient_faults_are_retried(repo_copy, fake, httpserver, status, body,
     fault(httpserver, status, body, headers)
     client = fast(url)
     entries = load_catalog("papers.yaml").entries
-    store, report = enrich(
-        plan(entries, load_store(STORE), datetime.now(timezone.utc), refresh=True), load_store(STORE), client
-    )
+    store, report = enrich(plan(entries, load_store(STORE), datetime.now(UTC), refresh=True), load_store(STORE), client)
     assert len(report.fetched) == 64 and client.requests == 2
     assert client.waits == ([3.0] if headers else [0.01])  # Retry-After honoured, else the backoff
 
@@ -128,9 +126,7 @@ def test_timeouts_are_retried(repo_copy, fake, httpserver):
     fault(httpserver, 200, "[]", delay=1.0)
     client = fast(url, timeout=0.3)
     entries = load_catalog("papers.yaml").entries
-    _, report = enrich(
-        plan(entries, load_store(STORE), datetime.now(timezone.utc), refresh=True), load_store(STORE), client
-    )
+    _, report = enrich(plan(entries, load_store(STORE), datetime.now(UTC), refresh=True), load_store(STORE), client)
     # The test server answers one request at a time, so the first retry may queue behind the slow
     # answer and time out too: what matters is that timeouts were retried until one succeeded.
     assert len(report.fetched) == 64 and client.requests >= 2 and len(client.waits) == client.requests - 1

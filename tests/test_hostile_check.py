@@ -15,6 +15,7 @@ import pytest
 
 from catalog.cli import main
 from catalog.load import parse_catalog
+
 from test_check import GOOD
 
 ENTRY_LINES = GOOD.splitlines()  # lora: lines 1-9, blank line 10, prefix-tuning: lines 11-18

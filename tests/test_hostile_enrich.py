@@ -7,15 +7,16 @@ import re
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
 from werkzeug import Response
 
 from catalog.cli import main
-from catalog.s2 import RetryPolicy, S2Client, S2Error, retry_after_seconds
+from catalog.s2 import RetryPolicy, S2Client, retry_after_seconds
 from catalog.store import load_store
+
 from fake_s2 import FakeS2
 from raw_server import answer, cut_off, drip, raw_server
 from s2_helpers import ANY, NEW_PAPER, STORE, fault, seed_papers
@@ -128,7 +129,7 @@ def test_a_batch_of_garbage_stores_nothing(repo_copy, fake, httpserver, capsys, 
 )
 def test_retry_after_is_seconds_or_an_http_date(value, expected):
     assert retry_after_seconds(value) == expected
-    soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    soon = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
     assert 25 < retry_after_seconds(soon) <= 30
 
 
@@ -145,7 +146,7 @@ def test_retry_after_as_a_date_is_honoured(repo_copy, fake, httpserver):
     fault(
         httpserver,
         503,
-        headers={"Retry-After": format_datetime(datetime.now(timezone.utc) + timedelta(seconds=20), usegmt=True)},
+        headers={"Retry-After": format_datetime(datetime.now(UTC) + timedelta(seconds=20), usegmt=True)},
     )
     waits = []
     client = S2Client(url, policy=RetryPolicy(base_seconds=0.01, sleep=waits.append))

@@ -5,11 +5,12 @@ import copy
 import pytest
 import torch
 from peft import IA3Config, inject_adapter_in_model
+from test_lora import Tiny
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.ia3 import IA3Linear, inject_ia3, merge_ia3, unmerge_ia3
+
 from helpers import assert_merge_round_trip, demo_losses
-from test_lora import Tiny
 
 
 def randomise(model):

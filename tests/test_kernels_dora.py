@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-from helpers import relative_error, spy
-
 from reference_impls.kernels.dora import (
     FusedDoRAFunction,
     fused_dora,
@@ -12,6 +10,8 @@ from reference_impls.kernels.dora import (
     reference_weight_norm,
     weight_norm,
 )
+
+from helpers import relative_error, spy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from helpers import relative_error, spy
-
+from reference_impls.kernels import fused_lora as fused_lora_module
 from reference_impls.kernels.fused_lora import (
     FEW_ROWS_CONFIGS,
     MANY_ROWS_CONFIGS,
@@ -13,7 +12,8 @@ from reference_impls.kernels.fused_lora import (
     lora_gemm,
     reference_fused_lora,
 )
-from reference_impls.kernels import fused_lora as fused_lora_module
+
+from helpers import relative_error, spy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter computes bf16 wrongly (silently), so the CPU checks use fp32 and fp16.

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-from helpers import demo_losses, run_demo, spy
 from reference_impls._plumbing import count_parameters
 from reference_impls.kernels.nf4 import (
     NF4_LEVELS,
@@ -16,6 +15,8 @@ from reference_impls.kernels.nf4 import (
     reference_dequantize_nf4,
     storage_bytes,
 )
+
+from helpers import demo_losses, run_demo, spy
 
 try:  # the oracle; CI installs it, the GPU machine has none (its tests of the kernel still run there)
     import bitsandbytes.functional as bnb

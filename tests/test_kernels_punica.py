@@ -6,8 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import demo_losses, relative_error, run_demo, spy
-
 from reference_impls.kernels.punica import (
     MultiLoRALinear,
     bgmv,
@@ -21,6 +19,8 @@ from reference_impls.kernels.punica import (
     sgmv,
     stacked_table,
 )
+
+from helpers import demo_losses, relative_error, run_demo, spy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [(torch.float32, 1e-4), (torch.float16, 2e-2)] + ([(torch.bfloat16, 3e-2)] if DEVICE == "cuda" else [])

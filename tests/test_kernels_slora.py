@@ -7,10 +7,10 @@ import re
 import pytest
 import torch
 
-from helpers import relative_error, run_demo, spy
-
 from reference_impls.kernels.punica import reference_shrink_expand, reference_table, stacked_table
 from reference_impls.kernels.slora import AdapterPool, PoolFull, SLoRALinear
+
+from helpers import relative_error, run_demo, spy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 K, N = 40, 36

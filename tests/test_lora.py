@@ -4,12 +4,24 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, inject_adapter_in_model
+from peft import AdaLoraConfig, LoraConfig, VeraConfig, get_peft_model, inject_adapter_in_model
 from torch import nn
 
-from helpers import assert_merge_round_trip, demo_losses
 from reference_impls._plumbing import count_parameters
-from reference_impls.lora import LoRALinear, inject_lora, merge_lora, unmerge_lora
+from reference_impls.lora import (
+    DoRALinear,
+    LoRALinear,
+    RankAllocator,
+    SVDLinear,
+    inject_adalora,
+    inject_lora,
+    inject_vera,
+    merge_lora,
+    orthogonal_penalty,
+    unmerge_lora,
+)
+
+from helpers import assert_merge_round_trip, demo_losses
 
 
 class Tiny(nn.Module):
@@ -115,17 +127,6 @@ def test_demo_runs_and_every_method_learns(capsys):
 
 
 # ---- DoRA, VeRA, AdaLoRA -------------------------------------------------------------------------
-
-from peft import AdaLoraConfig, VeraConfig, get_peft_model  # noqa: E402
-
-from reference_impls.lora import (
-    DoRALinear,
-    RankAllocator,
-    SVDLinear,
-    inject_adalora,
-    inject_vera,  # noqa: E402
-    orthogonal_penalty,
-)
 
 
 def randomise_all(model: nn.Module) -> None:

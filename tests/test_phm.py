@@ -4,13 +4,13 @@ import copy
 
 import pytest
 import torch
+from test_bottleneck import Net
 from torch import nn
-
-from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.phm import PHMLinear, inject_compacter
-from test_bottleneck import Net
+
+from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 
 def test_phm_weight_is_a_sum_of_kronecker_products():

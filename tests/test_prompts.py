@@ -5,12 +5,13 @@ import copy
 import pytest
 import torch
 from peft import AdaptionPromptConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from test_interop import tiny_llama
 
-from helpers import demo_losses
 from reference_impls._plumbing import count_parameters
 from reference_impls.interop import load_peft_adapter
 from reference_impls.prompts import AdaptedAttention, PrefixTuning, PromptTuning, inject_llama_adapter, inject_mam
-from test_interop import tiny_llama
+
+from helpers import demo_losses
 
 N = 5
 IDS = lambda: torch.randint(0, 97, (2, 9))  # fresh tokens each call
@@ -150,7 +151,7 @@ def test_bf16_matches_fp32():
     ):
         model = make(tiny_llama()).eval()
         with torch.no_grad():
-            for name, parameter in model.named_parameters():
+            for _name, parameter in model.named_parameters():
                 if parameter.requires_grad:
                     parameter.normal_(0, 0.5)
         ids = IDS()

@@ -5,10 +5,10 @@ import copy
 import torch
 from torch import nn
 
-from helpers import assert_same_encoding, demo_losses, tiny_bert
-
 from reference_impls._plumbing import count_parameters
 from reference_impls.reft import InterventionLayer, LoReFT, inject_loreft
+
+from helpers import assert_same_encoding, demo_losses, tiny_bert
 
 
 def test_intervention_follows_the_equation_and_keeps_R_orthonormal():

@@ -7,8 +7,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from helpers import demo_losses
-
 from reference_impls._plumbing import count_parameters
 from reference_impls.routing import (
     AdaMixAdapter,
@@ -19,6 +17,8 @@ from reference_impls.routing import (
     inject_poly,
     use_tasks,
 )
+
+from helpers import demo_losses
 
 
 class Net(nn.Module):

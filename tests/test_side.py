@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import demo_losses, tiny_bert
-
 from reference_impls._plumbing import count_parameters
 from reference_impls.side import LadderSideNetwork, ladder_side_tuning
+
+from helpers import demo_losses, tiny_bert
 
 D = 21
 
@@ -19,7 +19,7 @@ def backbone(layers=3):
 
 def randomise(model):
     with torch.no_grad():
-        for name, parameter in model.named_parameters():
+        for _name, parameter in model.named_parameters():
             if parameter.requires_grad:
                 parameter.normal_(0, 0.3)
 

@@ -14,6 +14,7 @@ import yaml
 
 from catalog.readme import markdown_text
 from catalog.vocabulary import SECTIONS
+
 from conftest import REPO, copy_repo_inputs
 
 sys.path.insert(0, str(REPO / "benchmarks"))

@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
+from test_bottleneck import Net
 from torch import nn
-
-from helpers import demo_losses
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.sparse import (
@@ -23,7 +22,8 @@ from reference_impls.sparse import (
     restrict_training,
     sparse_difference,
 )
-from test_bottleneck import Net
+
+from helpers import demo_losses
 
 
 def test_bitfit_trains_exactly_the_biases_or_the_chosen_subset():
