@@ -152,7 +152,7 @@ def test_hostile_text_from_yaml_and_api_shows_as_text(tmp_path):
     papers = root / "papers.yaml"
     text = papers.read_text().replace('"LoRA: Low-Rank Adaptation of Large Language Models"', json.dumps(HOSTILE))
     # Make it the newest entry, so that it is in the feed too.
-    text = re.sub(r"(- id: lora\n(?:  .*\n)*?  added: )2026-11-23", r"\g<1>2026-12-01", text)
+    text = re.sub(r"(- id: lora\n(?:  .*\n)*?  added: )\d{4}-\d{2}-\d{2}", r"\g<1>2026-12-01", text)
     papers.write_text(text)
     store_path = root / "catalog" / "metadata.json"
     store = json.loads(store_path.read_text())
