@@ -2,8 +2,11 @@
 
 A slug is the module path below reference_impls/, with dots: `lora` is reference_impls/lora.py and
 `kernels.nf4` is reference_impls/kernels/nf4.py. Files starting with an underscore are plumbing.
-Each module declares the entries it implements as data, `IMPLEMENTS = ("lora", ...)`; it is read
-from the source without importing it, so the catalog never needs torch.
+Each module declares, as data, the entries whose method it implements, `IMPLEMENTS = ("lora", ...)`,
+and the frameworks, surveys and studies that provide, describe or use its methods,
+`COVERED_BY = ("hf-peft", ...)`. They are read from the source without importing it, so the
+catalog never needs torch. Together with each entry's `impl` list they are the two sides of every
+link between the catalog and the code (catalog/validate.py checks that both sides agree).
 """
 
 import ast
@@ -18,6 +21,10 @@ class ImplModule:
     docstring: str
     implements: tuple[str, ...]  # entry ids, from the module's IMPLEMENTS
     has_demo: bool = False  # defines demo(), run by `python -m reference_impls.<slug>`
+    covered_by: tuple[str, ...] = ()  # entry ids, from the module's COVERED_BY
+
+    def confirms(self, entry_id: str) -> bool:
+        return entry_id in self.implements or entry_id in self.covered_by
 
 
 def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplModule]:
@@ -30,13 +37,22 @@ def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplMod
         slug = ".".join(relative.parts)
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         has_demo = any(isinstance(node, ast.FunctionDef) and node.name == "demo" for node in tree.body)
-        found[slug] = ImplModule(slug, path, ast.get_docstring(tree) or "", _implements(tree), has_demo)
+        found[slug] = ImplModule(
+            slug,
+            path,
+            ast.get_docstring(tree) or "",
+            _constant(tree, "IMPLEMENTS"),
+            has_demo,
+            _constant(tree, "COVERED_BY"),
+        )
     return found
 
 
-def _implements(tree: ast.Module) -> tuple[str, ...]:
+def _constant(tree: ast.Module, name: str) -> tuple[str, ...]:
+    """The tuple of strings assigned to `name` at the module's top level, or (). A lone string, as
+    in `("lora")` without its comma, is one id, not a tuple of its letters."""
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "IMPLEMENTS" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(target, "id", None) == name for target in node.targets):
             value = ast.literal_eval(node.value)
-            return tuple(value)
+            return (value,) if isinstance(value, str) else tuple(value)
     return ()

@@ -1,8 +1,10 @@
 """Stage 2: checks across entries, on the records the loader produced.
 
 The schema (catalog/schema.py) judges each entry alone; this module judges the catalog as a whole:
-the same id or the same paper listed twice, papers without a metadata record, and `impl` links to
-reference implementations that do not exist (a warning, or an error with strict_impl).
+the same id or the same paper listed twice, papers without a metadata record, and the links between
+entries and reference implementations: an entry without one, a module that does not exist, or a
+link that the module does not confirm (each a warning, or an error with strict_impl), and a module
+that claims an entry which does not link back (always an error).
 """
 
 from collections.abc import Iterable
@@ -11,6 +13,7 @@ from catalog import identifiers
 from catalog.impls import ImplModule
 from catalog.load import LoadedCatalog, Problem
 from catalog.schema import Entry
+from catalog.vocabulary import CONFIRMED_BY, LINK_KINDS
 
 
 def validate(
@@ -42,23 +45,27 @@ def validate(
         if entry.paper and entry.id not in stored_ids:
             at(entry, "id", "no metadata record in the store; run `catalog enrich` (or add it with `catalog add`)")
 
+        severity = "error" if strict_impl else "warning"
+        if not entry.impl:
+            link = LINK_KINDS[entry.kind]
+            hint = "the module that implements it" if link == "implements" else f"the modules of the methods it {link}"
+            at(entry, "impl", f"links to no reference implementation: name {hint}", severity)
+        wanted = CONFIRMED_BY[entry.kind]
         for slug in entry.impl:
-            if slug not in impls:
+            module = impls.get(slug)
+            path = f"reference_impls/{slug.replace('.', '/')}.py"
+            if module is None:
+                at(entry, "impl", f"reference implementation {slug!r} does not exist (no {path})", severity)
+            elif not module.confirms(entry.id):
                 at(
                     entry,
                     "impl",
-                    f"reference implementation {slug!r} does not exist (no reference_impls/"
-                    f"{slug.replace('.', '/')}.py)",
-                    "error" if strict_impl else "warning",
+                    f"{path} does not confirm this link yet (the entry is not in the module's {wanted})",
+                    severity,
                 )
-            elif entry.id not in impls[slug].implements:
-                at(
-                    entry,
-                    "impl",
-                    f"reference_impls/{slug.replace('.', '/')}.py does not implement this entry yet "
-                    f"(the entry is not in the module's IMPLEMENTS)",
-                    "error" if strict_impl else "warning",
-                )
+            elif entry.id not in (module.implements if wanted == "IMPLEMENTS" else module.covered_by):
+                other = "COVERED_BY" if wanted == "IMPLEMENTS" else "IMPLEMENTS"
+                at(entry, "impl", f"{path} lists this {entry.kind} in {other}; a {entry.kind} belongs in {wanted}")
 
     # The other direction: a module may only claim entries that exist and link back to it. Not for a
     # file that did not load (empty, not YAML, ...): every claim would be reported, burying its one error.
@@ -67,15 +74,17 @@ def validate(
     by_id = {entry.id: entry for entry in catalog.entries}
     broken = {problem.entry_id for problem in catalog.problems}  # already reported; do not cascade
     for slug, module in impls.items():
-        for entry_id in module.implements:
-            entry = by_id.get(entry_id)
-            if entry is None and entry_id not in broken:
-                problems.append(
-                    Problem(
-                        str(module.path), 0, f"IMPLEMENTS names {entry_id!r}, which is not an entry of {catalog.path}"
+        for name, claimed in (("IMPLEMENTS", module.implements), ("COVERED_BY", module.covered_by)):
+            for entry_id in claimed:
+                entry = by_id.get(entry_id)
+                if entry is None and entry_id not in broken:
+                    message = f"{name} names {entry_id!r}, which is not an entry of {catalog.path}"
+                    problems.append(Problem(str(module.path), 0, message))
+                elif entry is not None and slug not in entry.impl:
+                    at(
+                        entry,
+                        "impl",
+                        f"reference_impls/{slug.replace('.', '/')}.py lists this entry in {name}; add {slug!r}",
                     )
-                )
-            elif entry is not None and slug not in entry.impl:
-                at(entry, "impl", f"reference_impls/{slug.replace('.', '/')}.py implements this entry; add {slug!r}")
 
     return sorted(problems, key=lambda problem: problem.line)

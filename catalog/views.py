@@ -14,7 +14,7 @@ from catalog.impls import ImplModule
 from catalog.record import Paper
 from catalog.schema import Entry, check_link
 from catalog.store import MetadataStore
-from catalog.vocabulary import SECTION_BY_NAME
+from catalog.vocabulary import LINK_KINDS, SECTION_BY_NAME
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,16 @@ class ImplView:
     demo_command: str | None  # None for modules without a demo (the kernels)
     test_path: str | None  # tests/test_<name>.py where it exists
     papers: tuple[str, ...] = ()  # ids of the entries it implements (its IMPLEMENTS)
+    covered_by: tuple[str, ...] = ()  # frameworks, surveys and studies that provide, describe or use it
+    mentions: tuple[tuple[str, tuple[str, ...]], ...] = ()  # those, grouped: ("Provided by", ids), ...
     benchmarks: tuple[BenchmarkRun, ...] = ()  # committed GPU measurements of this module
 
     @property
     def url(self) -> str:
         return f"impls/{self.slug}/"
+
+    def confirms(self, entry_id: str) -> bool:
+        return entry_id in self.papers or entry_id in self.covered_by
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class PaperView:
     impls: tuple[ImplView, ...]  # the entry's impl slugs that exist
     missing_impls: tuple[str, ...]  # the ones that do not exist yet
     edit_url: str
+    link_kind: str = "implements"  # what the linked modules are to the entry: vocabulary.LINK_KINDS
 
     @property
     def id(self) -> str:
@@ -92,6 +98,7 @@ class PaperView:
 def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entry]) -> dict[str, ImplView]:
     """Describe each reference implementation from its source (read, not imported: no torch needed)."""
     known = {entry.id for entry in entries}
+    kind_of = {entry.id: entry.kind for entry in entries}
     runs = benchmark_runs(repo_root / "benchmarks" / "results")
     views = {}
     for slug, module in found.items():
@@ -104,6 +111,8 @@ def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entr
             demo_command=f"python -m reference_impls.{slug}" if module.has_demo else None,
             test_path=test.relative_to(repo_root).as_posix() if test.exists() else None,
             papers=tuple(entry_id for entry_id in module.implements if entry_id in known),
+            covered_by=tuple(entry_id for entry_id in module.covered_by if entry_id in known),
+            mentions=_mentions(module.covered_by, kind_of),
             benchmarks=tuple(
                 BenchmarkRun(
                     run["device"],
@@ -117,6 +126,21 @@ def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entr
             ),
         )
     return views
+
+
+MENTIONS = (("provides", "Provided by"), ("describes", "Described in"), ("uses", "Used in"))
+
+
+def _mentions(covered_by: tuple[str, ...], kind_of: dict[str, str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The entries of COVERED_BY, grouped by how they relate to the module, for its page."""
+    groups = [
+        (
+            label,
+            tuple(entry_id for entry_id in covered_by if entry_id in kind_of and LINK_KINDS[kind_of[entry_id]] == link),
+        )
+        for link, label in MENTIONS
+    ]
+    return tuple((label, ids) for label, ids in groups if ids)
 
 
 def paper_views(
@@ -144,12 +168,13 @@ def paper_views(
                 abstract=(paper.abstract if paper else None) or "",
                 bibtex=(bibtex or "").strip() or _bibtex(entry, paper, authors),
                 links=tuple(_links(entry, paper)),
-                # A link counts only where the module says it implements this entry.
-                impls=tuple(impls[slug] for slug in entry.impl if slug in impls and entry.id in impls[slug].papers),
+                # A link counts only where the module confirms it (its IMPLEMENTS or COVERED_BY).
+                impls=tuple(impls[slug] for slug in entry.impl if slug in impls and impls[slug].confirms(entry.id)),
                 missing_impls=tuple(
-                    slug for slug in entry.impl if slug not in impls or entry.id not in impls[slug].papers
+                    slug for slug in entry.impl if slug not in impls or not impls[slug].confirms(entry.id)
                 ),
                 edit_url=f"{repo_url.rstrip('/')}/blob/main/{papers_file}#L{entry.line}",
+                link_kind=LINK_KINDS[entry.kind],
             )
         )
     return views

@@ -37,6 +37,20 @@ KINDS: dict[str, str] = {
     "study": "an empirical analysis of existing methods",
 }
 
+# How an entry of each kind relates to the reference implementations it links to, as its page says:
+# a method's module implements it; a framework provides methods; a survey describes them; a study uses
+# them. Methods and systems are confirmed by a module's IMPLEMENTS, the others by its COVERED_BY.
+LINK_KINDS: dict[str, str] = {
+    "method": "implements",
+    "system": "implements",
+    "framework": "provides",
+    "survey": "describes",
+    "study": "uses",
+}
+CONFIRMED_BY: dict[str, str] = {
+    kind: "IMPLEMENTS" if link == "implements" else "COVERED_BY" for kind, link in LINK_KINDS.items()
+}
+
 # Method families first, then the cross-cutting topics that readers browse by.
 TAGS: dict[str, str] = {
     "Bottleneck adapter": "Small down-projection, nonlinearity, up-projection modules inserted into each layer.",

@@ -58,8 +58,8 @@ from reference_impls._plumbing import (
     train,
 )
 
-# The methods above, and the entries whose contribution uses plain bottleneck adapters (studies,
-# NMT, speech and vision-language applications).
+# The methods above, and the entries whose contribution uses plain bottleneck adapters (NMT, speech
+# and vision-language applications).
 IMPLEMENTS = (
     "houlsby-adapter",
     "unified-view-peft",
@@ -67,10 +67,6 @@ IMPLEMENTS = (
     "nmt-adapters",
     "orthoadapters",
     "adapterdrop",
-    "adapters-commonsense-knowledge",
-    "adapter-tuning-effectiveness",
-    "robust-adapter-transfer",
-    "intermediate-task-selection",
     "monolingual-nmt-adapters",
     "made",
     "nmt-language-domain-adapters",
@@ -78,6 +74,23 @@ IMPLEMENTS = (
     "speech-translation-adapters",
     "wav2vec2-asr-adapters",
     "vl-adapter",
+)
+
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = (
+    "adapterhub",
+    "adapters-library",
+    "opendelta",
+    "llm-adapters",
+    "modular-deep-learning",
+    "scaling-down-to-scale-up",
+    "peft-ref",
+    "peft-survey-han-2024",
+    "delta-tuning",
+    "adapters-commonsense-knowledge",
+    "adapter-tuning-effectiveness",
+    "robust-adapter-transfer",
+    "intermediate-task-selection",
 )
 
 ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}

@@ -55,6 +55,9 @@ from reference_impls.lora import LoRALinear, inject_lora
 
 IMPLEMENTS = ("adapterfusion", "mad-x", "adaptersoup", "pem-arithmetic")
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("adapterhub", "adapters-library", "modular-deep-learning")
+
 
 class Fusion(nn.Module):
     """Attention over the adapters' outputs: o = Σ_n softmax_n((h Q)·(z_n K)) · z_n V."""

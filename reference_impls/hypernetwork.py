@@ -52,6 +52,9 @@ from reference_impls._plumbing import (
 
 IMPLEMENTS = ("hyperformer", "udapter")
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("modular-deep-learning",)
+
 
 class AdapterWeights(NamedTuple):
     down: torch.Tensor  # (m, d)

@@ -36,6 +36,9 @@ from reference_impls._plumbing import (
 
 IMPLEMENTS = ("ia3",)
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("adapters-library", "hf-peft", "scaling-down-to-scale-up", "peft-ref", "peft-survey-han-2024")
+
 
 class IA3Linear(nn.Module):
     """A frozen nn.Linear whose output (or, for feed-forward layers, input) is rescaled by l."""

@@ -37,6 +37,11 @@ from reference_impls.ia3 import IA3Linear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
 from reference_impls.prompts import AdaptedAttention, PrefixTuning, PromptTuning
 
+# Not a paper's method: the bridge to the library that practitioners run.
+IMPLEMENTS = ()
+# The library whose checkpoints it reads and writes.
+COVERED_BY = ("hf-peft",)
+
 WRAPPER_PREFIX = "base_model.model."
 
 

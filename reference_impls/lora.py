@@ -70,6 +70,20 @@ from reference_impls.kernels.fused_lora import fused_lora, kernel_takes
 # The papers.yaml entries this module implements (the site and `catalog check --strict-impl` read it).
 IMPLEMENTS = ("lora", "dora", "vera", "adalora")
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = (
+    "adapters-library",
+    "opendelta",
+    "hf-peft",
+    "llm-adapters",
+    "alpaca-lora",
+    "modular-deep-learning",
+    "scaling-down-to-scale-up",
+    "peft-ref",
+    "peft-survey-han-2024",
+    "delta-tuning",
+)
+
 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus the trainable low-rank update s·BA."""

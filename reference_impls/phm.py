@@ -36,6 +36,9 @@ from reference_impls.bottleneck import ACTIVATIONS, SequentialAdapter
 
 IMPLEMENTS = ("compacter",)
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("adapters-library", "opendelta", "scaling-down-to-scale-up", "peft-ref")
+
 
 class PHMLinear(nn.Module):
     """y = x (Σ_i S_i ⊗ s_i t_iᵀ) + b, with the slow S shared by every PHM layer of the model."""

@@ -49,6 +49,19 @@ from reference_impls.bottleneck import SCALED_PARALLEL, inject_adapters
 
 IMPLEMENTS = ("prompt-tuning", "prefix-tuning", "p-tuning-v2", "llama-adapter", "unified-view-peft")
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = (
+    "adapters-library",
+    "opendelta",
+    "hf-peft",
+    "llm-adapters",
+    "modular-deep-learning",
+    "scaling-down-to-scale-up",
+    "peft-ref",
+    "peft-survey-han-2024",
+    "delta-tuning",
+)
+
 
 def _freeze(model: nn.Module) -> None:
     for parameter in model.parameters():

@@ -25,6 +25,9 @@ from reference_impls._plumbing import find_targets, freeze_all_but, replace_modu
 
 IMPLEMENTS = ("reft",)
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("adapters-library",)
+
 
 class LoReFT(nn.Module):
     """Φ(h) = h + Rᵀ(W h + b − R h)."""

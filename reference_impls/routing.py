@@ -47,6 +47,9 @@ from reference_impls._plumbing import (
 
 IMPLEMENTS = ("polytropon", "multi-head-routing", "mixture-of-vectors", "adamix")
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("hf-peft", "modular-deep-learning")
+
 
 # ---- Polytropon and Multi-Head Routing ---------------------------------------------------------
 

@@ -29,6 +29,12 @@ from reference_impls._plumbing import report, toy_model, toy_task, train
 
 IMPLEMENTS = ("ladder-side-tuning",)
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = (
+    "scaling-down-to-scale-up",
+    "peft-survey-han-2024",
+)
+
 
 class LadderSideNetwork(nn.Module):
     """Frozen backbone blocks (and head), and a trainable side network reading them through gated ladders."""

@@ -41,6 +41,9 @@ from reference_impls._plumbing import (
 
 IMPLEMENTS = ("bitfit", "diff-pruning", "lt-sft")
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("opendelta", "modular-deep-learning", "scaling-down-to-scale-up", "peft-survey-han-2024", "delta-tuning")
+
 
 # ---- BitFit -----------------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ GOOD = """\
   section: NLP / Methods
   acl: "2021.acl-long.353"
   tags: [Prefix tuning]
-  impl: []
+  impl: [prompts]
   added: 2026-11-23
 """
 
@@ -42,7 +42,7 @@ def modules(*specs):
 
 def check(text, stored=("lora", "prefix-tuning"), impls=None, strict=False):
     catalog = parse_catalog(text, "papers.yaml")
-    impls = modules(("lora", ("lora",))) if impls is None else impls
+    impls = modules(("lora", ("lora",)), ("prompts", ("prefix-tuning",))) if impls is None else impls
     return catalog, validate(catalog, stored, impls, strict_impl=strict)
 
 
@@ -163,33 +163,79 @@ def test_all_problems_are_reported_at_once():
         .replace("id: prefix-tuning", "id: Prefix Tuning")
     )
     _, problems = check(broken)
-    assert len(messages(problems)) == 3
+    # The three mistakes, and the prompts module's claim on an entry no longer there.
+    assert len(messages(problems)) == 4
     assert [problem.line for problem in problems] == sorted(problem.line for problem in problems)
 
 
+def modules_with(slug: str, implements=(), covered_by=()):
+    return {slug: ImplModule(slug, Path(f"reference_impls/{slug}.py"), "", tuple(implements), False, tuple(covered_by))}
+
+
 def test_impl_declared_by_the_module_but_not_for_this_entry_warns():
-    _, problems = check(GOOD, impls=modules(("lora", ("prefix-tuning",))))
+    _, problems = check(GOOD, impls=modules(("lora", ("prefix-tuning",)), ("prompts", ("prefix-tuning",))))
     found = [str(problem) for problem in problems]
     assert (
-        "papers.yaml:8: entry 'lora': impl: warning: reference_impls/lora.py does not implement this entry yet "
+        "papers.yaml:8: entry 'lora': impl: warning: reference_impls/lora.py does not confirm this link yet "
         "(the entry is not in the module's IMPLEMENTS)" in found
     )
     assert (
-        "papers.yaml:17: entry 'prefix-tuning': impl: reference_impls/lora.py implements this entry; add 'lora'"
-        in found
+        "papers.yaml:17: entry 'prefix-tuning': impl: reference_impls/lora.py lists this entry in IMPLEMENTS; "
+        "add 'lora'" in found
     )
-    _, problems = check(GOOD, impls=modules(("lora", ("lora", "ghost"))))
+    _, problems = check(GOOD, impls=modules(("lora", ("lora", "ghost")), ("prompts", ("prefix-tuning",))))
     assert messages(problems) == [
         "reference_impls/lora.py:0: IMPLEMENTS names 'ghost', which is not an entry of papers.yaml"
     ]
 
 
+def test_links_say_what_they_are_and_both_sides_must_agree():
+    survey = GOOD.replace("kind: method", "kind: survey", 1)  # lora becomes a survey of LoRA
+    _, problems = check(
+        survey, impls={**modules_with("lora", covered_by=("lora",)), **modules(("prompts", ("prefix-tuning",)))}
+    )
+    assert problems == []
+    _, problems = check(
+        survey, impls={**modules_with("lora", implements=("lora",)), **modules(("prompts", ("prefix-tuning",)))}
+    )
+    assert messages(problems) == [
+        "papers.yaml:8: entry 'lora': impl: reference_impls/lora.py lists this survey in "
+        "IMPLEMENTS; a survey belongs in COVERED_BY"
+    ]
+    _, problems = check(
+        GOOD, impls={**modules_with("lora", covered_by=("lora",)), **modules(("prompts", ("prefix-tuning",)))}
+    )
+    assert messages(problems) == [
+        "papers.yaml:8: entry 'lora': impl: reference_impls/lora.py lists this method in "
+        "COVERED_BY; a method belongs in IMPLEMENTS"
+    ]
+    _, problems = check(GOOD, impls={**modules(("lora", ("lora",))), **modules_with("prompts", covered_by=("lora",))})
+    assert (
+        "papers.yaml:8: entry 'lora': impl: reference_impls/prompts.py lists this entry in COVERED_BY; "
+        "add 'prompts'" in messages(problems)
+    )
+
+
+def test_an_entry_without_a_link_warns_and_fails_strict():
+    unlinked = GOOD.replace("impl: [prompts]", "impl: []")
+    for strict, severity in ((False, "warning"), (True, "error")):
+        _, problems = check(unlinked, impls=modules(("lora", ("lora",))), strict=strict)
+        assert [(str(problem), problem.severity) for problem in problems] == [
+            (
+                "papers.yaml:17: entry 'prefix-tuning': impl: "
+                + ("warning: " if not strict else "")
+                + "links to no reference implementation: name the module that implements it",
+                severity,
+            )
+        ]
+
+
 def test_missing_impl_warns_and_strict_impl_fails():
     _, problems = check(GOOD, impls={})
-    assert [problem.severity for problem in problems] == ["warning"]
+    assert [problem.severity for problem in problems] == ["warning", "warning"]
     assert "reference implementation 'lora' does not exist" in str(problems[0])
     _, problems = check(GOOD, impls={}, strict=True)
-    assert [problem.severity for problem in problems] == ["error"]
+    assert [problem.severity for problem in problems] == ["error", "error"]
 
 
 def test_paper_without_metadata_record_is_an_error():
@@ -203,14 +249,18 @@ def test_paper_without_metadata_record_is_an_error():
 def test_paperless_tool_needs_no_record_but_a_link():
     tool = (
         GOOD + "\n- id: opendelta\n  title: OpenDelta\n  kind: framework\n  section: Frameworks and Tools\n"
-        "  paper: false\n  tags: []\n  impl: []\n  added: 2026-11-23\n"
+        "  paper: false\n  tags: []\n  impl: [lora]\n  added: 2026-11-23\n"
     )
-    _, problems = check(tool)
+    impls = {
+        **modules_with("lora", implements=("lora",), covered_by=("opendelta",)),
+        **modules(("prompts", ("prefix-tuning",))),
+    }
+    _, problems = check(tool, impls=impls)
     assert messages(problems) == [
         "papers.yaml:20: entry 'opendelta': an entry without a paper needs a code or website link"
     ]
     _, problems = check(
-        tool.replace("  paper: false\n", "  paper: false\n  website: https://opendelta.readthedocs.io/\n")
+        tool.replace("  paper: false\n", "  paper: false\n  website: https://opendelta.readthedocs.io/\n"), impls=impls
     )
     assert problems == []
 

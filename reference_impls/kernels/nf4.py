@@ -46,6 +46,9 @@ from reference_impls.kernels.fused_lora import fused_lora, use_kernel
 
 IMPLEMENTS = ("qlora",)
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("hf-peft", "peft-survey-han-2024")
+
 NF4_LEVELS = torch.tensor(
     [
         -1.0,

@@ -36,6 +36,9 @@ from reference_impls.kernels.fused_lora import dot_precision, use_kernel
 
 IMPLEMENTS = ("punica",)
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("peft-survey-han-2024",)
+
 
 def reference_shrink_expand(y, x, A, B, adapter_of_row, scale: float):
     """y + s · (x_m A_{i(m)}ᵀ) B_{i(m)}ᵀ for rows with i(m) ≥ 0, in fp32."""

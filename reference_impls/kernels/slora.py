@@ -23,6 +23,9 @@ from reference_impls.kernels.punica import LoRATable, add_lora
 
 IMPLEMENTS = ("s-lora",)
 
+# The frameworks that provide, the surveys that describe and the studies that use these methods.
+COVERED_BY = ("peft-survey-han-2024",)
+
 
 class PoolFull(RuntimeError):
     pass
