@@ -116,6 +116,9 @@ SUPPORTED_TYPES = ("LORA", "VERA", "IA3", "ADALORA", "PROMPT_TUNING", "PREFIX_TU
 
 
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Load a PEFT checkpoint into `model` (or, for prompts, a wrapper around it: use what it returns).
+    Every layer is built and filled before the first one is swapped in, so a checkpoint that does not
+    fit raises UnsupportedAdapter and leaves the model as it was."""
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     peft_type = config.get("peft_type")
@@ -128,25 +131,53 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"):
         return _load_prompt(model, config, tensors)
     if peft_type == "ADAPTION_PROMPT":
-        return _load_adaption_prompt(model, config, tensors)
-    shared = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("base_model.vera_")]}
-    by_module: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        path = key.removeprefix(WRAPPER_PREFIX)
-        match = re.fullmatch(r"(.+?)\.((?:lora|vera|ia3)_[A-Za-z_]+?)(?:\.weight)?", path)
-        if not match:
-            raise UnsupportedAdapter(f"unexpected tensor {key!r} in adapter_model.safetensors")
-        by_module.setdefault(match.group(1), {})[match.group(2)] = tensor
-    loader = {"LORA": _load_lora, "VERA": _load_vera, "IA3": _load_ia3, "ADALORA": _load_adalora}[peft_type]
-    with torch.no_grad():
-        loader(model, config, by_module, shared)
+        prompts = {
+            key.removeprefix(WRAPPER_PREFIX).removesuffix(".adaption_prompt"): {"key": key}
+            for key in tensors
+            if key.endswith(".adaption_prompt")
+        }
+        planned = _plan(prompts, lambda path, found: _adaption_prompt_layer(model, path, found["key"], tensors))
+    else:
+        shared = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("base_model.vera_")]}
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            path = key.removeprefix(WRAPPER_PREFIX)
+            match = re.fullmatch(r"(.+?)\.((?:lora|vera|ia3)_[A-Za-z_]+?)(?:\.weight)?", path)
+            if not match:
+                raise UnsupportedAdapter(f"unexpected tensor {key!r} in adapter_model.safetensors")
+            by_module.setdefault(match.group(1), {})[match.group(2)] = tensor
+        if peft_type == "VERA":
+            build = _vera_layer(config, shared, first=next(iter(by_module), None))
+        else:
+            build = {"LORA": _lora_layer, "IA3": _ia3_layer, "ADALORA": _adalora_layer}[peft_type]
+        planned = _plan(by_module, lambda path, found: build(model, config, path, found))
+    for path, layer in planned.items():  # only now, with every layer built, is the model changed
+        replace_module(model, path, layer)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
 
 
+def _plan(by_module: dict, build) -> dict[str, nn.Module]:
+    """Each adapted module's new layer, built and filled, the model untouched; any mismatch between
+    checkpoint and model (a module it lacks, a tensor missing or of the wrong shape) is named."""
+    planned = {}
+    with torch.no_grad():
+        for path, found in by_module.items():
+            try:
+                planned[path] = build(path, found)
+            except UnsupportedAdapter:
+                raise
+            except (AttributeError, KeyError, RuntimeError, ValueError, IndexError) as error:
+                raise UnsupportedAdapter(
+                    f"the checkpoint does not fit this model at {path!r}: {type(error).__name__}: {error}; "
+                    f"the model was left unchanged"
+                ) from None
+    return planned
+
+
 def _base_linear(model: nn.Module, path: str, fan_in_fan_out: bool) -> nn.Linear:
-    """The module at path as an nn.Linear. GPT-2's Conv1D (fan_in_fan_out) stores Wᵀ: transpose it."""
+    """The module at path as an nn.Linear. GPT-2's Conv1D (fan_in_fan_out) stores Wᵀ: a transposed copy."""
     module = model.get_submodule(path)
     if isinstance(module, nn.Linear):
         return module
@@ -161,7 +192,7 @@ def _base_linear(model: nn.Module, path: str, fan_in_fan_out: bool) -> nn.Linear
         return linear
     raise UnsupportedAdapter(
         f"module {path!r} is a {type(module).__name__}; only nn.Linear (and GPT-2's Conv1D "
-        f"with fan_in_fan_out) are supported"
+        f"with fan_in_fan_out) are supported; the model was left unchanged"
     )
 
 
@@ -172,57 +203,59 @@ def _pattern_value(patterns: dict, path: str, default):
     return default
 
 
-def _load_lora(model, config, by_module, shared):
-    for path, found in by_module.items():
-        base = _base_linear(model, path, config.get("fan_in_fan_out", False))
-        r = found["lora_A"].shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
-        layer_type = DoRALinear if config.get("use_dora") else LoRALinear
-        layer = layer_type(base, r=r, alpha=alpha, use_rslora=config.get("use_rslora", False))
-        layer.A.copy_(found["lora_A"])
-        layer.B.copy_(found["lora_B"])
-        if config.get("use_dora"):
-            layer.m.copy_(found["lora_magnitude_vector"].flatten())
-        replace_module(model, path, layer)
+def _lora_layer(model, config, path, found):
+    base = _base_linear(model, path, config.get("fan_in_fan_out", False))
+    r = found["lora_A"].shape[0]
+    alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
+    layer_type = DoRALinear if config.get("use_dora") else LoRALinear
+    layer = layer_type(base, r=r, alpha=alpha, use_rslora=config.get("use_rslora", False))
+    layer.A.copy_(found["lora_A"])
+    layer.B.copy_(found["lora_B"])
+    if config.get("use_dora"):
+        layer.m.copy_(found["lora_magnitude_vector"].flatten())
+    return layer
 
 
-def _load_vera(model, config, by_module, shared):
+def _vera_layer(config, shared, first):
     if "base_model.vera_A" not in shared:
         raise UnsupportedAdapter("VeRA adapter saved with save_projection=False: the projections are not in the file")
     projections = VeRAShared(config["r"], 1, 1)
     projections.A, projections.B = shared["base_model.vera_A"], shared["base_model.vera_B"]
-    for index, (path, found) in enumerate(by_module.items()):
+
+    def build(model, config, path, found):
         base = _base_linear(model, path, config.get("fan_in_fan_out", False))
-        layer = VeRALinear(base, projections, owns_shared=index == 0)
+        layer = VeRALinear(base, projections, owns_shared=path == first)
         layer.lambda_b.copy_(found["vera_lambda_b"])
         layer.lambda_d.copy_(found["vera_lambda_d"])
-        replace_module(model, path, layer)
+        return layer
+
+    return build
 
 
-def _load_ia3(model, config, by_module, shared):
+def _ia3_layer(model, config, path, found):
+    base = _base_linear(model, path, config.get("fan_in_fan_out", False))
     feedforward = config.get("feedforward_modules") or []
-    for path, found in by_module.items():
-        base = _base_linear(model, path, config.get("fan_in_fan_out", False))
-        vector = found["ia3_l"].flatten()
-        # As PEFT decides: a string is a regex over the whole path, a list names path endings.
-        if isinstance(feedforward, str):
-            scale_input = re.fullmatch(feedforward, path) is not None
-        else:
-            scale_input = any(path == name or path.endswith("." + name) for name in feedforward)
-        layer = IA3Linear(base, scale_input=scale_input)
-        layer.l.copy_(vector)
-        replace_module(model, path, layer)
+    # As PEFT decides: a string is a regex over the whole path, a list names path endings.
+    if isinstance(feedforward, str):
+        scale_input = re.fullmatch(feedforward, path) is not None
+    else:
+        scale_input = any(path == name or path.endswith("." + name) for name in feedforward)
+    layer = IA3Linear(base, scale_input=scale_input)
+    layer.l.copy_(found["ia3_l"].flatten())
+    return layer
 
 
-def _load_adalora(model, config, by_module, shared):
-    for path, found in by_module.items():
-        base = _base_linear(model, path, config.get("fan_in_fan_out", False))
-        r = found["lora_A"].shape[0]
-        layer = SVDLinear(base, r=r, alpha=config["lora_alpha"] if config.get("lora_alpha", 0) > 0 else r)
-        layer.Q.copy_(found["lora_A"])
-        layer.P.copy_(found["lora_B"])
-        layer.lambda_.copy_(found["lora_E"])
-        replace_module(model, path, layer)
+def _adalora_layer(model, config, path, found):
+    # After pruning (rank_pattern in the config), PEFT saves each layer's kept triplets only; the
+    # scale stays α / init_r (PEFT's ranknum), α being the layer's kept rank when lora_alpha is 0.
+    base = _base_linear(model, path, config.get("fan_in_fan_out", False))
+    r = found["lora_A"].shape[0]
+    alpha = config["lora_alpha"] if config.get("lora_alpha", 0) > 0 else r
+    layer = SVDLinear(base, r=r, alpha=alpha, initial_r=config.get("init_r") or r)
+    layer.Q.copy_(found["lora_A"])
+    layer.P.copy_(found["lora_B"])
+    layer.lambda_.copy_(found["lora_E"])
+    return layer
 
 
 def _load_prompt(model, config, tensors):
@@ -253,19 +286,13 @@ def _load_prompt(model, config, tensors):
     return wrapper
 
 
-def _load_adaption_prompt(model, config, tensors):
-    for key in [key for key in tensors if key.endswith(".adaption_prompt")]:
-        path = key.removeprefix(WRAPPER_PREFIX).removesuffix(".adaption_prompt")
-        attention = model.get_submodule(path)
-        prompt, gate = tensors[key][0], tensors[key.replace("adaption_prompt", "adaption_gate")]
-        adapted = AdaptedAttention(attention, prompt.shape[0], prompt.shape[1], model.config.num_attention_heads)
-        with torch.no_grad():
-            adapted.prompt.copy_(prompt)
-            adapted.gate.copy_(gate.reshape(-1, 1, 1).expand_as(adapted.gate[0]).unsqueeze(0))  # one gate, every head
-        replace_module(model, path, adapted)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
+def _adaption_prompt_layer(model, path, key, tensors):
+    attention = model.get_submodule(path)
+    prompt, gate = tensors[key][0], tensors[key.replace("adaption_prompt", "adaption_gate")]
+    adapted = AdaptedAttention(attention, prompt.shape[0], prompt.shape[1], model.config.num_attention_heads)
+    adapted.prompt.copy_(prompt)
+    adapted.gate.copy_(gate.reshape(-1, 1, 1).expand_as(adapted.gate[0]).unsqueeze(0))  # one gate, every head
+    return adapted
 
 
 def save_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> None:

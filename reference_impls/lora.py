@@ -257,9 +257,16 @@ class VeRAShared(nn.Module):
 class SVDLinear(nn.Module):
     """AdaLoRA's layer: a frozen nn.Linear plus (α/r) · P diag(λ) Q, with λ maskable by rank."""
 
-    def __init__(self, base: nn.Linear, r: int = 12, alpha: float = 32.0, dropout: float = 0.0):
+    def __init__(
+        self, base: nn.Linear, r: int = 12, alpha: float = 32.0, dropout: float = 0.0, initial_r: int | None = None
+    ):
         super().__init__()
-        self.base, self.r, self.scale = base, r, alpha / r
+        # AdaLoRA prunes a triplet by zeroing its λ, so the scale stays α / (the initial rank). A layer
+        # whose pruned triplets were cut out (a saved checkpoint: r may even be 0) keeps that scale.
+        initial_r = r if initial_r is None else initial_r
+        if r < 0 or initial_r <= 0 or r > initial_r:
+            raise ValueError(f"AdaLoRA ranks must satisfy 0 ≤ r ≤ initial_r, 0 < initial_r; got {r}, {initial_r}")
+        self.base, self.r, self.scale = base, r, alpha / initial_r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.Q = nn.Parameter(torch.randn(r, base.in_features, **factory) * 0.02)  # right singular vectors
         self.P = nn.Parameter(torch.randn(base.out_features, r, **factory) * 0.02)  # left singular vectors

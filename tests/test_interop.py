@@ -137,3 +137,85 @@ def test_save_refuses_what_peft_lora_cannot_hold(tmp_path):
     with pytest.raises(UnsupportedAdapter, match="mix them"):
         save_peft_adapter(model, tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_adalora_after_real_pruning_loads_with_peft_logits(tmp_path):
+    """Train with PEFT's own rank allocator until it has pruned (update_and_allocate); the saved
+    checkpoint then holds each layer's kept triplets only, some layers none at all. Loaded into ours
+    it gives what PEFT, loading the same checkpoint, gives."""
+    from peft import PeftModel
+
+    config = AdaLoraConfig(
+        init_r=4,
+        target_r=1,
+        lora_alpha=8,
+        total_step=12,
+        tinit=2,
+        tfinal=4,
+        deltaT=1,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    torch.manual_seed(0)
+    peft_model = get_peft_model(tiny_llama(), config)
+    peft_model.train()
+    optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=0.05)
+    input_ids = torch.randint(0, 97, (4, 12))
+    for step in range(config.total_step):
+        peft_model(input_ids=input_ids, labels=input_ids).loss.backward()
+        optimizer.step()
+        peft_model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    peft_model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    kept = [sum(mask) for mask in saved["rank_pattern"].values()]
+    assert 0 in kept and any(0 < k < 4 for k in kept), kept  # real pruning, down to rank 0 in places
+
+    ours = load_peft_adapter(tiny_llama(), tmp_path)
+    theirs = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    test_ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        expected, got = theirs(input_ids=test_ids).logits, ours(input_ids=test_ids).logits
+        untouched = tiny_llama()(input_ids=test_ids).logits
+    assert (expected - untouched).abs().max() > 1e-2
+    relative = ((got - expected).norm() / expected.norm()).item()
+    assert relative <= 1e-5, f"relative error {relative:.2e}"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda tensors: tensors.pop(next(k for k in sorted(tensors) if "layers.1" in k and "lora_B" in k)),
+            "KeyError: 'lora_B'",
+        ),
+        (
+            lambda tensors: tensors.update(
+                {k: v[:, :-1].contiguous() for k, v in tensors.items() if "layers.1" in k and "lora_A" in k}
+            ),
+            "RuntimeError",
+        ),
+        (
+            lambda tensors: tensors.update(
+                {
+                    "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(4, 32),
+                    "base_model.model.model.layers.9.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4),
+                }
+            ),
+            "AttributeError",
+        ),
+    ],
+    ids=["a tensor missing", "a tensor of the wrong shape", "a module the model lacks"],
+)
+def test_a_checkpoint_that_does_not_fit_leaves_the_model_unchanged(tmp_path, damage, message):
+    from safetensors.torch import load_file, save_file
+
+    save_with_nonzero_weights(tiny_llama, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    damage(tensors)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    model = tiny_llama()
+    before = {name: type(module) for name, module in model.named_modules()}
+    with pytest.raises(UnsupportedAdapter, match=f"does not fit this model at .*{message}.*left unchanged"):
+        load_peft_adapter(model, tmp_path)
+    assert {name: type(module) for name, module in model.named_modules()} == before
+    assert all(parameter.requires_grad for parameter in model.parameters())
