@@ -11,8 +11,12 @@ Kronecker products:
 Compacter shares the "slow" matrices S_i between every adapter layer of the model and makes each
 layer's "fast" matrices low-rank, W_i = s_i t_iᵀ with s_i ∈ ℝ^{(k/n)×r}, t_i ∈ ℝ^{r×(d/n)} (r = 1 in
 the paper: rank-one). A Compacter is a bottleneck adapter (see bottleneck.py) with PHM down- and
-up-projections, placed like Houlsby's adapters (after attention and after the FFN); Compacter++
-keeps only the one after the FFN.
+up-projections, placed like Houlsby's adapters (after attention and after the FFN). Compacter++
+keeps only the one after the FFN, in Pfeiffer et al.'s place: it reads the output of the FFN's
+Add & Norm block and that LayerNorm runs again, LN(y + A(LN(y + r)) + r) with y the FFN's output
+and r its residual. That is AdapterHub's CompacterPlusPlusConfig (a SeqBnConfig with PHM layers),
+which the tests match; the paper says Compacter++ follows Pfeiffer et al. in dropping the adapter
+after attention, and we could not check its text here for whether the LayerNorm is reapplied.
 
 Trainable parameters: n³ shared, plus per PHM layer n·r·(k/n + d/n) + d (bias); so per adapter of
 width d and bottleneck m: 2·n·r·(d/n + m/n) + d + m, against 2·d·m + d + m for a plain adapter.
@@ -32,7 +36,7 @@ from reference_impls._plumbing import (
     toy_task,
     train,
 )
-from reference_impls.bottleneck import ACTIVATIONS, SequentialAdapter
+from reference_impls.bottleneck import ACTIVATIONS, AddNormAdapter, SequentialAdapter, is_add_norm_block
 
 IMPLEMENTS = ("compacter",)
 
@@ -79,9 +83,21 @@ class CompacterAdapter(nn.Module):
 
 
 def inject_compacter(
-    model: nn.Module, target_names: list[str], m: int = 32, n: int = 4, rank: int = 1, activation: str = "gelu"
+    model: nn.Module,
+    target_names: list[str],
+    m: int = 32,
+    n: int = 4,
+    rank: int = 1,
+    activation: str = "gelu",
+    placement: str = "sequential",
 ) -> list[str]:
-    """A Compacter after each named sublayer (Houlsby's places: Compacter; the FFN's only: Compacter++)."""
+    """A Compacter at each named sublayer, all sharing one set of slow weights, and freeze all else.
+
+    placement="sequential": after the sublayer's output (Compacter: Houlsby's places, the attention
+    and FFN output projections). placement="after_norm": Compacter++ in Pfeiffer's place; each target
+    is a post-norm Add & Norm block (BERT's `output`), whose LayerNorm runs again after the adapter."""
+    if placement not in ("sequential", "after_norm"):
+        raise ValueError(f"placement is 'sequential' (Compacter) or 'after_norm' (Compacter++), not {placement!r}")
     targets = find_targets(model, target_names, kind=nn.Module)
     weight = next(model.parameters())
     rules = nn.Parameter(torch.randn(n, n, n, device=weight.device) * 0.01)  # the shared slow weights
@@ -89,9 +105,22 @@ def inject_compacter(
         sublayer = model.get_submodule(name)
         adapter = CompacterAdapter(output_width(sublayer), m, rules, rank, activation)
         adapter.to(device=weight.device, dtype=weight.dtype)
-        replace_module(model, name, SequentialAdapter(sublayer, adapter))
+        if placement == "after_norm":
+            if not is_add_norm_block(sublayer):
+                raise ValueError(
+                    f"{name}: Compacter++ goes into a post-norm Add & Norm block (dense, dropout, "
+                    f"LayerNorm), not a {type(sublayer).__name__}"
+                )
+            replace_module(model, name, AddNormAdapter(sublayer, adapter, "after_norm"))
+        else:
+            replace_module(model, name, SequentialAdapter(sublayer, adapter))
     freeze_all_but(model, PHMLinear, ("rules", "s", "t", "b"))
     return targets
+
+
+# The papers' configurations as arguments of inject_compacter (targets: see each).
+COMPACTER = dict(placement="sequential", activation="gelu")  # the attention and FFN output projections
+COMPACTER_PLUS_PLUS = dict(placement="after_norm", activation="gelu")  # the FFN's Add & Norm block only
 
 
 def demo() -> None:

@@ -77,6 +77,42 @@ def test_compacter_equals_adapterhub_on_a_tiny_bert():
     assert_same_encoding(ours, theirs, base)
 
 
+def test_compacter_plus_plus_equals_adapterhub_in_its_place():
+    """Compacter++: one Compacter per layer, in Pfeiffer's place (the FFN's Add & Norm block, its
+    LayerNorm applied again), as AdapterHub's CompacterPlusPlusConfig."""
+    import adapters
+    from adapters import CompacterPlusPlusConfig
+
+    from reference_impls.phm import COMPACTER_PLUS_PLUS
+
+    base = tiny_bert(hidden=64, intermediate=72)
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    adapters.init(theirs)
+    theirs.add_adapter("task", config=CompacterPlusPlusConfig(reduction_factor=8, phm_dim=4))
+    theirs.set_active_adapters("task")
+    targets = [f"encoder.layer.{i}.output" for i in range(2)]
+    inject_compacter(ours, targets, m=8, n=4, rank=1, **COMPACTER_PLUS_PLUS)
+    hub_places = [name for name, module in theirs.named_modules() if name.endswith("adapters.task")]
+    assert hub_places == [f"encoder.layer.{i}.output.adapters.task" for i in range(2)]  # the FFN only
+    with torch.no_grad():
+        shared = theirs.base_model.shared_parameters["task"]["phm_rule"]
+        shared.normal_()
+        ours.get_submodule(targets[0]).adapter.down.rules.copy_(shared)
+        for target in targets:
+            hub = theirs.get_submodule(target).adapters["task"]
+            mine = ours.get_submodule(target).adapter
+            for source, destination in ((hub.adapter_down[0], mine.down), (hub.adapter_up, mine.up)):
+                source.W_left.normal_()
+                source.W_right.normal_()
+                source.b.normal_()
+                destination.s.copy_(source.W_left)
+                destination.t.copy_(source.W_right)
+                destination.b.copy_(source.b)
+    assert_same_encoding(ours, theirs, base)
+    with pytest.raises(ValueError, match="Add & Norm block"):
+        inject_compacter(copy.deepcopy(base), ["encoder.layer.0.output.dense"], **COMPACTER_PLUS_PLUS)
+
+
 def test_demo_runs_and_learns(capsys):
     from reference_impls.phm import demo
 
