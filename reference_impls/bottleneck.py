@@ -93,7 +93,14 @@ COVERED_BY = (
     "intermediate-task-selection",
 )
 
-ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "swish": nn.SiLU, "silu": nn.SiLU, "tanh": nn.Tanh}
+ACTIVATIONS = {
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),  # transformers' "gelu_new"
+    "swish": nn.SiLU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+}
 
 
 class Adapter(nn.Module):

@@ -92,19 +92,15 @@ class PromptTuning(nn.Module):
         return self.model(inputs_embeds=torch.cat([prompt, x], dim=1), attention_mask=mask, **kwargs)
 
 
-class PrefixTuning(nn.Module):
-    """Keys and values prepended in every layer, passed to the model as its key/value cache."""
+class Prefixes(nn.Module):
+    """P ∈ ℝ^{n × 2·L·d_kv}: every layer's prefix keys and values, trained directly (hidden=None,
+    P-tuning v2) or through the reparameterisation P = MLP(P')."""
 
-    def __init__(self, model: nn.Module, n: int = 20, hidden: int | None = 512):
+    def __init__(self, n: int, layers: int, kv_heads: int, head_dim: int, hidden: int | None = 512):
         super().__init__()
-        self.model = model
-        _freeze(model)
-        config = model.config
-        self.layers = config.num_hidden_layers
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        d_kv = self.kv_heads * self.head_dim
-        width = 2 * self.layers * d_kv  # keys and values of every layer
+        self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
+        d_kv = kv_heads * head_dim
+        width = 2 * layers * d_kv  # keys and values of every layer
         if hidden is None:  # P-tuning v2: the prefix itself is trained
             self.prefix_input = nn.Parameter(torch.randn(n, width) * 0.02)
             self.mlp = None
@@ -116,6 +112,11 @@ class PrefixTuning(nn.Module):
         """P ∈ ℝ^{n × (2·L·d_kv)}: per position, layer 0's key and value, then layer 1's, ..."""
         return self.prefix_input if self.mlp is None else self.mlp(self.prefix_input)
 
+    def keys_and_values(self, dtype) -> torch.Tensor:
+        """P as (L·2, heads, n, head_dim): entry 2l is layer l's keys, 2l+1 its values."""
+        n = self.prefix_input.shape[0]
+        return self.prefix().to(dtype).view(n, 2 * self.layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+
     @torch.no_grad()
     def freeze_prefix(self) -> None:
         """After training: compute P once and drop the MLP (the reparameterisation is only for training)."""
@@ -123,11 +124,20 @@ class PrefixTuning(nn.Module):
             self.prefix_input = nn.Parameter(self.prefix().detach())
             self.mlp = None
 
+
+class PrefixTuning(Prefixes):
+    """Keys and values prepended in every layer of a causal LM, passed to it as its key/value cache."""
+
+    def __init__(self, model: nn.Module, n: int = 20, hidden: int | None = 512):
+        config = model.config
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        super().__init__(n, config.num_hidden_layers, kv_heads, head_dim, hidden)
+        self.model = model
+        _freeze(model)
+
     def cache(self, batch: int, dtype) -> DynamicCache:
-        n = self.prefix_input.shape[0]
-        # (n, L·2, heads, head_dim) -> (L·2, batch, heads, n, head_dim): entry 2l is layer l's keys, 2l+1 its values.
-        kv = self.prefix().to(dtype).view(n, 2 * self.layers, self.kv_heads, self.head_dim)
-        kv = kv.permute(1, 2, 0, 3).unsqueeze(1).expand(-1, batch, -1, -1, -1)
+        kv = self.keys_and_values(dtype).unsqueeze(1).expand(-1, batch, -1, -1, -1)
         cache = DynamicCache()
         for layer in range(self.layers):
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
@@ -138,6 +148,60 @@ class PrefixTuning(nn.Module):
         dtype = self.model.get_input_embeddings().weight.dtype
         mask = _with_prompt_mask(attention_mask, batch, length, self.prefix_input.shape[0], input_ids.device)
         return self.model(input_ids=input_ids, attention_mask=mask, past_key_values=self.cache(batch, dtype), **kwargs)
+
+
+class PrefixSelfAttention(nn.Module):
+    """A BERT-style encoder's self-attention with layer l's prefix keys and values in front:
+    softmax(q [P_K; K]ᵀ / √d_h + mask) [P_V; V], the prefix always visible. Positions do not shift
+    (unlike a causal LM's cache). Subclasses may rescale the prefix per example (prefix_scale)."""
+
+    def __init__(self, attention: nn.Module, prefixes: Prefixes, layer: int):
+        super().__init__()
+        if getattr(attention, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError("prefix tuning here supports absolute position embeddings only")
+        self.attention, self.layer = attention, layer
+        self.prefixes = [prefixes]  # a plain list: the prefixes are registered once, on the model
+
+    def prefix_scale(self, hidden_states: torch.Tensor) -> torch.Tensor | float:
+        return 1.0
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        attention, (batch, length, _) = self.attention, hidden_states.shape
+        heads, head_dim = attention.num_attention_heads, attention.attention_head_size
+
+        def split(t):  # (batch, tokens, heads·d_h) -> (batch, heads, tokens, d_h)
+            return t.view(batch, -1, heads, head_dim).transpose(1, 2)
+
+        kv = self.prefixes[0].keys_and_values(hidden_states.dtype)
+        scale = self.prefix_scale(hidden_states)
+        prefix_k = (kv[2 * self.layer] * scale).expand(batch, -1, -1, -1)
+        prefix_v = (kv[2 * self.layer + 1] * scale).expand(batch, -1, -1, -1)
+        q = split(attention.query(hidden_states))
+        k = torch.cat([prefix_k, split(attention.key(hidden_states))], dim=2)
+        v = torch.cat([prefix_v, split(attention.value(hidden_states))], dim=2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(head_dim)
+        if attention_mask is not None:  # the model's additive (or boolean) mask, over the real tokens
+            n = prefix_k.shape[2]
+            visible = True if attention_mask.dtype == torch.bool else 0.0
+            attention_mask = nn.functional.pad(attention_mask, (n, 0), value=visible)
+            scores = scores.masked_fill(~attention_mask, float("-inf")) if visible is True else scores + attention_mask
+        probabilities = attention.dropout(torch.softmax(scores, dim=-1))
+        return (probabilities @ v).transpose(1, 2).reshape(batch, length, heads * head_dim), None
+
+
+def inject_encoder_prefix(
+    model: nn.Module, n: int = 30, hidden: int | None = 512, attention_type: type = PrefixSelfAttention
+) -> Prefixes:
+    """Prefix tuning in every self-attention of a BERT-style encoder (`encoder.layer[i].attention.self`);
+    the prefixes become `model.prefixes`. Freezes the model; returns the prefixes."""
+    _freeze(model)
+    config, layers = model.config, model.encoder.layer
+    head_dim = config.hidden_size // config.num_attention_heads
+    weight = model.get_input_embeddings().weight
+    model.prefixes = Prefixes(n, len(layers), config.num_attention_heads, head_dim, hidden).to(weight.device)
+    for index, layer in enumerate(layers):
+        layer.attention.self = attention_type(layer.attention.self, model.prefixes, index)
+    return model.prefixes
 
 
 class AdaptedAttention(nn.Module):

@@ -194,3 +194,39 @@ def test_mam_is_prefix_tuning_plus_a_scaled_parallel_adapter_beside_each_ffn():
     trained = {name for name, parameter in mam.named_parameters() if parameter.grad is not None}
     assert trained == {name for name, parameter in mam.named_parameters() if parameter.requires_grad}
     assert any(".adapter.up." in name for name in trained) and "prefix_input" in trained
+
+
+def test_encoder_prefix_tuning_equals_adapterhub_on_a_tiny_bert():
+    """Prefix tuning inside BERT's self-attention (positions unshifted, padding masked), against
+    AdapterHub's PrefixTuningConfig with the same table and MLP."""
+    import adapters
+    from adapters import PrefixTuningConfig
+
+    from helpers import tiny_bert
+    from reference_impls.prompts import inject_encoder_prefix
+
+    base = tiny_bert()
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    adapters.init(theirs)
+    theirs.add_adapter("task", config=PrefixTuningConfig(prefix_length=5, bottleneck_size=24))
+    theirs.set_active_adapters("task")
+    prefixes = inject_encoder_prefix(ours, n=5, hidden=24)
+    hub = theirs.encoder.layer[0].attention.self.prefix_tuning.pool.prefix_tunings["task"].self_prefix
+    with torch.no_grad():
+        for parameter in hub.parameters():
+            parameter.normal_(0, 0.5)
+        prefixes.prefix_input.copy_(hub.wte.weight)
+        prefixes.mlp[0].load_state_dict(hub.control_trans[0].state_dict())
+        prefixes.mlp[2].load_state_dict(hub.control_trans[2].state_dict())
+    ids = torch.randint(0, 99, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # padding
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = ours(input_ids=ids, attention_mask=mask).last_hidden_state
+        plain = base(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert [name for name, p in ours.named_parameters() if p.requires_grad] == [
+        "prefixes.prefix_input", "prefixes.mlp.0.weight", "prefixes.mlp.0.bias", "prefixes.mlp.2.weight",
+        "prefixes.mlp.2.bias"]
