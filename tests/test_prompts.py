@@ -202,8 +202,9 @@ def test_encoder_prefix_tuning_equals_adapterhub_on_a_tiny_bert():
     import adapters
     from adapters import PrefixTuningConfig
 
-    from helpers import tiny_bert
     from reference_impls.prompts import inject_encoder_prefix
+
+    from helpers import tiny_bert
 
     base = tiny_bert()
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
@@ -228,5 +229,9 @@ def test_encoder_prefix_tuning_equals_adapterhub_on_a_tiny_bert():
     assert (expected - plain).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert [name for name, p in ours.named_parameters() if p.requires_grad] == [
-        "prefixes.prefix_input", "prefixes.mlp.0.weight", "prefixes.mlp.0.bias", "prefixes.mlp.2.weight",
-        "prefixes.mlp.2.bias"]
+        "prefixes.prefix_input",
+        "prefixes.mlp.0.weight",
+        "prefixes.mlp.0.bias",
+        "prefixes.mlp.2.weight",
+        "prefixes.mlp.2.bias",
+    ]

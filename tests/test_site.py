@@ -130,13 +130,17 @@ def test_links_say_what_the_code_is_to_the_entry(real_site):
     """A method's page: its implementation; a framework's, survey's or study's: the methods it
     provides, describes or uses; a module's page lists them all, grouped."""
     page = lambda entry_id: (real_site / "papers" / entry_id / "index.html").read_text()
-    assert "Reference implementation <small class=\"aa-link-kind\">(implements this method)" in page("lora")
+    assert 'Reference implementation <small class="aa-link-kind">(implements this method)' in page("lora")
     assert "(of the methods this framework provides)" in page("hf-peft") and "impls/interop/" in page("hf-peft")
     assert "(of the methods this survey describes)" in page("peft-survey-han-2024")
     assert "(of the methods this study uses)" in page("delta-tuning")
     lora = (real_site / "impls" / "lora" / "index.html").read_text()
-    for label, entry_id in (("Implements", "dora"), ("Provided by", "hf-peft"), ("Described in", "peft-ref"),
-                            ("Used in", "delta-tuning")):
+    for label, entry_id in (
+        ("Implements", "dora"),
+        ("Provided by", "hf-peft"),
+        ("Described in", "peft-ref"),
+        ("Used in", "delta-tuning"),
+    ):
         assert re.search(rf"<p>{label}: [^\n]*papers/{entry_id}/", lora), label
 
 

@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 
-from helpers import demo_losses, tiny_bert
 from reference_impls._plumbing import count_parameters
 from reference_impls.unified import (
     GRANULARITIES,
@@ -22,6 +21,8 @@ from reference_impls.unified import (
     unipelt_parameters,
     vl_pet_parameters,
 )
+
+from helpers import demo_losses, tiny_bert
 
 
 def adapterhub_unipelt(base):
@@ -47,11 +48,16 @@ def copy_from_adapterhub(ours, theirs):
         ours.prefixes.mlp[2].load_state_dict(hub_prefix.control_trans[2].state_dict())
         for mine, hub in zip(ours.encoder.layer, theirs.encoder.layer):
             for name in ("query", "value"):
-                lora, hub_lora = getattr(mine.attention.self.attention, name), getattr(hub.attention.self, name).loras["task"]
+                lora, hub_lora = (
+                    getattr(mine.attention.self.attention, name),
+                    getattr(hub.attention.self, name).loras["task"],
+                )
                 lora.A.copy_(hub_lora.lora_A)
                 lora.B.copy_(hub_lora.lora_B)
                 lora.gate.linear.load_state_dict(hub_lora.gate.state_dict())
-            mine.attention.self.gate.linear.load_state_dict(hub.attention.self.prefix_tuning.prefix_gates["task"].state_dict())
+            mine.attention.self.gate.linear.load_state_dict(
+                hub.attention.self.prefix_tuning.prefix_gates["task"].state_dict()
+            )
             hub_adapter, gated = hub.output.adapters["task"], mine.output.adapter
             gated.adapter.down.load_state_dict(hub_adapter.adapter_down[0].state_dict())
             gated.adapter.up.load_state_dict(hub_adapter.adapter_up.state_dict())
@@ -88,8 +94,11 @@ def test_unipelt_parameter_count_and_gradients():
     model(input_ids=ids).last_hidden_state.sum().backward()
     for name, parameter in model.named_parameters():
         assert (parameter.grad is not None) == parameter.requires_grad, name
-    trained = {type(module).__name__ for module in model.modules()
-               if any(p.requires_grad for p in module.parameters(recurse=False))}
+    trained = {
+        type(module).__name__
+        for module in model.modules()
+        if any(p.requires_grad for p in module.parameters(recurse=False))
+    }
     assert {"Linear", "Parameter"} & trained or trained  # the gates' and adapters' linears
     assert not any(p.requires_grad for p in model.embeddings.parameters())
     assert all(isinstance(layer.attention.self, GatedPrefixSelfAttention) for layer in model.encoder.layer)
@@ -116,8 +125,11 @@ def vl_pet_model(config, m=5):
     return model, targets
 
 
-@pytest.mark.parametrize("config", [VL_PET_LARGE, VL_PET_MIDDLE_X, VL_PET_MIDDLE_Y, VL_PET_SMALL],
-                         ids=["large", "middleX", "middleY", "small"])
+@pytest.mark.parametrize(
+    "config",
+    [VL_PET_LARGE, VL_PET_MIDDLE_X, VL_PET_MIDDLE_Y, VL_PET_SMALL],
+    ids=["large", "middleX", "middleY", "small"],
+)
 def test_vl_pet_block_follows_its_equation(config):
     model, targets = vl_pet_model({**config, "gate_rank": 6} if "gate_rank" in config else config)
     assert len(targets) == 4
