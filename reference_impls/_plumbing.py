@@ -132,3 +132,54 @@ def report_merge(model: nn.Module, x: torch.Tensor, merge) -> float:
         change = (model(x) - unmerged).abs().max().item()
     print(f"  merged into the weights: max output change {change:.2e}")
     return change
+
+
+# ---- the demos' toy encoder and sequence task (for methods that need attention) -------------------
+
+
+def tiny_encoder(seed: int = 0):
+    """A small random BERT (two layers of width 32) built from a config; nothing is downloaded."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertModel(config).eval()
+
+
+def toy_sequence_task(samples: int = 256, length: int = 8, seed: int = 1):
+    """A new task for the frozen encoder: is token 7 in the sequence? (token ids, labels)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(8, 50, (samples, length), generator=generator)
+    labels = torch.randint(0, 2, (samples,), generator=generator)
+    positions = torch.randint(0, length, (samples,), generator=generator)
+    ids[labels.bool(), positions[labels.bool()]] = 7
+    return ids, labels
+
+
+def train_classifier(
+    encoder: nn.Module, ids: torch.Tensor, labels: torch.Tensor, steps: int = 80, lr: float = 1e-2
+) -> tuple[float, float, nn.Module]:
+    """Train the encoder's trainable parameters and a fresh linear head on the mean token state;
+    returns the loss before and after, and the head."""
+    head = nn.Linear(encoder.config.hidden_size, 2)
+    parameters = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    loss_of = lambda: nn.functional.cross_entropy(head(encoder(input_ids=ids).last_hidden_state.mean(1)), labels)
+    with torch.no_grad():
+        before = loss_of().item()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        return before, loss_of().item(), head

@@ -190,17 +190,23 @@ class PrefixSelfAttention(nn.Module):
 
 
 def inject_encoder_prefix(
-    model: nn.Module, n: int = 30, hidden: int | None = 512, attention_type: type = PrefixSelfAttention
+    model: nn.Module,
+    n: int = 30,
+    hidden: int | None = 512,
+    attention_type: type = PrefixSelfAttention,
+    layers: list[int] | None = None,
 ) -> Prefixes:
-    """Prefix tuning in every self-attention of a BERT-style encoder (`encoder.layer[i].attention.self`);
-    the prefixes become `model.prefixes`. Freezes the model; returns the prefixes."""
+    """Prefix tuning in the self-attention of a BERT-style encoder's layers (`encoder.layer[i].attention.self`;
+    all, or those listed in `layers`); the prefixes become `model.prefixes`. Freezes the model; returns them."""
     _freeze(model)
-    config, layers = model.config, model.encoder.layer
+    config, encoder_layers = model.config, model.encoder.layer
+    layers = list(range(len(encoder_layers))) if layers is None else layers
     head_dim = config.hidden_size // config.num_attention_heads
     weight = model.get_input_embeddings().weight
     model.prefixes = Prefixes(n, len(layers), config.num_attention_heads, head_dim, hidden).to(weight.device)
-    for index, layer in enumerate(layers):
-        layer.attention.self = attention_type(layer.attention.self, model.prefixes, index)
+    for position, index in enumerate(layers):  # the prefixes' own layer order: the listed layers, in turn
+        layer = encoder_layers[index]
+        layer.attention.self = attention_type(layer.attention.self, model.prefixes, position)
     return model.prefixes
 
 
