@@ -1,5 +1,7 @@
 """Ladder side-tuning against its equations and parameter count; no gradient through the backbone."""
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -79,11 +81,16 @@ def test_one_side_block_per_backbone_block():
 
 
 def test_demo_runs_and_learns(capsys):
+    """Ladder side-tuning learns; K-Adapter's two knowledge adapters learn their tasks, then their
+    frozen knowledge, fused, learns the task that needs both."""
     from reference_impls.side import demo
 
     demo()
-    ((before, after),) = demo_losses(capsys.readouterr().out)
-    assert after < 0.2 * before
+    out = capsys.readouterr().out
+    (lst_before, lst_after), (fused_before, fused_after) = demo_losses(out)
+    assert lst_after < 0.2 * lst_before and fused_after < 0.2 * fused_before
+    knowledge = [float(value) for value in re.findall(r"loss [\d.e+-]+ → ([\d.e+-]+)", out)]
+    assert len(knowledge) == 2 and max(knowledge) < 0.1
 
 
 def test_bfloat16_backbone_gets_a_bfloat16_side_network():
@@ -95,3 +102,61 @@ def test_bfloat16_backbone_gets_a_bfloat16_side_network():
     out = model(torch.randn(3, D, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
+
+
+# ---- K-Adapter ------------------------------------------------------------------------------------
+
+
+def k_adapter(**options):
+    from reference_impls.side import inject_k_adapter
+
+    backbone = tiny_bert()
+    return backbone, inject_k_adapter(backbone, **{"read_layers": (0, 1, 2), "d_adapter": 12, "heads": 3, **options})
+
+
+def test_knowledge_adapter_follows_its_equations():
+    """a_j = K_j(h_{l_j} + a_{j−1}), K(z) = z + U T_N(D z), with the authors' skip every 3 layers."""
+    _, model = k_adapter(names=("factual",))
+    adapter = model.adapters["factual"]
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.normal_(0, 0.2)
+        ids = torch.randint(0, 99, (2, 7))
+        states = model.backbone(input_ids=ids, output_hidden_states=True).hidden_states
+        a, outputs = torch.zeros_like(states[-1]), []
+        for layer, read in zip(adapter.layers, (0, 1, 2)):
+            z = states[read] + a
+            t = layer.down(z)
+            for block in layer.transformer:
+                t = block(t)
+            a = z + layer.up(t)
+            outputs.append(a)
+        a = a + outputs[1]  # after the third layer: the second's output (j // skip = 1)
+        torch.testing.assert_close(adapter(states), a)
+        last = states[-1]
+        expected = model.fuse_all(model.fuse_each["factual"](torch.cat([last, a], -1)))
+        torch.testing.assert_close(model(ids), expected)
+
+
+def test_k_adapter_trains_only_beside_the_backbone():
+    backbone, model = k_adapter()
+    assert set(model.adapters) == {"factual", "linguistic"}
+    features = model(torch.randint(0, 99, (2, 7)))
+    assert features.shape == (2, 7, 32)
+    features.sum().backward()
+    assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
+    assert all(p.grad is not None for p in model.adapters.parameters())
+    from reference_impls.side import k_adapter_layer_parameters
+
+    layers = sum(p.numel() for p in model.adapters["factual"].parameters())
+    assert layers == 3 * k_adapter_layer_parameters(32, 12, 2)
+    fusion = sum(p.numel() for p in list(model.fuse_each.parameters()) + list(model.fuse_all.parameters()))
+    assert fusion == 2 * (2 * 32 * 32 + 32) + (2 * 32 * 32 + 32)
+
+
+def test_k_adapter_defaults_are_the_authors_and_checked_against_the_backbone():
+    from reference_impls.side import KnowledgeAdapter, inject_k_adapter
+
+    assert KnowledgeAdapter(8, d_adapter=8, heads=2).read_layers == (0, 11, 22)
+    with pytest.raises(ValueError, match="hidden states 0 to 2"):
+        inject_k_adapter(tiny_bert())  # (0, 11, 22) on a 2-layer model
