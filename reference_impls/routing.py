@@ -26,6 +26,26 @@ consistency loss makes two such passes agree, and at the end the copies are aver
 adapter, so inference costs what a single adapter costs:
 
     training:  h + U f(D_k h),  k ~ Uniform{1..M};       inference:  h + U f(D̄ h),  D̄ = (1/M) Σ_k D_k
+
+Lei, Bai, Brahma, Ainslie, Lee, Zhou, Du, Zhao, Wu, Li, Zhang, Chang. "Conditional Adapters:
+Parameter-efficient Transfer Learning with Fast Inference." NeurIPS 2023. arXiv:2304.04947 (CoDA).
+Routing tokens rather than modules: in each adapted residual sublayer x + F(x), a router scores the
+n tokens, s = x w, and only k of them go through the frozen, heavy F; every token goes through a
+light parallel adapter A. A soft top-k turns the scores into weights λ ∈ [0, 1]ⁿ with Σλ = k,
+
+    λ = argmax_λ  s·λ + ε H(λ),    H(λ) = −Σ_i λ_i log λ_i        (0 ≤ λ_i ≤ 1, Σ_i λ_i = k)
+
+whose solution is λ_i = min(1, exp((s_i + a)/ε)) with a set so that Σλ = k; it is computed here exactly,
+by sorting (the paper iterates a dual algorithm to the same point). The k tokens of largest λ are the
+selected set S:
+
+    x_i ← x_i + A(x_i) + [i ∈ S] · λ_i · F(x_S)_i                  (F sees only the selected tokens)
+
+so the heavy branch costs k/n of the dense one, and λ carries the router's gradient. With k = n every
+λ_i = 1 and CoDA is exactly the dense parallel adapter x + F(x) + A(x) (tested). Trainable per
+adapted sublayer: 2·d·m + d + m (the adapter) + d (the router). The authors' code is not public;
+the paper's variants for attention (which tokens are keys and values) are not reproduced: F here is
+any module over the selected tokens, and ε = 0.03 is our choice.
 """
 
 import torch
@@ -44,8 +64,9 @@ from reference_impls._plumbing import (
     toy_task,
     train,
 )
+from reference_impls.bottleneck import Adapter
 
-IMPLEMENTS = ("polytropon", "multi-head-routing", "mixture-of-vectors", "adamix")
+IMPLEMENTS = ("polytropon", "multi-head-routing", "mixture-of-vectors", "adamix", "coda")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.
 COVERED_BY = ("hf-peft", "modular-deep-learning")
@@ -177,8 +198,87 @@ def consistency_loss(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     ) / 2
 
 
+# ---- CoDA ------------------------------------------------------------------------------------------
+
+
+def soft_top_k(scores: torch.Tensor, k: int, epsilon: float = 0.03) -> torch.Tensor:
+    """λ ∈ [0, 1]^n per row of scores (…, n), Σλ = k: the exact solution of the entropy-regularised
+    top-k, λ_i = min(1, exp((s_i + a)/ε)). With the scores sorted, the j largest saturate at 1 and
+    a = ε (log(k − j) − log Σ_{i≥j} exp(s_i/ε)); the j that is consistent (s_{j−1} + a ≥ 0 ≥ s_j + a)
+    is found among 0 … k−1 at once."""
+    n = scores.shape[-1]
+    if not 0 < k <= n:
+        raise ValueError(f"k must be between 1 and the number of tokens ({n}), not {k}")
+    ordered = scores.sort(dim=-1, descending=True).values[..., :k]  # only the first k can be the j-th
+    tail = torch.logcumsumexp((scores.sort(dim=-1).values / epsilon), dim=-1).flip(-1)[..., :k]  # log Σ_{i≥j}
+    j = torch.arange(k, device=scores.device, dtype=scores.dtype)
+    a = epsilon * (torch.log(k - j) - tail)  # (…, k): the candidate for each j
+    above = torch.cat([torch.full_like(ordered[..., :1], float("inf")), ordered[..., :-1]], dim=-1)
+    consistent = (above + a >= 0) & (ordered + a <= 1e-6 * epsilon)
+    chosen = consistent.to(torch.int8).argmax(dim=-1, keepdim=True)  # the first consistent j
+    a = a.gather(-1, chosen)
+    return torch.exp(torch.clamp((scores + a) / epsilon, max=0.0))  # exp ≤ 1; clamped before exp: no inf
+
+
+class ConditionalAdapter(nn.Module):
+    """CoDA in place of a residual function F: A(x) for every token, plus λ_i F(x_S)_i for the k selected."""
+
+    def __init__(self, heavy: nn.Module, d: int, m: int, keep: float = 0.25, epsilon: float = 0.03):
+        super().__init__()
+        weight = next(heavy.parameters())
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.heavy, self.keep, self.epsilon = heavy, keep, epsilon
+        self.adapter = Adapter(d, m, "relu", **factory)  # up-projection zero: only F at the start
+        self.router = nn.Linear(d, 1, bias=False, **factory)
+        nn.init.zeros_(self.router.weight)  # equal scores at the start
+        self.heavy_tokens = 0  # tokens the heavy branch processed in the last forward (for cost reports)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, n, d) → what the residual stream adds: A(x) + the routed F."""
+        n = x.shape[-2]
+        k = max(1, min(n, round(self.keep * n)))
+        lam = soft_top_k(self.router(x).squeeze(-1), k, self.epsilon)  # (batch, n)
+        selected = lam.topk(k, dim=-1).indices.sort(dim=-1).values  # keep the tokens in their order
+        rows = selected.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        heavy = self.heavy(x.gather(-2, rows)) * lam.gather(-1, selected).unsqueeze(-1)
+        self.heavy_tokens = selected.numel()
+        return self.adapter(x).scatter_add(-2, rows, heavy.to(x.dtype))
+
+
+def inject_coda(model: nn.Module, target_names: list[str], m: int = 16, keep: float = 0.25) -> list[str]:
+    """CoDA in place of each named residual function F (a module the model uses as x + F(x), taking and
+    returning (batch, tokens, d)); everything but the adapters and routers frozen."""
+    targets = find_targets(model, target_names, kind=nn.Module)
+    for name in targets:
+        heavy = model.get_submodule(name)
+        replace_module(model, name, ConditionalAdapter(heavy, output_width(heavy), m, keep))
+    model.requires_grad_(False)
+    for module in model.modules():
+        if isinstance(module, ConditionalAdapter):
+            module.adapter.requires_grad_(True)
+            module.router.requires_grad_(True)
+    return targets
+
+
+class TokenMixer(nn.Module):
+    """The CoDA demo's frozen model: tokens through residual FFN blocks, then pooled to a vector."""
+
+    def __init__(self, d: int = 32, depth: int = 2, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(depth)
+        )
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = x + block(x)
+        return self.out(x.mean(dim=-2))
+
+
 def demo() -> None:
-    """Polytropon on two tasks that share structure; MoV and AdaMix on one."""
+    """Polytropon on two tasks that share structure; MoV and AdaMix on one; CoDA on token sequences."""
     x, y1 = toy_task(seed=1)
     _, y2 = toy_task(seed=2)
     model = toy_model()
@@ -199,6 +299,19 @@ def demo() -> None:
         report(name, model, before, after)
     with torch.no_grad():  # AdaMix at inference: the copies averaged into one adapter
         print(f"  AdaMix merged into one adapter: loss {F.mse_loss(model.eval()(x), y1):.4g}")
+
+    generator = torch.Generator().manual_seed(4)
+    tokens = torch.randn(128, 16, 32, generator=generator)  # 128 sequences of 16 tokens
+    target = TokenMixer(seed=5)(tokens).detach()  # the new task: what another network computes
+    model = TokenMixer()
+    inject_coda(model, ["blocks.0", "blocks.1"], m=8, keep=0.25)
+    before, after = train(model, tokens, target, steps=200)
+    report("CoDA, 4 of 16 tokens through each heavy block, m=8", model, before, after)
+    heavy = sum(module.heavy_tokens for module in model.modules() if isinstance(module, ConditionalAdapter))
+    print(
+        f"  heavy blocks ran on {heavy:,} of {2 * tokens.shape[0] * tokens.shape[1]:,} token positions: "
+        f"{2 * tokens.shape[0] * tokens.shape[1] / heavy:.1f}x fewer heavy FLOPs than the dense model"
+    )
 
 
 if __name__ == "__main__":

@@ -144,8 +144,10 @@ def test_demo_runs_and_learns(capsys):
     from reference_impls.routing import demo
 
     demo()
-    losses = demo_losses(capsys.readouterr().out)
-    assert len(losses) == 3 and all(after < 0.8 * before for before, after in losses)
+    out = capsys.readouterr().out
+    losses = demo_losses(out)
+    assert len(losses) == 4 and all(after < 0.8 * before for before, after in losses)
+    assert "4.0x fewer heavy FLOPs" in out  # CoDA: 4 of 16 tokens through the heavy blocks
 
 
 @pytest.mark.parametrize(
@@ -165,3 +167,81 @@ def test_bfloat16_in_training_and_evaluation(inject):
         y.float().sum().backward()
         assert y.dtype == model.eval()(x).dtype == torch.bfloat16
     assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ---- CoDA -------------------------------------------------------------------------------------------
+
+
+def test_soft_top_k_solves_its_problem():
+    """λ = min(1, exp((s + a)/ε)) with a such that Σλ = k: found here by bisection, independently."""
+    from reference_impls.routing import soft_top_k
+
+    scores = torch.randn(5, 13, dtype=torch.float64)
+    for k in (1, 4, 13):
+        lam = soft_top_k(scores, k, epsilon=0.1)
+        assert torch.allclose(lam.sum(-1), torch.full((5,), float(k), dtype=torch.float64), atol=1e-6)
+        assert ((lam >= 0) & (lam <= 1 + 1e-9)).all()
+        low, high = torch.full((5, 1), -50.0, dtype=torch.float64), torch.full((5, 1), 50.0, dtype=torch.float64)
+        for _ in range(200):
+            middle = (low + high) / 2
+            total = torch.clamp(torch.exp((scores + middle) / 0.1), max=1).sum(-1, keepdim=True)
+            low, high = torch.where(total < k, middle, low), torch.where(total < k, high, middle)
+        torch.testing.assert_close(lam, torch.clamp(torch.exp((scores + low) / 0.1), max=1), atol=1e-6, rtol=1e-6)
+    order = scores[0].argsort()
+    assert (soft_top_k(scores, 4)[0][order].diff() >= -1e-12).all()  # higher score, higher weight
+
+
+def test_coda_with_every_token_kept_is_the_dense_parallel_adapter():
+    from reference_impls.bottleneck import ParallelAdapter
+    from reference_impls.routing import ConditionalAdapter
+
+    heavy = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12))
+    coda = ConditionalAdapter(heavy, d=12, m=5, keep=1.0)
+    with torch.no_grad():
+        coda.adapter.up.weight.normal_()
+        coda.router.weight.normal_()
+    x = torch.randn(3, 7, 12)
+    dense = ParallelAdapter(heavy, coda.adapter)
+    torch.testing.assert_close(coda(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
+def test_coda_sends_only_k_tokens_through_the_heavy_branch():
+    from reference_impls.routing import ConditionalAdapter, inject_coda
+
+    seen = []
+    heavy = nn.Sequential(nn.Linear(12, 20), nn.GELU(), nn.Linear(20, 12))
+    heavy.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape))
+    model = nn.ModuleDict({"f": heavy})
+    inject_coda(model, ["f"], m=4, keep=0.25)
+    coda = model["f"]
+    with torch.no_grad():
+        coda.adapter.up.weight.normal_()
+        coda.router.weight.normal_()
+    x = torch.randn(2, 16, 12)
+    out = coda(x)
+    assert seen == [torch.Size([2, 4, 12])] and coda.heavy_tokens == 8
+    lam = __import__("reference_impls.routing", fromlist=["soft_top_k"]).soft_top_k(coda.router(x).squeeze(-1), 4)
+    chosen = lam.topk(4, dim=-1).indices
+    expected = coda.adapter(x)
+    for row in range(2):
+        for position in sorted(chosen[row].tolist()):
+            expected[row, position] += (
+                lam[row, position]
+                * heavy(x[row, sorted(chosen[row].tolist())])[sorted(chosen[row].tolist()).index(position)]
+            )
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert coda.router.weight.grad is not None and coda.router.weight.grad.abs().sum() > 0  # through λ
+    assert all(p.grad is None for p in heavy.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 2 * 12 * 4 + 12 + 4 + 12
+    assert isinstance(coda, ConditionalAdapter)
+
+
+def test_coda_runs_in_bf16():
+    from reference_impls.routing import TokenMixer, inject_coda
+
+    model = TokenMixer()
+    inject_coda(model, ["blocks.0", "blocks.1"], m=8, keep=0.25)
+    x = torch.randn(4, 16, 32, dtype=torch.bfloat16)
+    assert model.to(torch.bfloat16)(x).dtype == torch.bfloat16
