@@ -24,6 +24,20 @@ Both compose bottleneck adapters (bottleneck.py) in the same places: around any 
 read(y) = y, or inside a post-norm Add & Norm block LN(y + r), where, as in Pfeiffer's placement,
 read(y) = LN(y + r) and the block's LayerNorm is applied once more at the end.
 
+Wang, Tsvetkov, Ruder, Neubig. "Efficient Test Time Adapter Ensembling for Low-resource Language
+Varieties." Findings of EMNLP 2021 (2021.findings-emnlp.63) (EMEA). For a language variety that has
+no adapter of its own, the adapters of related languages are ensembled at every place,
+
+    y + Σ_n w_n A_n(read(y)),      w = softmax(α),   α = 0 (the plain average) for every test batch,
+
+and the weights α alone take a few gradient steps on that batch to lower the entropy of the model's
+predictions, H = −Σ_c p_c log p_c averaged over the batch; then the batch is predicted. No labels, and
+no parameter of the model or of the adapters changes. Trainable at test time: N per place. The step
+size and count (here SGD, 10 steps of 1.0) are ours; the paper's exact values could not be checked.
+At α = 0 the ensemble is the mean of the adapters' outputs, which is AdapterHub's `Average` with
+weights 1 each and normalize_weights=False; with its default normalised weights AdapterHub 1.3
+averages w_n·(y + A_n), i.e. divides the whole block output by N (tested), which we do not follow.
+
 Arithmetic on the weights of trained modules makes a new module without training:
 - Chronopoulou, Peters, Fraser, Dodge. "AdapterSoup: Weight Averaging to Improve Generalization of
   Pretrained Language Models." Findings of EACL 2023 (2023.findings-eacl.153): the uniform average of the
@@ -53,7 +67,7 @@ from reference_impls.bottleneck import (
 from reference_impls.ia3 import IA3Linear, inject_ia3
 from reference_impls.lora import LoRALinear, inject_lora
 
-IMPLEMENTS = ("adapterfusion", "mad-x", "adaptersoup", "pem-arithmetic")
+IMPLEMENTS = ("adapterfusion", "mad-x", "adaptersoup", "pem-arithmetic", "emea")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.
 COVERED_BY = ("adapterhub", "adapters-library", "modular-deep-learning")
@@ -79,14 +93,21 @@ class Fusion(nn.Module):
 
 
 class ComposedAdapters(nn.Module):
-    """N bottleneck adapters at one place, stacked ("stack") or fused ("fuse")."""
+    """N bottleneck adapters at one place, stacked ("stack"), fused ("fuse") or ensembled ("ensemble")."""
 
     def __init__(self, sublayer: nn.Module, adapters: list[Adapter], mode: str):
         super().__init__()
         self.sublayer, self.adapters, self.mode = sublayer, nn.ModuleList(adapters), mode
         self.add_norm = is_add_norm_block(sublayer)  # then forward takes the hidden states and the residual r
+        weight = adapters[0].up.weight
         d = adapters[0].up.out_features
-        self.fusion = Fusion(d, adapters[0].up.weight.device, adapters[0].up.weight.dtype) if mode == "fuse" else None
+        self.fusion = Fusion(d, weight.device, weight.dtype) if mode == "fuse" else None
+        # EMEA's ensemble weights w = softmax(α): α = 0, the plain average, until test time moves it.
+        self.ensemble_logits = (
+            nn.Parameter(torch.zeros(len(adapters), device=weight.device, dtype=weight.dtype))
+            if mode == "ensemble"
+            else None
+        )
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         if self.add_norm:
@@ -102,6 +123,8 @@ class ComposedAdapters(nn.Module):
             return finish(y)
         h = read(y)
         z = torch.stack([adapter(h) for adapter in self.adapters], dim=-2)
+        if self.mode == "ensemble":
+            return finish(y + (self.ensemble_logits.softmax(0).unsqueeze(-1) * z).sum(-2))
         return finish(y + self.fusion(h, z))
 
 
@@ -185,8 +208,8 @@ def inject_composition(
     """Give each named sublayer `adapters` bottleneck adapters (fill them with load_adapter). Trainable:
     the fusion layers ("fuse"), or the last adapter of each stack ("stack": the task adapter on top
     of the language adapters)."""
-    if mode not in ("fuse", "stack"):
-        raise ValueError(f"mode is 'fuse' or 'stack', not {mode!r}")
+    if mode not in ("fuse", "stack", "ensemble"):
+        raise ValueError(f"mode is 'fuse', 'stack' or 'ensemble', not {mode!r}")
     targets = find_targets(model, target_names, kind=nn.Module)
     for name in targets:
         sublayer = model.get_submodule(name)
@@ -197,7 +220,8 @@ def inject_composition(
     model.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, ComposedAdapters):
-            (module.fusion if mode == "fuse" else module.adapters[-1]).requires_grad_(True)
+            if mode != "ensemble":  # an ensemble learns nothing in training: its weights move at test time
+                (module.fusion if mode == "fuse" else module.adapters[-1]).requires_grad_(True)
     return targets
 
 
@@ -207,6 +231,45 @@ def load_adapter(model: nn.Module, index: int, trained: nn.Module) -> None:
     for name, module in trained.named_modules():
         if isinstance(module, SequentialAdapter):
             model.get_submodule(name).adapters[index].load_state_dict(module.adapter.state_dict())
+
+
+def ensemble_weights(model: nn.Module) -> list[torch.Tensor]:
+    """w = softmax(α) at every ensemble place, in module order."""
+    return [
+        m.ensemble_logits.softmax(0).detach()
+        for m in model.modules()
+        if isinstance(m, ComposedAdapters) and m.mode == "ensemble"
+    ]
+
+
+def emea(model: nn.Module, predict, steps: int = 10, lr: float = 1.0) -> tuple[torch.Tensor, list[float]]:
+    """EMEA for one test batch: every ensemble's α back to 0 (the average), `steps` SGD steps on the
+    mean entropy of predict() (the batch's class logits) with respect to the α only, then predict once
+    more. Returns the final logits and the entropy before each step and at the end."""
+    logits = [m.ensemble_logits for m in model.modules() if isinstance(m, ComposedAdapters) and m.mode == "ensemble"]
+    if not logits:
+        raise ValueError("the model has no ensemble of adapters: inject_composition(..., mode='ensemble')")
+    entropies = []
+    with torch.no_grad():
+        for alpha in logits:
+            alpha.zero_()
+    for step in range(steps + 1):
+        with torch.enable_grad():
+            for alpha in logits:
+                alpha.requires_grad_(True)
+            log_p = predict().log_softmax(-1)
+            entropy = -(log_p.exp() * log_p).sum(-1).mean()
+            entropies.append(entropy.item())
+            if step == steps:
+                break
+            gradients = torch.autograd.grad(entropy, logits)  # the α only: nothing else gets a .grad
+        with torch.no_grad():
+            for alpha, gradient in zip(logits, gradients):
+                alpha -= lr * gradient
+    for alpha in logits:
+        alpha.requires_grad_(False)
+    with torch.no_grad():
+        return predict(), entropies
 
 
 def fusion_penalty(model: nn.Module) -> torch.Tensor:
@@ -290,6 +353,38 @@ def demo() -> None:
             f"LoRA on its task: loss {loss(model(x), y1):.4g}; the base model: {loss(toy_model()(x), y1):.4g}; "
             f"the negated module (unlearning): {loss(negate(model)(x), y1):.4g}"
         )
+
+    emea_demo()
+
+
+def emea_demo() -> None:
+    """Two "language" adapters, each trained on its own 8-class task; a batch of a variety close to the
+    first: EMEA moves the ensemble toward the first adapter without a label."""
+    (x, y1), (_, y2) = toy_task(seed=1), toy_task(seed=2)
+    labels = [y[:, :8].argmax(-1) for y in (y1, y2)]
+    classify = lambda model, inputs: model(inputs)[:, :8]
+    ensemble = toy_model()
+    inject_composition(ensemble, ["2", "4"], adapters=2, m=8, mode="ensemble", activation=HOULSBY["activation"])
+    for index, target in enumerate(labels):
+        model = toy_model()
+        inject_adapters(model, ["2", "4"], m=8, **HOULSBY)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(200):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(classify(model, x[:256]), target[:256]).backward()
+            optimizer.step()
+        load_adapter(ensemble, index, model)
+    batch = x[256:] + 0.1 * torch.randn_like(x[256:])  # held-out inputs of a variety of language 1
+    with torch.no_grad():
+        average = classify(ensemble, batch)
+    adapted, entropies = emea(ensemble, lambda: classify(ensemble, batch))
+    accuracy = lambda logits: (logits.argmax(-1) == labels[0][256:]).float().mean().item()
+    weights = ", ".join(f"{w[0]:.2f}/{w[1]:.2f}" for w in ensemble_weights(ensemble))
+    print(
+        f"EMEA on a variety of language 1: prediction entropy {entropies[0]:.3f} → {entropies[-1]:.3f}; "
+        f"weights of the two adapters per place {weights}; accuracy {accuracy(average):.3f} with the plain "
+        f"average, {accuracy(adapted):.3f} after EMEA"
+    )
 
 
 if __name__ == "__main__":

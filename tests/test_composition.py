@@ -2,6 +2,7 @@
 trained modules against the definitions of Zhang et al."""
 
 import copy
+import re
 from collections import OrderedDict
 
 import pytest
@@ -230,6 +231,8 @@ def test_demo_runs_and_learns(capsys):
     ((before, after),) = demo_losses(output)
     assert after < 0.5 * before
     assert "their average (no training)" in output and "unlearning" in output
+    entropy = re.search(r"prediction entropy ([\d.]+) → ([\d.]+)", output)
+    assert entropy and float(entropy.group(2)) < float(entropy.group(1))  # EMEA lowered it, without labels
 
 
 def test_mad_x_equals_adapterhub_on_a_tiny_masked_lm():
@@ -313,3 +316,84 @@ def test_bfloat16_compositions(mode):
     invertible = InvertibleAdapter(21).to(torch.bfloat16)
     e = torch.randn(3, 21, dtype=torch.bfloat16)
     torch.testing.assert_close(invertible.inverse(invertible(e)), e)
+
+
+# ---- EMEA ---------------------------------------------------------------------------------------------
+
+
+def adapterhub_two_adapters(base):
+    import adapters
+    from adapters import SeqBnConfig
+
+    theirs = copy.deepcopy(base)
+    adapters.init(theirs)
+    for name in ("a", "b"):
+        theirs.add_adapter(name, config=SeqBnConfig(reduction_factor=8))
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if ".adapters." in name:
+                parameter.normal_(0, 0.3)
+    ours = copy.deepcopy(base)
+    inject_composition(ours, [f"encoder.layer.{i}.output" for i in range(2)], adapters=2, m=4, mode="ensemble")
+    with torch.no_grad():
+        for i in range(2):
+            for slot, name in enumerate("ab"):
+                hub, mine = theirs.encoder.layer[i].output.adapters[name], ours.encoder.layer[i].output.adapters[slot]
+                mine.down.load_state_dict(hub.adapter_down[0].state_dict())
+                mine.up.load_state_dict(hub.adapter_up.state_dict())
+    return ours, theirs
+
+
+def test_ensemble_weights_are_adapterhubs_average_of_the_adapters_outputs():
+    """Uniform weights (α = 0) are the mean of the adapters' outputs: AdapterHub's Average with unit,
+    unnormalised weights; any w is Average with weights N·w. AdapterHub's default (normalised) Average
+    divides the whole block output by N: LN((y + Ā)/N + r), which EMEA's equation does not."""
+    from adapters.composition import Average
+
+    base = tiny_bert()
+    ours, theirs = adapterhub_two_adapters(base)
+    ids = torch.randint(0, 99, (2, 9))
+    run = lambda model: model(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        theirs.set_active_adapters(Average("a", "b", weights=[1.0, 1.0], normalize_weights=False))
+        expected, plain = run(theirs), run(base)
+        assert (expected - plain).abs().max() > 1e-2
+        torch.testing.assert_close(run(ours), expected, rtol=1e-5, atol=1e-5)
+        for module in ours.modules():
+            if getattr(module, "ensemble_logits", None) is not None:
+                module.ensemble_logits.copy_(torch.tensor([0.3, -0.4]))
+        w = torch.tensor([0.3, -0.4]).softmax(0)
+        theirs.set_active_adapters(Average("a", "b", weights=(2 * w).tolist(), normalize_weights=False))
+        torch.testing.assert_close(run(ours), run(theirs), rtol=1e-5, atol=1e-5)
+        theirs.set_active_adapters(Average("a", "b"))  # the default: not the average of the outputs
+        assert (run(theirs) - run(ours)).abs().max() > 1e-2
+
+
+def test_emea_lowers_the_entropy_and_changes_only_the_ensemble_weights():
+    from reference_impls.composition import emea, ensemble_weights
+
+    base = tiny_bert()
+    ours, _ = adapterhub_two_adapters(base)
+    head = nn.Linear(32, 5)
+    ids = torch.randint(0, 99, (4, 9))
+    frozen = {
+        name: parameter.detach().clone()
+        for name, parameter in ours.named_parameters()
+        if not name.endswith("ensemble_logits")
+    }
+    with torch.no_grad():
+        for module in ours.modules():
+            if getattr(module, "ensemble_logits", None) is not None:
+                module.ensemble_logits.fill_(2.0)  # whatever a previous batch left: EMEA starts from 0
+    logits, entropies = emea(ours, lambda: head(ours(input_ids=ids).last_hidden_state.mean(1)), steps=15, lr=2.0)
+    assert len(entropies) == 16 and entropies[-1] < entropies[0]
+    with torch.no_grad():
+        torch.testing.assert_close(logits, head(ours(input_ids=ids).last_hidden_state.mean(1)))
+    assert any((w - 0.5).abs().max() > 1e-3 for w in ensemble_weights(ours))  # the weights moved
+    for name, parameter in ours.named_parameters():
+        if name in frozen:
+            torch.testing.assert_close(parameter, frozen[name])
+            assert parameter.grad is None
+    assert all(p.grad is None for p in head.parameters())
+    with pytest.raises(ValueError, match="no ensemble"):
+        emea(tiny_bert(), lambda: torch.zeros(1, 2))
