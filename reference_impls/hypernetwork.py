@@ -31,6 +31,22 @@ features alone:
 with one set of tensors 𝐃 ∈ ℝ^{k×m×d}, 𝐔 ∈ ℝ^{k×d×m} (and biases) per place: k·(2·d·m + d + m) per
 place plus the embedding MLP. As in the authors' code, 𝐃 and 𝐔 start at N(0, 0.0002²), biases at 0.
 (The authors can also append a one-hot language id to v, dropped at random while training; not here.)
+
+Ansell, Ponti, Pfeiffer, Ruder, Glavaš, Vulić, Korhonen. "MAD-G: Multilingual Adapter Generation for
+Efficient Cross-Lingual Transfer." Findings of EMNLP 2021 (2021.findings-emnlp.410). Contextual
+parameter generation for MAD-X's language adapters (composition.py), with ONE generator for all
+layers: a language's typological vector t (URIEL / lang2vec features) becomes a language embedding,
+joined with a learned embedding of the layer, and a linear map turns the pair into all the weights
+of that layer's adapter:
+
+    λ = V t,      θ_i = W [λ; ι_i] + c  →  (D, b_D, U, b_U),      A_i(u) = U ReLU(D u + b_D) + b_U
+
+with the adapter in MAD-X's (Pfeiffer's) place, reading the FFN's Add & Norm output u = LN(y + r), or
+after any sublayer. Trained on many languages at once, it gives an unseen language an adapter from
+its features alone. Trainable: F·d_λ (V) + L·d_ι (layer embeddings) + (d_λ + d_ι + 1)·(2·d·m + d + m)
+(W and c), independent of the number of languages. W starts at N(0, 0.01²) and c at 0, so adapters
+start close to zero. We could not check here whether the paper joins λ and ι by concatenation (as
+here) or adds them, nor its initialisation.
 """
 
 from typing import NamedTuple
@@ -50,7 +66,7 @@ from reference_impls._plumbing import (
     toy_task,
 )
 
-IMPLEMENTS = ("hyperformer", "udapter")
+IMPLEMENTS = ("hyperformer", "udapter", "mad-g")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.
 COVERED_BY = ("modular-deep-learning",)
@@ -221,9 +237,89 @@ def inject_udapter(
     return language
 
 
+# ---- MAD-G: one generator of language adapters for all layers ---------------------------------------
+
+
+class LanguageAdapterGenerator(nn.Module):
+    """(typological vector t, layer i) → θ_i = W [V t; ι_i] + c, the weights of layer i's adapter."""
+
+    def __init__(self, features: torch.Tensor, layers: int, d: int, m: int, d_language: int = 32, d_layer: int = 8):
+        super().__init__()
+        self.d, self.m = d, m
+        self.register_buffer("features", features)  # (languages, F): fixed, not trained
+        self.language_projection = nn.Linear(features.shape[1], d_language, bias=False)  # V
+        self.layer_embeddings = nn.Embedding(layers, d_layer)  # ι
+        self.generate = _generator(d_language + d_layer, 2 * d * m + d + m)  # W, c
+        self.language: int | None = None  # set by use_language() for a batch
+
+    def forward(self, layer: int) -> AdapterWeights:
+        if self.language is None:
+            raise ValueError("which language is this batch? Call the model inside `with use_language(model, index):`")
+        z = torch.cat([self.language_projection(self.features[self.language]), self.layer_embeddings.weight[layer]])
+        theta = self.generate(z)
+        d, m = self.d, self.m
+        down, down_bias, up, up_bias = theta.split([m * d, m, d * m, d])
+        ones, zeros = torch.ones(d, device=theta.device, dtype=theta.dtype), torch.zeros_like(theta[:d])
+        return AdapterWeights(down.view(m, d), down_bias, up.view(d, m), up_bias, ones, zeros)
+
+
+class GeneratedLanguageAdapter(nn.Module):
+    """A_i(u) = U ReLU(D u + b_D) + b_U with layer i's weights from the shared generator (no residual:
+    bottleneck.py's wrappers add it, and place it)."""
+
+    def __init__(self, generator: LanguageAdapterGenerator, layer: int):
+        super().__init__()
+        self.generator, self.layer = [generator], layer  # a plain list: not registered here, but ...
+        if layer == 0:
+            self.shared_generator = generator  # ... once, by the first layer's adapter (state_dict, .to())
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        w = self.generator[0](self.layer)
+        return F.linear(
+            F.relu(F.linear(u, w.down.to(u.dtype), w.down_bias.to(u.dtype))), w.up.to(u.dtype), w.up_bias.to(u.dtype)
+        )
+
+
+def inject_mad_g(
+    model: nn.Module,
+    target_names: list[str],
+    features: torch.Tensor,
+    m: int = 48,
+    d_language: int = 32,
+    d_layer: int = 8,
+) -> LanguageAdapterGenerator:
+    """MAD-G's generated language adapters at the named places, the n-th match being layer n: in
+    MAD-X's place for post-norm Add & Norm blocks (BERT's `encoder.layer.{i}.output`), else after the sublayer; one
+    generator for all of them (registered in the first). Everything else is frozen. Returns it."""
+    from reference_impls.bottleneck import AddNormAdapter, SequentialAdapter, is_add_norm_block
+
+    targets = find_targets(model, target_names, kind=nn.Module)
+    weight = next(model.parameters())
+    d = output_width(model.get_submodule(targets[0]))
+    generator = LanguageAdapterGenerator(features, len(targets), d, m, d_language, d_layer)
+    generator.to(device=weight.device, dtype=weight.dtype)
+    for layer, name in enumerate(targets):
+        sublayer, adapter = model.get_submodule(name), GeneratedLanguageAdapter(generator, layer)
+        wrapped = (
+            AddNormAdapter(sublayer, adapter, "after_norm")
+            if is_add_norm_block(sublayer)
+            else SequentialAdapter(sublayer, adapter)
+        )
+        replace_module(model, name, wrapped)
+    model.requires_grad_(False)
+    generator.requires_grad_(True)
+    return generator
+
+
+def mad_g_parameters(features: int, layers: int, d: int, m: int, d_language: int = 32, d_layer: int = 8) -> int:
+    """The trainable-parameter formula of the module docstring."""
+    return features * d_language + layers * d_layer + (d_language + d_layer + 1) * (2 * d * m + d + m)
+
+
 def use_language(model: nn.Module, language: int):
-    """`with use_language(model, index):` the adapters are generated for that row of the feature table."""
-    return setting(model, LanguageEmbedding, "language", language)
+    """`with use_language(model, index):` the adapters (UDapter's or MAD-G's) are generated for that
+    row of the feature table."""
+    return setting(model, (LanguageEmbedding, LanguageAdapterGenerator), "language", language)
 
 
 def use_task_and_run(model: nn.Module, task: int, x: torch.Tensor) -> torch.Tensor:
@@ -233,7 +329,8 @@ def use_task_and_run(model: nn.Module, task: int, x: torch.Tensor) -> torch.Tens
 
 def demo() -> None:
     """HyperFormer++: two tasks on one frozen MLP through one hypernetwork (one task per step).
-    UDapter: three training languages described by two features; a fourth, unseen, by its features only."""
+    UDapter and MAD-G: three training languages described by two features; a fourth, unseen, by its
+    features only."""
     x, y1 = toy_task(seed=1)
     _, y2 = toy_task(seed=2)
     loss_fn = nn.MSELoss()
@@ -279,6 +376,18 @@ def demo() -> None:
         before,
         unseen_loss(),
     )
+
+    model = toy_model()
+    inject_mad_g(model, ["2", "4"], features, m=8, d_language=8, d_layer=4)
+    before = unseen_loss()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(600):
+        language = step % 3
+        optimizer.zero_grad()
+        with use_language(model, language):
+            loss_fn(model(x), targets[language]).backward()
+        optimizer.step()
+    report("MAD-G (one generator for 2 layers, m=8), on a 4th language never trained on", model, before, unseen_loss())
 
 
 if __name__ == "__main__":

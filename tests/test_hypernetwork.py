@@ -140,7 +140,7 @@ def test_demo_runs_and_learns_both_tasks_and_the_unseen_language(capsys):
 
     demo()
     losses = demo_losses(capsys.readouterr().out)
-    assert len(losses) == 3 and all(after < 0.8 * before for before, after in losses)
+    assert len(losses) == 4 and all(after < 0.8 * before for before, after in losses)
 
 
 FEATURES = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.3, 0.3, 0.0]])  # 3 languages, 3 features
@@ -200,3 +200,71 @@ def test_bfloat16_model_gets_a_bfloat16_hypernetwork():
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
     assert hypernetwork.down.weight.grad is not None
+
+
+# ---- MAD-G -------------------------------------------------------------------------------------------
+
+
+def test_mad_g_generates_each_layers_adapter_from_features_and_layer():
+    from reference_impls.bottleneck import SequentialAdapter
+    from reference_impls.hypernetwork import GeneratedLanguageAdapter, inject_mad_g
+
+    model = model_of()
+    generator = inject_mad_g(model, ["ffn"], FEATURES, m=4, d_language=5, d_layer=3)
+    randomise(generator)
+    assert all(isinstance(model[i].ffn, SequentialAdapter) for i in range(3))
+    assert {module.generator[0] for module in model.modules() if isinstance(module, GeneratedLanguageAdapter)} == {
+        generator
+    }  # one generator for every layer
+    u = torch.randn(2, 4, D)
+    with use_language(model, 1), torch.no_grad():
+        adapter = model[2].ffn.adapter
+        z = torch.cat([generator.language_projection.weight @ FEATURES[1], generator.layer_embeddings.weight[2]])
+        theta = generator.generate.weight @ z + generator.generate.bias
+        down, b_down = theta[: 4 * D].view(4, D), theta[4 * D : 4 * D + 4]
+        up, b_up = theta[4 * D + 4 : 8 * D + 4].view(D, 4), theta[8 * D + 4 :]
+        torch.testing.assert_close(adapter(u), F.relu(u @ down.T + b_down) @ up.T + b_up)
+    with use_language(model, 1), torch.no_grad():
+        assert (model[1].ffn.adapter(u) - model[2].ffn.adapter(u)).abs().max() > 1e-3  # the layer embedding
+    with torch.no_grad():
+        with use_language(model, 0):
+            first = model[2].ffn.adapter(u)
+        with use_language(model, 1):
+            second = model[2].ffn.adapter(u)
+    assert (first - second).abs().max() > 1e-3  # other features, other adapter
+    with pytest.raises(ValueError, match="which language"):
+        model(u)
+
+
+def test_mad_g_parameters_and_gradients():
+    from reference_impls.hypernetwork import inject_mad_g, mad_g_parameters
+
+    model = model_of()
+    inject_mad_g(model, ["ffn"], FEATURES, m=4, d_language=5, d_layer=3)
+    trainable, _ = count_parameters(model)
+    assert trainable == mad_g_parameters(features=3, layers=3, d=D, m=4, d_language=5, d_layer=3)
+    with use_language(model, 2):
+        model(torch.randn(3, D)).sum().backward()
+    for name, parameter in model.named_parameters():
+        assert (parameter.grad is not None) == ("shared_generator" in name), name
+    assert "0.ffn.adapter.shared_generator.features" in model.state_dict()  # the table travels with the model
+
+
+def test_mad_g_in_madx_place_on_a_bert():
+    from reference_impls.bottleneck import AddNormAdapter
+    from reference_impls.hypernetwork import inject_mad_g
+
+    from helpers import tiny_bert
+
+    model = tiny_bert()
+    generator = inject_mad_g(model, [f"encoder.layer.{i}.output" for i in range(2)], FEATURES, m=4)
+    layers = [name for name, module in model.named_modules() if isinstance(module, AddNormAdapter)]
+    assert layers == ["encoder.layer.0.output", "encoder.layer.1.output"]
+    randomise(generator)
+    ids = torch.randint(0, 99, (2, 7))
+    with use_language(model, 0), torch.no_grad():
+        adapted = model(input_ids=ids).last_hidden_state
+    assert (adapted - tiny_bert()(input_ids=ids).last_hidden_state).abs().max() > 1e-2
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    with use_language(bf16, 0), torch.no_grad():
+        assert bf16(input_ids=ids).last_hidden_state.dtype == torch.bfloat16
