@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 check: $(STAMP)
-	$(BIN)/catalog check
+	$(BIN)/catalog check --strict-impl
 
 site: $(STAMP)
 	$(BIN)/catalog build --out build/site
@@ -46,7 +46,7 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 
 test: $(STAMP) lint
-	$(BIN)/catalog check
+	$(BIN)/catalog check --strict-impl
 	$(BIN)/python -m pytest
 	$(MAKE) test-gpu-triton
 
