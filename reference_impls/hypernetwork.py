@@ -355,39 +355,28 @@ def demo() -> None:
 
     features = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 0.5]])  # the last language is unseen
     targets = [f[0] * y1 + f[1] * y2 for f in features]
+
+    def train_three_languages_report_the_fourth(name: str, model: nn.Module) -> None:
+        def unseen_loss() -> float:
+            with torch.no_grad(), use_language(model, 3):
+                return loss_fn(model(x), targets[3]).item()
+
+        before = unseen_loss()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for step in range(600):
+            language = step % 3
+            optimizer.zero_grad()
+            with use_language(model, language):
+                loss_fn(model(x), targets[language]).backward()
+            optimizer.step()
+        report(f"{name}, on a 4th language never trained on", model, before, unseen_loss())
+
     model = toy_model()
     inject_udapter(model, ["2", "4"], features, m=8, k=8, hidden=16)
-
-    def unseen_loss() -> float:
-        with torch.no_grad(), use_language(model, 3):
-            return loss_fn(model(x), targets[3]).item()
-
-    before = unseen_loss()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(600):
-        language = step % 3
-        optimizer.zero_grad()
-        with use_language(model, language):
-            loss_fn(model(x), targets[language]).backward()
-        optimizer.step()
-    report(
-        "UDapter (3 training languages, 2 places, m=8, k=8), on a 4th language never trained on",
-        model,
-        before,
-        unseen_loss(),
-    )
-
+    train_three_languages_report_the_fourth("UDapter (3 training languages, 2 places, m=8, k=8)", model)
     model = toy_model()
     inject_mad_g(model, ["2", "4"], features, m=8, d_language=8, d_layer=4)
-    before = unseen_loss()
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for step in range(600):
-        language = step % 3
-        optimizer.zero_grad()
-        with use_language(model, language):
-            loss_fn(model(x), targets[language]).backward()
-        optimizer.step()
-    report("MAD-G (one generator for 2 layers, m=8), on a 4th language never trained on", model, before, unseen_loss())
+    train_three_languages_report_the_fourth("MAD-G (one generator for 2 layers, m=8)", model)
 
 
 if __name__ == "__main__":

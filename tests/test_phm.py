@@ -49,6 +49,21 @@ def test_gradients_reach_only_compacter_parameters():
         assert (parameter.grad is not None) == (".adapter." in name), name
 
 
+def copy_compacters_from_adapterhub(ours, theirs, targets, hub_place):
+    """Random values in AdapterHub's shared rule and every PHM layer at the targets, copied into ours."""
+    with torch.no_grad():
+        shared = theirs.base_model.shared_parameters["task"]["phm_rule"]
+        shared.normal_()
+        ours.get_submodule(targets[0]).adapter.down.rules.copy_(shared)
+        for target in targets:
+            hub = theirs.get_submodule(hub_place(target)).adapters["task"]
+            mine = ours.get_submodule(target).adapter
+            for source, destination in ((hub.adapter_down[0], mine.down), (hub.adapter_up, mine.up)):
+                for name, parameter in (("W_left", destination.s), ("W_right", destination.t), ("b", destination.b)):
+                    getattr(source, name).normal_()
+                    parameter.copy_(getattr(source, name))
+
+
 def test_compacter_equals_adapterhub_on_a_tiny_bert():
     import adapters
     from adapters import CompacterConfig
@@ -60,20 +75,7 @@ def test_compacter_equals_adapterhub_on_a_tiny_bert():
     theirs.set_active_adapters("task")
     targets = [f"encoder.layer.{i}.{where}.dense" for i in range(2) for where in ("attention.output", "output")]
     inject_compacter(ours, targets, m=8, n=4, rank=1)
-    with torch.no_grad():
-        shared = theirs.base_model.shared_parameters["task"]["phm_rule"]
-        shared.normal_()
-        ours.get_submodule(targets[0]).adapter.down.rules.copy_(shared)
-        for target in targets:
-            hub = theirs.get_submodule(target.removesuffix(".dense")).adapters["task"]
-            mine = ours.get_submodule(target).adapter
-            for source, destination in ((hub.adapter_down[0], mine.down), (hub.adapter_up, mine.up)):
-                source.W_left.normal_()
-                source.W_right.normal_()
-                source.b.normal_()
-                destination.s.copy_(source.W_left)
-                destination.t.copy_(source.W_right)
-                destination.b.copy_(source.b)
+    copy_compacters_from_adapterhub(ours, theirs, targets, hub_place=lambda target: target.removesuffix(".dense"))
     assert_same_encoding(ours, theirs, base)
 
 
@@ -94,20 +96,7 @@ def test_compacter_plus_plus_equals_adapterhub_in_its_place():
     inject_compacter(ours, targets, m=8, n=4, rank=1, **COMPACTER_PLUS_PLUS)
     hub_places = [name for name, module in theirs.named_modules() if name.endswith("adapters.task")]
     assert hub_places == [f"encoder.layer.{i}.output.adapters.task" for i in range(2)]  # the FFN only
-    with torch.no_grad():
-        shared = theirs.base_model.shared_parameters["task"]["phm_rule"]
-        shared.normal_()
-        ours.get_submodule(targets[0]).adapter.down.rules.copy_(shared)
-        for target in targets:
-            hub = theirs.get_submodule(target).adapters["task"]
-            mine = ours.get_submodule(target).adapter
-            for source, destination in ((hub.adapter_down[0], mine.down), (hub.adapter_up, mine.up)):
-                source.W_left.normal_()
-                source.W_right.normal_()
-                source.b.normal_()
-                destination.s.copy_(source.W_left)
-                destination.t.copy_(source.W_right)
-                destination.b.copy_(source.b)
+    copy_compacters_from_adapterhub(ours, theirs, targets, hub_place=lambda target: target)
     assert_same_encoding(ours, theirs, base)
     with pytest.raises(ValueError, match="Add & Norm block"):
         inject_compacter(copy.deepcopy(base), ["encoder.layer.0.output.dense"], **COMPACTER_PLUS_PLUS)

@@ -204,7 +204,7 @@ def test_encoder_prefix_tuning_equals_adapterhub_on_a_tiny_bert():
 
     from reference_impls.prompts import inject_encoder_prefix
 
-    from helpers import tiny_bert
+    from helpers import copy_adapterhub_prefix, tiny_bert
 
     base = tiny_bert()
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
@@ -216,9 +216,7 @@ def test_encoder_prefix_tuning_equals_adapterhub_on_a_tiny_bert():
     with torch.no_grad():
         for parameter in hub.parameters():
             parameter.normal_(0, 0.5)
-        prefixes.prefix_input.copy_(hub.wte.weight)
-        prefixes.mlp[0].load_state_dict(hub.control_trans[0].state_dict())
-        prefixes.mlp[2].load_state_dict(hub.control_trans[2].state_dict())
+        copy_adapterhub_prefix(prefixes, hub)
     ids = torch.randint(0, 99, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 6:] = 0  # padding

@@ -22,7 +22,7 @@ from reference_impls.unified import (
     vl_pet_parameters,
 )
 
-from helpers import demo_losses, tiny_bert
+from helpers import copy_adapterhub_prefix, demo_losses, tiny_bert
 
 
 def adapterhub_unipelt(base):
@@ -43,9 +43,7 @@ def copy_from_adapterhub(ours, theirs):
             if ".task." in name or name.endswith(".task.weight") or name.endswith(".task.bias"):
                 parameter.normal_(0, 0.3)
         hub_prefix = theirs.encoder.layer[0].attention.self.prefix_tuning.pool.prefix_tunings["task"].self_prefix
-        ours.prefixes.prefix_input.copy_(hub_prefix.wte.weight)
-        ours.prefixes.mlp[0].load_state_dict(hub_prefix.control_trans[0].state_dict())
-        ours.prefixes.mlp[2].load_state_dict(hub_prefix.control_trans[2].state_dict())
+        copy_adapterhub_prefix(ours.prefixes, hub_prefix)
         for mine, hub in zip(ours.encoder.layer, theirs.encoder.layer):
             for name in ("query", "value"):
                 lora, hub_lora = (
