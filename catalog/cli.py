@@ -35,6 +35,7 @@ from catalog.load import load_catalog, parse_catalog
 from catalog.readme import README, ReadmeError, render_list, replace_list
 from catalog.render import SiteInfo, fill_shells, render_docs
 from catalog.s2 import BATCH_SIZE, DEFAULT_API_URL, RetryPolicy, S2Client, S2Error, S2Unreachable
+from catalog.search import SearchIndexError, build_search_index
 from catalog.store import MetadataStore, StoredRecord, StoreError, load_store, save_store, write_atomically
 from catalog.validate import validate
 from catalog.views import impl_views, paper_views
@@ -154,10 +155,17 @@ def cmd_build(args) -> int:
     # Material prints an end-of-life banner on every build; the README's "Moving to Zensical" covers it.
     environment = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     status = subprocess.run(command, env=environment).returncode
-    if status == 0:
-        fill_shells(site_dir, filled, site)
-        print(f"filled {len(filled)} pages; the site is in {site_dir}")
-    return status
+    if status != 0:
+        return status
+    fill_shells(site_dir, filled, site)
+    print(f"filled {len(filled)} pages")
+    try:
+        print(build_search_index(site_dir))
+    except SearchIndexError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"the site is in {site_dir}")
+    return 0
 
 
 def cmd_readme(args) -> int:

@@ -70,14 +70,19 @@ class FilledPage:
     title: str
     description: str
     body: str  # HTML, already escaped
-    searchable: bool
+    shell: str = "default"  # "wide": without the navigation and table-of-contents sidebars
 
 
 # MkDocs renders one shell page per URL depth; `fill_shells` copies it once per FilledPage. All
 # pages of one depth share the same relative links (header, navigation, assets), so only the title,
 # description, canonical URL and body differ. A page costs MkDocs ~9 ms; a filled copy ~0.1 ms.
 SHELL_TOKEN = "CATALOGSHELLTOKEN"
-SHELLS = {2: "catalog-shell/depth2", 3: "catalog-shell/depth2/depth3"}  # URL (without the slash) per depth
+# URL (without the slash) of each shell: (kind, depth). Wide shells hide MkDocs' two sidebars.
+SHELLS = {
+    ("default", 2): "catalog-shell/depth2",
+    ("default", 3): "catalog-shell/depth2/depth3",
+    ("wide", 2): "catalog-shell/wide",
+}
 
 
 class DocsWriter:
@@ -99,16 +104,16 @@ class DocsWriter:
         page_title: str,
         summary: str,
         in_shell: bool,
-        searchable: bool = False,
+        shell: str = "default",
         **context,
     ) -> None:
         """A page whose body is pure HTML: through a shell when allowed, else wrapped as Markdown."""
         body = Markup(self.env.get_template(template).render(base=_base(path), site=self.site, **context))
         if self.use_shells and in_shell:
             url = Path(path).with_suffix("").as_posix().removesuffix("index").rstrip("/") + "/"
-            self.filled.append(FilledPage(url, page_title, summary, str(body), searchable))
+            self.filled.append(FilledPage(url, page_title, summary, str(body), shell))
         else:
-            self.page(path, "page.md.j2", title=page_title, description=summary, body=body)
+            self.page(path, "page.md.j2", title=page_title, description=summary, body=body, wide=shell == "wide")
 
     def file(self, path: str, text: str) -> None:
         target = self.docs_dir / path
@@ -168,20 +173,28 @@ def render_docs(
             paper.title,
             paper.tldr or paper.title,
             in_shell=True,
-            searchable=True,
             p=paper,
         )
     out.page("papers/index.md", "table.md.j2", count=len(papers))
     out.file("assets/papers-data.js", papers_data_js(papers))
     out.page("impls/index.md", "impls.md.j2", impls=impls, papers={p.id: p for p in papers})
     for impl in impls.values():
-        out.page(f"impls/{impl.slug}.md", "impl.md.j2", impl=impl, papers={p.id: p for p in papers})
+        out.html_page(
+            f"impls/{impl.slug}.md",
+            "impl.html.j2",
+            f"Reference implementation: {impl.slug}",
+            impl.summary,
+            in_shell=True,
+            shell="wide",
+            impl=impl,
+            papers={p.id: p for p in papers},
+        )
     out.file("feed.xml", atom_feed(latest[:FEED_SIZE], site))
     if use_shells:
-        for depth, url in SHELLS.items():
+        for (kind, depth), url in SHELLS.items():
             out.file(
                 f"{url}.md" if depth == 3 else f"{url}/index.md",
-                out.env.get_template("shell.md.j2").render(token=SHELL_TOKEN),
+                out.env.get_template("shell.md.j2").render(token=SHELL_TOKEN, wide=kind == "wide"),
             )
     return out.written, out.filled
 
@@ -210,16 +223,16 @@ def _paged(
 
 def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None:
     """After `mkdocs build`: write each FilledPage from its depth's shell, then drop the shells and
-    list the new pages in the search index and the sitemap."""
+    list the new pages in the sitemap."""
     # Material indents its HTML deeply; at 10,000 pages the indentation alone is ~40 MB. The shells
     # hold no <pre> or <textarea>, so leading white space can go (bodies are poured in afterwards).
     shells = {
-        depth: re.sub(r"\n\s+", "\n", (site_dir / url / "index.html").read_text(encoding="utf-8"))
-        for depth, url in SHELLS.items()
+        key: re.sub(r"\n\s+", "\n", (site_dir / url / "index.html").read_text(encoding="utf-8"))
+        for key, url in SHELLS.items()
     }
     for page in pages:
-        depth = page.url.count("/")
-        shell, shell_url = shells[depth], SHELLS[depth] + "/"
+        key = (page.shell, page.url.count("/"))
+        shell, shell_url = shells[key], SHELLS[key] + "/"
         shell = shell.replace(site.site_url + shell_url, site.site_url + page.url)
         shell = re.sub(r'<div class="catalog-shell">.*?</div>', lambda _: page.body, shell, count=1, flags=re.S)
         # The title token stands in <title>, the header and meta tags; description only in its meta tag.
@@ -228,21 +241,12 @@ def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None
         target = site_dir / page.url / "index.html"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(shell, encoding="utf-8")
-    shutil.rmtree(site_dir / SHELLS[2].split("/")[0])
-
-    index_path = site_dir / "search" / "search_index.json"
-    index = json.loads(index_path.read_text(encoding="utf-8"))
-    index["docs"] = [doc for doc in index["docs"] if not doc["location"].startswith("catalog-shell/")]
-    index["docs"] += [
-        {"location": page.url, "title": html.escape(page.title), "text": _search_text(page.body)}
-        for page in pages
-        if page.searchable
-    ]
-    index_path.write_text(json.dumps(index, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    for url in {url.split("/")[0] for url in SHELLS.values()}:
+        shutil.rmtree(site_dir / url)
 
     sitemap_path = site_dir / "sitemap.xml"
     sitemap = re.sub(
-        r"\s*<url>\s*<loc>[^<]*catalog-shell/[^<]*</loc>.*?</url>",
+        r"\s*<url>\s*<loc>[^<]*catalog-shell[^<]*</loc>.*?</url>",
         "",
         sitemap_path.read_text(encoding="utf-8"),
         flags=re.S,
@@ -255,17 +259,6 @@ def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None
     )
     sitemap_path.write_text(sitemap.replace("</urlset>", extra.lstrip("\n") + "\n</urlset>"), encoding="utf-8")
     (site_dir / "sitemap.xml.gz").unlink(missing_ok=True)  # stale now; the plain sitemap is complete
-
-
-def _search_text(body: str) -> str:
-    """What search matches for a page: its text without the facts table and BibTeX (labels and
-    markup that every page shares), as escaped HTML."""
-    shared = (
-        r'<h1>.*?</h1>|<h2[^>]*>.*?</h2>|<table class="aa-facts">.*?</table>|<div class="highlight">.*?</div>'
-        r'|<div class="admonition example aa-impl-box">.*?</div>|<p class="aa-edit">.*?</p>'
-    )
-    text = re.sub(shared, " ", body, flags=re.S)
-    return "<p>" + html.escape(" ".join(html.unescape(re.sub(r"<[^>]+>", " ", text)).split())) + "</p>"
 
 
 def papers_data_js(papers: list[PaperView]) -> str:

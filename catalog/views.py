@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from catalog.annotate import AnnotatedSource, annotate
 from catalog.impls import ImplModule
 from catalog.record import Paper
 from catalog.schema import Entry, check_link
@@ -55,6 +56,7 @@ class ImplView:
     papers: tuple[str, ...] = ()  # ids of the entries it implements (its IMPLEMENTS)
     covered_by: tuple[str, ...] = ()  # frameworks, surveys and studies that provide, describe or use it
     mentions: tuple[tuple[str, tuple[str, ...]], ...] = ()  # those, grouped: ("Provided by", ids), ...
+    annotated: AnnotatedSource | None = None  # the file as prose beside code
     benchmarks: tuple[BenchmarkRun, ...] = ()  # committed GPU measurements of this module
 
     @property
@@ -113,6 +115,7 @@ def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entr
             papers=tuple(entry_id for entry_id in module.implements if entry_id in known),
             covered_by=tuple(entry_id for entry_id in module.covered_by if entry_id in known),
             mentions=_mentions(module.covered_by, kind_of),
+            annotated=annotate(module.path.read_text(encoding="utf-8")),
             benchmarks=tuple(
                 BenchmarkRun(
                     run["device"],

@@ -88,20 +88,27 @@ def click(browser, css: str) -> None:
     wait_for(browser, attempt)
 
 
+def search(browser, query: str) -> list[str]:
+    """Type a query into the header's search box; the result links' hrefs once they appear."""
+    from selenium.webdriver.common.by import By
+
+    box = browser.find_element(By.CSS_SELECTOR, ".aa-search__input")
+    box.clear()
+    box.click()
+    box.send_keys(query)
+    wait_for(browser, lambda driver: driver.find_elements(By.CSS_SELECTOR, ".aa-search__list a"))
+    return [link.get_attribute("href") for link in browser.find_elements(By.CSS_SELECTOR, ".aa-search__list a")]
+
+
 def test_search_lora_open_its_page_and_follow_the_implementation_link(browser, site_url):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as seen
 
     browser.get(site_url)
     assert "Awesome Adapters" in browser.title
-    click(browser, "label.md-search__icon, .md-search__input")
-    box = wait_for(browser, seen.element_to_be_clickable((By.CSS_SELECTOR, "input.md-search__input")))
-    box.send_keys("LoRA")
-    wait_for(
-        browser, seen.element_to_be_clickable((By.CSS_SELECTOR, ".md-search-result__list a[href*='papers/lora/']"))
-    )
+    assert any(href.endswith("papers/lora/") for href in search(browser, "LoRA"))
     browser.save_screenshot(str(ARTIFACTS / "1-search-lora.png"))
-    click(browser, ".md-search-result__list a[href*='papers/lora/']")
+    click(browser, ".aa-search__list a[href$='papers/lora/']")
 
     heading = wait_for(browser, seen.visibility_of_element_located((By.CSS_SELECTOR, ".aa-paper h1")))
     assert heading.text == "LoRA: Low-Rank Adaptation of Large Language Models"
@@ -114,13 +121,75 @@ def test_search_lora_open_its_page_and_follow_the_implementation_link(browser, s
     wait_for(
         browser, seen.text_to_be_present_in_element((By.CSS_SELECTOR, "article h1"), "Reference implementation: lora")
     )
-    assert browser.find_element(By.CSS_SELECTOR, "article h1").text == "Reference implementation: lora"
-    code = browser.find_element(By.CSS_SELECTOR, "article .highlight code").text
-    assert "class LoRALinear(nn.Module):" in code and "def merge(self)" in code
-    # The real file, whole (the browser's text drops blank lines, so compare the others).
-    lines = lambda text: [line.rstrip() for line in text.splitlines() if line.strip()]
-    assert lines(code) == lines((REPO / "reference_impls" / "lora.py").read_text())
+    sections = browser.find_elements(By.CSS_SELECTOR, ".aa-section")
+    titles = [section.find_element(By.CSS_SELECTOR, ".aa-section__title").text for section in sections]
+    assert "class LoRALinear" in titles and "LoRALinear.merge" in titles
+    merge = sections[titles.index("LoRALinear.merge")]
+    assert "def merge(self)" in merge.find_element(By.CSS_SELECTOR, ".aa-code").text
+    # The method's equations, as MathML: the merge rule among them.
+    method = browser.find_element(By.CSS_SELECTOR, ".aa-method")
+    assert len(method.find_elements(By.TAG_NAME, "math")) >= 8 and "inference costs nothing" in method.text
+    # The code column, section after section, is the real file without its docstrings and the
+    # comments shown as prose (the browser's text drops blank lines, so compare the others).
+    source = (REPO / "reference_impls" / "lora.py").read_text().splitlines()
+    code_text = "\n".join(section.find_element(By.CSS_SELECTOR, ".aa-code pre").text for section in sections)
+    shown = [line.rstrip() for line in code_text.splitlines()]
+    position = 0
+    for line in filter(None, shown):
+        position = source.index(line, position) + 1  # each shown line appears in the file, in order
+    lines_link = merge.find_element(By.CSS_SELECTOR, ".aa-lines").get_attribute("href")
+    first, last = map(int, lines_link.rsplit("#L", 1)[1].split("-L"))
+    assert "def merge(self)" in "\n".join(source[first - 1 : last])
     browser.save_screenshot(str(ARTIFACTS / "3-lora-implementation.png"))
+
+
+def prose_overflow(browser) -> list[str]:
+    """Prose blocks of the page wider than their column, or past the window's right edge."""
+    return browser.execute_script(
+        """
+        const page = document.documentElement, width = page.clientWidth, wide = [];
+        if (page.scrollWidth > width) wide.push("the page: " + page.scrollWidth);
+        const prose = ".aa-prose, .aa-prose p, .aa-prose li, .aa-method, .aa-impl-facts p";
+        document.querySelectorAll(prose).forEach((el) => {
+          const box = el.getBoundingClientRect();
+          if (el.scrollWidth > el.clientWidth + 1 || box.right > width + 1)
+            wide.push(el.className + ": " + el.textContent.slice(0, 40));
+        });
+        return wide;
+        """
+    )
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_annotated_pages_render_maths_and_fit_their_columns(browser, site_url, width):
+    from selenium.webdriver.common.by import By
+
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 500},
+    )
+    try:
+        for slug in ("lora", "bottleneck", "routing", "kernels.punica"):
+            browser.get(f"{site_url}impls/{slug}/")
+            wait_for(browser, lambda driver: driver.find_elements(By.CSS_SELECTOR, ".aa-section"))
+            maths = browser.find_elements(By.CSS_SELECTOR, ".aa-method math, .aa-prose math")
+            assert maths and all(m.size["width"] > 0 for m in maths[:20]), slug  # MathML, laid out
+            assert prose_overflow(browser) == [], (slug, width)
+            # Two columns on a wide screen, one on a phone.
+            section = browser.find_element(By.CSS_SELECTOR, ".aa-section")
+            prose, code = (section.find_element(By.CSS_SELECTOR, css).rect for css in (".aa-prose", ".aa-code"))
+            assert (code["x"] > prose["x"]) if width > 1220 else (code["y"] > prose["y"]), (slug, width)
+        browser.save_screenshot(str(ARTIFACTS / f"5-annotated-{width}.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_search_ranks_a_paper_above_the_code_that_cites_it(browser, site_url):
+    browser.get(site_url)
+    results = search(browser, "Houlsby")
+    assert results[0].endswith("papers/houlsby-adapter/"), results
+    assert any("/impls/bottleneck/" in href for href in results)
+    browser.save_screenshot(str(ARTIFACTS / "6-search-houlsby.png"))
 
 
 def test_all_papers_table_filters_and_sorts(browser, site_url):

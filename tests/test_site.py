@@ -1,5 +1,6 @@
 """The website: a strict build of the real catalog, every internal link resolves, data is escaped."""
 
+import gzip
 import json
 import re
 import subprocess
@@ -82,7 +83,8 @@ def test_real_site_has_every_page_and_no_broken_link(real_site):
         "feed.xml",
         "assets/papers-per-year.svg",
         "assets/papers-data.js",
-        "search/search_index.json",
+        "pagefind/pagefind.js",
+        "assets/javascripts/search.js",
     ):
         assert (real_site / page).exists(), page
 
@@ -91,15 +93,37 @@ def test_filled_pages_are_complete_pages(real_site):
     page = (real_site / "papers" / "lora" / "index.html").read_text()
     assert "<title>LoRA: Low-Rank Adaptation of Large Language Models - Awesome Adapters</title>" in page
     assert 'href="https://awesome-adapters.github.io/awesome-adapters/papers/lora/"' in page  # canonical
-    assert 'class="md-header' in page and 'class="md-search' in page  # Material's header and search box
+    assert 'class="md-header' in page and 'class="aa-search' in page  # Material's header, our search box
     for path in real_site.rglob("*"):
         if path.is_file() and path.suffix in (".html", ".json", ".xml"):
             text = path.read_text()
             assert "CATALOGSHELLTOKEN" not in text and "catalog-shell" not in text, path
-    index = json.loads((real_site / "search" / "search_index.json").read_text())
-    lora = next(doc for doc in index["docs"] if doc["location"] == "papers/lora/")
-    assert lora["title"].startswith("LoRA") and "rank decomposition matrices" in lora["text"]
     assert "papers/lora/</loc>" in (real_site / "sitemap.xml").read_text()
+
+
+def search_fragments(site: Path) -> dict[str, dict]:
+    """Pagefind's stored pages, by URL: each fragment is gzipped JSON after a signature."""
+    fragments = {}
+    for path in (site / "pagefind" / "fragment").iterdir():
+        data = json.loads(gzip.decompress(path.read_bytes()).removeprefix(b"pagefind_dcd"))
+        fragments[data["url"]] = data
+    return fragments
+
+
+def test_search_indexes_papers_and_implementations_not_lists(real_site):
+    fragments = search_fragments(real_site)
+    urls = set(fragments)
+    assert {f"/papers/{path.parent.name}/" for path in (real_site / "papers").glob("*/index.html")} <= urls
+    assert {"/impls/lora/", "/impls/", "/contributing/"} <= urls
+    assert not {url for url in urls if url.startswith(("/sections/", "/tags/"))} and "/papers/" not in urls
+    lora = fragments["/papers/lora/"]
+    assert lora["meta"]["title"] == "LoRA: Low-Rank Adaptation of Large Language Models"
+    assert "J. E. Hu" in lora["content"] and "@inproceedings" not in lora["content"]  # BibTeX left out
+    # An implementation page is found by its prose, not by its code.
+    impl = fragments["/impls/lora/"]["content"]
+    assert "low-rank updates of frozen linear layers" in impl and "def merge(self)" not in impl
+    entry = json.loads((real_site / "pagefind" / "pagefind-entry.json").read_text())
+    assert entry["languages"]["en"]["page_count"] == len(fragments)
 
 
 def test_render_alone_writes_every_page_as_markdown_for_mkdocs_serve(repo_copy):
@@ -214,7 +238,8 @@ def test_navigation_lists_the_sections_of_the_vocabulary():
     config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
     nav_sections = next(item["Sections"] for item in config["nav"] if "Sections" in item)
     assert nav_sections == [f"sections/{section.slug}/index.md" for section in SECTIONS]
-    assert not set(config.get("plugins", [])) - {"search"}  # nothing that needs the network at build time
+    assert config["plugins"] == []  # nothing that needs the network at build time; search is Pagefind's
+    assert config["theme"]["font"] is False  # no Google Fonts
 
 
 def test_readme_list_is_up_to_date():
