@@ -28,12 +28,13 @@ from catalog.add import (
     insert_entry,
     suggest_id,
 )
+from catalog.comparison import ComparisonError, method_comparison
 from catalog.enrich import enrich, plan
 from catalog.identifiers import MalformedIdentifier, parse_lookup
 from catalog.impls import find_impls
 from catalog.load import load_catalog, parse_catalog
 from catalog.readme import README, ReadmeError, render_list, replace_list
-from catalog.render import SiteInfo, fill_shells, render_docs
+from catalog.render import SiteInfo, fill_shells, render_docs, write_not_found_page
 from catalog.s2 import BATCH_SIZE, DEFAULT_API_URL, RetryPolicy, S2Client, S2Error, S2Unreachable
 from catalog.search import SearchIndexError, build_search_index
 from catalog.store import MetadataStore, StoredRecord, StoreError, load_store, save_store, write_atomically
@@ -117,12 +118,26 @@ def _views(args):
     return config, site, impls, papers
 
 
+def _comparison():
+    """The method-comparison table, or None (the error printed)."""
+    try:
+        return method_comparison()
+    except ComparisonError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+
+
 def _render(args, use_shells: bool):
     views = _views(args)
     if views is None:
         return None
     config, site, impls, papers = views
-    written, filled = render_docs(papers, impls, Path(SITE_SOURCES), Path(config["docs_dir"]), site, use_shells)
+    comparison = _comparison()
+    if comparison is None:
+        return None
+    written, filled = render_docs(
+        papers, impls, Path(SITE_SOURCES), Path(config["docs_dir"]), site, use_shells, comparison
+    )
     print(
         f"rendered {len(papers)} entries, {len(impls)} implementations: {written} files in {config['docs_dir']}"
         + (f", {len(filled)} pages to fill after the build" if use_shells else "")
@@ -158,6 +173,7 @@ def cmd_build(args) -> int:
     if status != 0:
         return status
     fill_shells(site_dir, filled, site)
+    write_not_found_page(site_dir, site)
     print(f"filled {len(filled)} pages")
     try:
         print(build_search_index(site_dir))

@@ -23,6 +23,7 @@ from feedgen.feed import FeedGenerator
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
 
+from catalog.comparison import Comparison
 from catalog.views import ImplView, PaperView
 from catalog.vocabulary import KINDS, SECTIONS, TAGS
 
@@ -139,6 +140,7 @@ def render_docs(
     docs_dir: Path,
     site: SiteInfo,
     use_shells: bool = False,
+    comparison: Comparison | None = None,
 ) -> tuple[int, list[FilledPage]]:
     """Write the docs folder afresh. Returns the number of files written and, with use_shells, the
     pages left for `fill_shells` (paper pages, tag pages and later pages of long sections)."""
@@ -189,6 +191,17 @@ def render_docs(
             impl=impl,
             papers={p.id: p for p in papers},
         )
+    if comparison is not None:
+        out.html_page(
+            "impls/comparison.md",
+            "comparison.html.j2",
+            "Methods compared",
+            "Trainable parameters of every method on BERT-base and Llama-2-7B, computed from the implementations.",
+            in_shell=False,
+            shell="wide",
+            comparison=comparison,
+            impls=impls,
+        )
     out.file("feed.xml", atom_feed(latest[:FEED_SIZE], site))
     if use_shells:
         for (kind, depth), url in SHELLS.items():
@@ -219,6 +232,13 @@ def _paged(
             heading=heading,
             description=description,
         )
+
+
+def write_not_found_page(site_dir: Path, site: SiteInfo) -> None:
+    """Replace Material's 404.html, whose links only work where the site is published, with one that
+    carries its own style and finds the site's root wherever it is served."""
+    page = make_environment().get_template("404.html.j2").render(site=site)
+    (site_dir / "404.html").write_text(page, encoding="utf-8")
 
 
 def fill_shells(site_dir: Path, pages: list[FilledPage], site: SiteInfo) -> None:

@@ -6,8 +6,11 @@ are saved under test-artifacts/ for CI to keep.
 
 import functools
 import http.server
+import json
 import shutil
 import threading
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from test_site import build
@@ -22,18 +25,38 @@ pytestmark = pytest.mark.skipif(
 ARTIFACTS = REPO / "test-artifacts"
 
 
-@pytest.fixture(scope="module")
-def site_url(tmp_path_factory):
-    site = build(copy_repo_inputs(tmp_path_factory.mktemp("browser")))
+def serve(directory: Path, not_found: Path | None = None):
+    """A loopback HTTP server for directory; a missing path gets not_found's page with status 404, as
+    GitHub Pages does. Returns (server, its root URL)."""
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
+    class Handler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
-    handler = functools.partial(Quiet, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        def send_error(self, code, message=None, explain=None):
+            if code != 404 or not_found is None:
+                return super().send_error(code, message, explain)
+            body = not_found.read_bytes()
+            self.send_response(404)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    return server, f"http://127.0.0.1:{server.server_address[1]}/"
+
+
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory):
+    return build(copy_repo_inputs(tmp_path_factory.mktemp("browser")))
+
+
+@pytest.fixture(scope="module")
+def site_url(built_site):
+    server, url = serve(built_site, built_site / "404.html")
+    yield url
     server.shutdown()
 
 
@@ -58,6 +81,7 @@ def browser(tmp_path_factory):
         f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request, for the privacy test
     driver = webdriver.Chrome(service=Service(DRIVER), options=options)
     driver.implicitly_wait(0)
     ARTIFACTS.mkdir(exist_ok=True)
@@ -209,3 +233,89 @@ def test_all_papers_table_filters_and_sorts(browser, site_url):
     titles = [row.find_element(By.TAG_NAME, "a").text for row in rows()]
     assert titles == sorted(titles)
     browser.save_screenshot(str(ARTIFACTS / "4-table-filtered.png"))
+
+
+def test_table_headers_are_buttons_numbers_sort_largest_first_and_the_view_is_in_the_address(browser, site_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(site_url + "papers/")
+    rows = lambda: browser.find_elements(By.CSS_SELECTOR, ".aa-table tbody tr")
+    wait_for(browser, lambda _: len(rows()) == 67)
+    citations = browser.find_element(By.CSS_SELECTOR, "th[data-key=citations] button")
+    browser.execute_script("arguments[0].focus()", citations)
+    citations.send_keys(Keys.ENTER)  # a focused button: what Tab reaches, Enter presses
+    counts = [row.find_elements(By.TAG_NAME, "td")[7].text for row in rows()]
+    numbers = [int(count) for count in counts if count]
+    assert numbers == sorted(numbers, reverse=True) and numbers, counts
+    assert all(counts[: len(numbers)]) and not any(counts[len(numbers) :])  # blanks last
+    browser.find_element(By.CSS_SELECTOR, ".aa-filters input[name=q]").send_keys("lora")
+    wait_for(browser, lambda _: 0 < len(rows()) < 67)
+    shown = len(rows())
+    address = browser.current_url
+    assert "q=lora" in address and "sort=-citations" in address
+    browser.get(address)  # the shared link opens the same view
+    wait_for(browser, lambda _: len(rows()) == shown)
+    assert browser.find_element(By.CSS_SELECTOR, ".aa-filters input[name=q]").get_attribute("value") == "lora"
+    assert browser.find_element(By.CSS_SELECTOR, "th[data-key=citations]").get_attribute("aria-sort") == "descending"
+
+
+def test_comparison_page_lists_every_method_and_sorts(browser, site_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    browser.get(site_url + "impls/comparison/")
+    table = wait_for(browser, lambda driver: driver.find_element(By.CSS_SELECTOR, "table.aa-comparison"))
+    rows = lambda: table.find_elements(By.CSS_SELECTOR, "tbody tr")
+    names = [row.find_element(By.TAG_NAME, "a").text for row in rows()]
+    assert {"LoRA", "DoRA", "(IA)³", "Houlsby adapter", "Prompt tuning", "LLaMA-Adapter"} <= set(names)
+    lora = rows()[names.index("LoRA")].find_elements(By.TAG_NAME, "td")
+    assert lora[2].text == "294,912" and lora[4].text == "4,194,304" and lora[6].text == "yes"
+    assert rows()[0].find_element(By.TAG_NAME, "a").get_attribute("href").endswith("/impls/lora/")
+    button = table.find_elements(By.CSS_SELECTOR, "thead th button")[4]  # Llama-2-7B: trainable
+    browser.execute_script("arguments[0].focus()", button)
+    button.send_keys(Keys.ENTER)
+    cells = [row.find_elements(By.TAG_NAME, "td")[4].text for row in rows()]
+    numbers = [int(cell.replace(",", "")) for cell in cells if cell != "n/a"]
+    assert numbers == sorted(numbers, reverse=True) and cells[-1] == "n/a"
+    browser.save_screenshot(str(ARTIFACTS / "7-comparison.png"))
+
+
+def test_not_found_page_works_under_a_sub_path(browser, built_site, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    mount = tmp_path / "mount" / "some" / "place"
+    mount.parent.mkdir(parents=True)
+    mount.symlink_to(built_site, target_is_directory=True)
+    server, root = serve(tmp_path / "mount", built_site / "404.html")
+    try:
+        browser.get(root + "some/place/papers/no-such-paper/")
+        assert browser.find_element(By.TAG_NAME, "h1").text == "Page not found"
+        wait_for(browser, lambda driver: driver.find_element(By.TAG_NAME, "html").get_attribute("data-root"))
+        links = [link.get_attribute("href") for link in browser.find_elements(By.CSS_SELECTOR, "main a")]
+        assert links == [root + "some/place/", root + "some/place/papers/", root + "some/place/impls/"]
+        header = browser.find_element(By.TAG_NAME, "header")
+        assert header.size["height"] < 100 and header.value_of_css_property("background-color") != "rgba(0, 0, 0, 0)"
+        browser.save_screenshot(str(ARTIFACTS / "8-not-found.png"))
+        browser.find_elements(By.CSS_SELECTOR, "main a")[1].click()
+        wait_for(browser, lambda driver: driver.find_elements(By.CSS_SELECTOR, ".aa-table tbody tr"))
+    finally:
+        server.shutdown()
+
+
+def test_no_request_leaves_loopback(browser, site_url):
+    """Every page type, searched and clicked through: all requests go to 127.0.0.1."""
+    browser.get_log("performance")  # drop what earlier tests logged; this test walks every kind of page itself
+    for page in ("", "papers/", "papers/lora/", "impls/lora/", "impls/comparison/", "tags/lora/", "no-such-page/"):
+        browser.get(site_url + page)
+        wait_for(browser, lambda driver: driver.execute_script("return document.readyState") == "complete")
+    browser.get(site_url)
+    search(browser, "adapter")
+    hosts = set()
+    for entry in browser.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message["method"] == "Network.requestWillBeSent":
+            url = message["params"]["request"]["url"]
+            if not url.startswith(("data:", "blob:")):
+                hosts.add(urlsplit(url).hostname)
+    assert hosts == {"127.0.0.1"}

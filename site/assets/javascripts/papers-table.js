@@ -34,13 +34,46 @@
         ((r.citations || 0) >= (Number(form.citations.value) || 0));
     }
 
+    var NUMERIC = { year: true, citations: true };
+
     function compare(a, b) {
       var x = a[sortKey], y = b[sortKey];
       if (Array.isArray(x)) { x = x.join(", "); y = y.join(", "); }
-      if (x === null || x === undefined) x = "";
-      if (y === null || y === undefined) y = "";
+      if (typeof x === "boolean") { x = x ? 1 : null; y = y ? 1 : null; }
+      var blankX = x === null || x === undefined || x === "", blankY = y === null || y === undefined || y === "";
+      if (blankX || blankY) return blankX - blankY;  // blanks last, whichever the direction
       var order = (typeof x === "number" && typeof y === "number") ? x - y : String(x).localeCompare(String(y));
       return descending ? -order : order;
+    }
+
+    // The filters and the sort live in the address (?q=lora&tag=LoRA&sort=-citations), so a view can be shared.
+    var FIELDS = ["q", "year", "venue", "section", "kind", "tag", "impl", "citations"];
+
+    function readAddress() {
+      var params = new URLSearchParams(window.location.search);
+      FIELDS.forEach(function (name) {
+        if (!params.has(name)) return;
+        var field = form[name];
+        if (field.type === "checkbox") field.checked = params.get(name) === "1";
+        else field.value = params.get(name);
+      });
+      var sort = params.get("sort");
+      if (sort && root.querySelector('th[data-key="' + sort.replace(/^-/, "") + '"]')) {
+        sortKey = sort.replace(/^-/, "");
+        descending = sort.charAt(0) === "-";
+      }
+    }
+
+    function writeAddress() {
+      var params = new URLSearchParams();
+      FIELDS.forEach(function (name) {
+        var field = form[name];
+        if (field.type === "checkbox") { if (field.checked) params.set(name, "1"); }
+        else if (field.value && !(name === "citations" && Number(field.value) === 0)) params.set(name, field.value);
+      });
+      if (sortKey !== "year" || !descending) params.set("sort", (descending ? "-" : "") + sortKey);
+      var query = params.toString();
+      history.replaceState(history.state, "", window.location.pathname + (query ? "?" + query : "") + window.location.hash);
     }
 
     function cell(tr, text) { var td = tr.insertCell(); td.textContent = text; return td; }
@@ -60,18 +93,22 @@
       });
       body.replaceChildren(fragment);
       count.textContent = shown.length + " of " + rows.length + " entries";
+      writeAddress();
       root.querySelectorAll("th[data-key]").forEach(function (th) {
         th.setAttribute("aria-sort", th.dataset.key === sortKey ? (descending ? "descending" : "ascending") : "none");
       });
     }
 
+    // Each header holds a button, so Tab reaches it and Enter or Space sorts. The first click sorts
+    // numbers largest first and text A to Z; the next click reverses.
     root.querySelectorAll("th[data-key]").forEach(function (th) {
-      th.addEventListener("click", function () {
-        descending = th.dataset.key === sortKey ? !descending : false;
+      th.querySelector("button").addEventListener("click", function () {
+        descending = th.dataset.key === sortKey ? !descending : Boolean(NUMERIC[th.dataset.key]);
         sortKey = th.dataset.key;
         draw();
       });
     });
+    readAddress();
     form.addEventListener("input", draw);
     form.addEventListener("change", draw);
     draw();

@@ -1,0 +1,258 @@
+"""The method-comparison table: every method applied, with its paper's default configuration, to two
+stated model layouts, and its trainable parameters counted from the injected model itself.
+
+The models are transformers' BERT and LLaMA classes at the sizes of BERT-base and Llama-2-7B, built
+on PyTorch's `meta` device: every tensor has a shape and no storage, so a 7B-parameter model costs
+no memory and the whole table takes about a second. The site's comparison page
+(catalog/comparison.py) renders what `compare()` returns; tests/test_comparison.py checks the counts
+against the papers' parameter formulas.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from reference_impls import bottleneck, ia3, lora, phm, prompts, reft, sparse
+from reference_impls._plumbing import count_parameters
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+    attention: tuple[str, str, str, str]  # names of the query, key, value and output projections
+    ffn: tuple[str, str]  # the feed-forward block, and its down (second) projection
+    attention_block: str  # the attention sublayer an adapter goes after
+    add_norm: bool  # post-norm Add & Norm blocks (BERT) rather than pre-norm residuals (LLaMA)
+    width: int
+    layers: int
+
+
+def _bert_base() -> nn.Module:
+    from transformers import BertConfig, BertModel
+
+    return BertModel(BertConfig(), add_pooling_layer=False)  # the defaults are BERT-base's
+
+
+def _llama_2_7b() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, vocab_size=32000
+    )
+    return LlamaForCausalLM(config)
+
+
+LAYOUTS = (
+    Layout(
+        "BERT-base",
+        "encoder, 12 layers, width 768, FFN 3072, vocabulary 30,522 (no pooler)",
+        _bert_base,
+        ("query", "key", "value", "attention.output.dense"),
+        ("output", "output.dense"),
+        "attention.output",
+        True,
+        768,
+        12,
+    ),
+    Layout(
+        "Llama-2-7B",
+        "decoder, 32 layers, width 4096, FFN 11008, vocabulary 32,000",
+        _llama_2_7b,
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        ("mlp", "down_proj"),
+        "self_attn",
+        False,
+        4096,
+        32,
+    ),
+)
+
+
+def _ffn_blocks(model: nn.Module, layout: Layout) -> list[str]:
+    """Full names of the feed-forward blocks (BERT's `output` names two blocks; take the FFN's)."""
+    suffix = "." + layout.ffn[0]
+    return [name for name, _ in model.named_modules() if name.endswith(suffix) and "attention" not in name]
+
+
+def _attention_blocks(model: nn.Module, layout: Layout) -> list[str]:
+    return [name for name, _ in model.named_modules() if name.endswith("." + layout.attention_block)]
+
+
+def _ffn_down(model: nn.Module, layout: Layout) -> list[str]:
+    return [block + "." + layout.ffn[1].rsplit(".", 1)[-1] for block in _ffn_blocks(model, layout)]
+
+
+def _layer_outputs(model: nn.Module, layout: Layout) -> list[str]:
+    return [f"{'encoder.layer' if layout.add_norm else 'model.layers'}.{index}" for index in range(layout.layers)]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    impl: str  # the module whose page the row links to
+    configuration: str  # the paper's default, as applied here
+    apply: Callable[[nn.Module, Layout], nn.Module | None]  # injects; returns the model to count
+    merges: bool  # the update folds into the weights: no inference cost
+    longer_sequence: bool  # adds positions to the sequence (prompts, prefixes)
+    peft: str  # HF PEFT's equivalent, or "" where PEFT has none
+
+
+def _lora(**options):
+    def apply(model, layout):
+        lora.inject_lora(model, [layout.attention[0], layout.attention[2]], **options)
+        return model
+
+    return apply
+
+
+def _adalora(model, layout):
+    lora.inject_adalora(model, list(layout.attention[:3]) + [layout.attention[3]], r=12)
+    return model
+
+
+def _vera(model, layout):
+    lora.inject_vera(model, [layout.attention[0], layout.attention[2]], r=256)
+    return model
+
+
+def _ia3(model, layout):
+    down = _ffn_down(model, layout)  # rescaled at their input: the FFN's inner activation
+    ia3.inject_ia3(model, [layout.attention[1], layout.attention[2]] + down, down)
+    return model
+
+
+def _houlsby(model, layout):
+    bottleneck.inject_adapters(model, _attention_blocks(model, layout) + _ffn_blocks(model, layout), m=64)
+    return model
+
+
+def _pfeiffer(model, layout):
+    placement = "after_norm" if layout.add_norm else "sequential"
+    bottleneck.inject_adapters(model, _ffn_blocks(model, layout), m=layout.width // 16, placement=placement)
+    return model
+
+
+def _parallel(model, layout):
+    bottleneck.inject_adapters(model, _ffn_blocks(model, layout), m=512, placement="parallel", scale=4.0)
+    return model
+
+
+def _compacter(model, layout):
+    phm.inject_compacter(
+        model, _attention_blocks(model, layout) + _ffn_blocks(model, layout), m=layout.width // 16, n=4
+    )
+    return model
+
+
+def _loreft(model, layout):
+    reft.inject_loreft(model, _layer_outputs(model, layout), d=layout.width, r=4)
+    return model
+
+
+def _bitfit(model, layout):
+    if not layout.add_norm:
+        return None  # LLaMA's linear layers and norms have no biases
+    sparse.bitfit(model)
+    return model
+
+
+def _prompt_tuning(model, layout):
+    return prompts.PromptTuning(model, n=20)
+
+
+def _prefix_tuning(model, layout):
+    if layout.add_norm:
+        return prompts.inject_encoder_prefix(model, n=10, hidden=512)  # the prefixes hold the trainable part
+    return prompts.PrefixTuning(model, n=10, hidden=512)
+
+
+def _llama_adapter(model, layout):
+    if layout.add_norm:
+        return None  # adaption prompts are written for LLaMA's attention
+    prompts.inject_llama_adapter(model, n=10, top_layers=30)
+    return model
+
+
+METHODS = (
+    Method("LoRA", "lora", "r = 8, α = 16 on the query and value projections", _lora(r=8), True, False, "LoRA"),
+    Method(
+        "DoRA",
+        "lora",
+        "r = 8, α = 16 on the query and value projections",
+        _lora(r=8, use_dora=True),
+        True,
+        False,
+        "LoRA (use_dora)",
+    ),
+    Method("VeRA", "lora", "r = 256 on the query and value projections (shared A, B)", _vera, True, False, "VeRA"),
+    Method("AdaLoRA", "lora", "initial r = 12 on the attention projections", _adalora, True, False, "AdaLoRA"),
+    Method("(IA)³", "ia3", "keys, values and the FFN's down-projection input", _ia3, True, False, "IA3"),
+    Method("Houlsby adapter", "bottleneck", "m = 64 after attention and after the FFN", _houlsby, False, False, ""),
+    Method("Pfeiffer adapter", "bottleneck", "m = d/16 after the FFN", _pfeiffer, False, False, ""),
+    Method("Scaled parallel adapter", "bottleneck", "m = 512, s = 4, beside the FFN", _parallel, False, False, ""),
+    Method("Compacter", "phm", "n = 4, m = d/16, rank 1, Houlsby's places", _compacter, False, False, ""),
+    Method("LoReFT", "reft", "r = 4 on every layer's output, first 3 positions", _loreft, False, False, ""),
+    Method("BitFit", "sparse", "every bias", _bitfit, True, False, ""),
+    Method("Prompt tuning", "prompts", "20 virtual tokens", _prompt_tuning, False, True, "PROMPT_TUNING"),
+    Method(
+        "Prefix tuning",
+        "prompts",
+        "10 prefix positions, MLP width 512 (trained; only the prefix is kept)",
+        _prefix_tuning,
+        False,
+        True,
+        "PREFIX_TUNING",
+    ),
+    Method(
+        "LLaMA-Adapter",
+        "prompts",
+        "10 adaption prompts in the top 30 layers, zero-init gates",
+        _llama_adapter,
+        False,
+        True,
+        "ADAPTION_PROMPT",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    method: Method
+    trainable: dict[str, int | None]  # per layout name; None where the method does not apply
+    base_total: dict[str, int]
+
+    def percent(self, layout: str) -> float | None:
+        count = self.trainable[layout]
+        return None if count is None else 100.0 * count / self.base_total[layout]
+
+
+def compare() -> list[Row]:
+    """Every method on every layout: the trainable parameters of the injected model."""
+    totals, models = {}, {}
+    with torch.device("meta"):
+        for layout in LAYOUTS:
+            models[layout.name] = layout.build()
+            totals[layout.name] = count_parameters(models[layout.name])[1]
+    rows = []
+    for method in METHODS:
+        trainable = {}
+        for layout in LAYOUTS:
+            with torch.device("meta"):
+                model = _fresh(models[layout.name])
+                counted = method.apply(model, layout)
+            trainable[layout.name] = None if counted is None else count_parameters(counted)[0]
+        rows.append(Row(method, trainable, totals))
+    return rows
+
+
+def _fresh(model: nn.Module) -> nn.Module:
+    """A trainable copy of the meta-device model (deepcopy of meta tensors copies shapes only)."""
+    import copy
+
+    fresh = copy.deepcopy(model)
+    fresh.requires_grad_(True)
+    return fresh

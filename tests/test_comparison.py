@@ -1,0 +1,54 @@
+"""The method-comparison page: counts from the injected meta-device models equal the papers' formulas."""
+
+import pytest
+
+from reference_impls._comparison import LAYOUTS, compare
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {row.method.name: row for row in compare()}
+
+
+def test_base_models_have_the_published_sizes(rows):
+    totals = next(iter(rows.values())).base_total
+    assert totals["BERT-base"] == 108_891_648  # BERT-base without its pooler (110M with pooler and heads)
+    assert totals["Llama-2-7B"] == 6_738_415_616
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda layout: layout.name)
+def test_counts_equal_the_parameter_formulas(rows, layout):
+    d, L = layout.width, layout.layers
+    ffn = 3072 if layout.add_norm else 11008
+    counts = {name: row.trainable[layout.name] for name, row in rows.items()}
+    assert counts["LoRA"] == L * 2 * 8 * (d + d)  # r (d_in + d_out) on query and value
+    assert counts["DoRA"] == counts["LoRA"] + L * 2 * d  # plus a magnitude per output feature
+    assert counts["VeRA"] == L * 2 * (256 + d)  # r + d_out per layer
+    assert counts["(IA)³"] == L * (d + d + ffn)  # keys, values, the FFN's inner width
+    assert counts["Houlsby adapter"] == L * 2 * (2 * d * 64 + 64 + d)
+    assert counts["Pfeiffer adapter"] == L * (2 * d * (d // 16) + d // 16 + d)
+    assert counts["LoReFT"] == L * (2 * 4 * d + 4)  # R and W (r × d), b (r)
+    assert counts["Prompt tuning"] == 20 * d
+    kv = 2 * L * d
+    assert counts["Prefix tuning"] == 10 * d + (d * 512 + 512) + (512 * kv + kv)
+    if layout.add_norm:
+        assert counts["LLaMA-Adapter"] is None and rows["BitFit"].percent(layout.name) > 0
+    else:
+        assert counts["BitFit"] is None
+        assert counts["LLaMA-Adapter"] == 30 * (10 * d + 32)  # prompts and one gate per head, top 30 layers
+
+
+def test_every_row_links_to_a_module_and_says_what_it_costs(rows):
+    from catalog.impls import find_impls
+
+    from conftest import REPO
+
+    modules = find_impls(REPO / "reference_impls")
+    for row in rows.values():
+        assert row.method.impl in modules, row.method.name
+    assert {name for name, row in rows.items() if row.method.longer_sequence} == {
+        "Prompt tuning",
+        "Prefix tuning",
+        "LLaMA-Adapter",
+    }
+    assert rows["LoRA"].method.merges and not rows["Houlsby adapter"].method.merges
