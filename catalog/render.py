@@ -149,8 +149,10 @@ def render_docs(
     shutil.copytree(site_src, docs_dir, ignore=shutil.ignore_patterns("overrides"))
     out = DocsWriter(docs_dir, make_environment(), site, use_shells)
 
-    by_section = {section.name: [p for p in papers if p.entry.section == section.name] for section in SECTIONS}
-    by_tag = {tag: [p for p in papers if tag in p.entry.tags] for tag in TAGS}
+    # Section and tag pages list the newest papers first: by year, then by the day they were added.
+    newest = sorted(papers, key=lambda p: (p.year or 0, p.entry.added), reverse=True)
+    by_section = {section.name: [p for p in newest if p.entry.section == section.name] for section in SECTIONS}
+    by_tag = {tag: [p for p in newest if tag in p.entry.tags] for tag in TAGS}
     latest = sorted(papers, key=lambda p: (p.entry.added, p.entry.line), reverse=True)
 
     out.page(

@@ -146,6 +146,19 @@ def _mentions(covered_by: tuple[str, ...], kind_of: dict[str, str]) -> tuple[tup
     return tuple((label, ids) for label, ids in groups if ids)
 
 
+SUPERSCRIPT = str.maketrans("0123456789+-n", "⁰¹²³⁴⁵⁶⁷⁸⁹⁺⁻ⁿ")
+
+
+def plain_text(text: str) -> str:
+    """A TLDR or abstract without the LaTeX its authors typed: "(IA)$^3$" as "(IA)³", "100\\%" as
+    "100%", "at~https" as "at https", other $…$ maths without its dollars."""
+    text = re.sub(r"\$\^\{?([0-9+\-n]+)\}?\$", lambda m: m.group(1).translate(SUPERSCRIPT), text)
+    text = re.sub(r"\$([^$]{1,60})\$", r"\1", text)
+    text = re.sub(r"\\([%&#_$])", r"\1", text)
+    text = re.sub(r"(?<=\S)~(?=\S)", " ", text)
+    return " ".join(text.split())
+
+
 def paper_views(
     entries: list[Entry],
     store: MetadataStore,
@@ -167,8 +180,8 @@ def paper_views(
                 venue=entry.venue or (paper.venue_name if paper else ""),
                 year=paper.year if paper else None,
                 citations=paper.citationCount if paper else None,
-                tldr=(paper.tldr.text if paper and paper.tldr else None) or "",
-                abstract=(paper.abstract if paper else None) or "",
+                tldr=plain_text((paper.tldr.text if paper and paper.tldr else None) or ""),
+                abstract=plain_text((paper.abstract if paper else None) or ""),
                 bibtex=(bibtex or "").strip() or _bibtex(entry, paper, authors),
                 links=tuple(_links(entry, paper)),
                 # A link counts only where the module confirms it (its IMPLEMENTS or COVERED_BY).

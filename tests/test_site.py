@@ -310,3 +310,24 @@ def test_committed_gpu_benchmarks_show_on_implementation_pages(tmp_path):
     assert "CPU interpreter" not in page  # smoke runs are not figures
     assert "83% of copy bandwidth" in (site / "papers" / "qlora" / "index.html").read_text()
     assert "Demo:" not in page  # kernels have no demo
+
+
+def test_lists_are_newest_first_and_tldrs_lose_their_latex(real_site):
+    page = (real_site / "sections" / "nlp-methods" / "index.html").read_text()
+    assert "newest first" in page
+    years = [int(year) for year in re.findall(r'<span class="aa-year">(\d{4})</span>', page)]
+    assert len(years) > 5 and years == sorted(years, reverse=True)
+    ia3 = (real_site / "papers" / "ia3" / "index.html").read_text()
+    assert "(IA)³ that scales" in ia3 and "$^3$" not in ia3
+    assert "available at https://github.com/rabeehk" in (real_site / "papers" / "compacter" / "index.html").read_text()
+
+
+def test_enrichment_workflow_runs_weekly_and_on_demand_and_proposes_a_pull_request():
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "enrich.yml").read_text())
+    triggers = workflow[True]  # YAML 1.1 reads the key `on` as true
+    assert triggers["schedule"][0]["cron"].split()[-1] == "1" and "workflow_dispatch" in triggers
+    steps = workflow["jobs"]["enrich"]["steps"]
+    fetch = next(step for step in steps if "catalog enrich" in step.get("run", ""))
+    assert fetch["run"] == "catalog enrich --max-age 30" and "secrets.S2_API_KEY" in fetch["env"]["S2_API_KEY"]
+    proposal = next(step for step in steps if step.get("uses", "").startswith("peter-evans/create-pull-request"))
+    assert "catalog/metadata.json" in proposal["with"]["add-paths"]
