@@ -79,6 +79,19 @@ def test_enrich_benchmark_small(tmp_path):
 
 
 def test_site_benchmark_small(tmp_path):
-    run("benchmarks/site_build.py", "120", "--json", str(tmp_path / "site.json"))
+    from browser_helpers import CHROMIUM, DRIVER
+
+    search = bool(CHROMIUM and DRIVER)  # the search half needs the browser; the build half runs anyway
+    run("benchmarks/site_build.py", "120", "--json", str(tmp_path / "site.json"), *([] if search else ["--no-search"]))
     rows = json.loads((tmp_path / "site.json").read_text())["rows"]
-    assert [row["entries"] for row in rows] == [67, 120]
+    if not search:
+        assert [row["entries"] for row in rows] == [67, 120]
+        return
+    assert [(row["entries"], row["search"]) for row in rows] == [
+        (67, "Pagefind"),
+        (67, "Material"),
+        (120, "Pagefind"),
+        (120, "Material"),
+    ]
+    for row in rows:
+        assert row["first_query_s"] > 0 and row["first_query_mb"] > 0 and row["largest_impl_page"].startswith("impls/")

@@ -4,48 +4,20 @@ Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them). Screens
 are saved under test-artifacts/ for CI to keep.
 """
 
-import functools
-import http.server
 import json
-import shutil
-import threading
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 from test_site import build
 
+from browser_helpers import CHROMIUM, DRIVER, chromium, loopback_server, type_and_wait
 from conftest import REPO, copy_repo_inputs
 
-CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and DRIVER),
     reason="no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)",
 )
 ARTIFACTS = REPO / "test-artifacts"
-
-
-def serve(directory: Path, not_found: Path | None = None):
-    """A loopback HTTP server for directory; a missing path gets not_found's page with status 404, as
-    GitHub Pages does. Returns (server, its root URL)."""
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def send_error(self, code, message=None, explain=None):
-            if code != 404 or not_found is None:
-                return super().send_error(code, message, explain)
-            body = not_found.read_bytes()
-            self.send_response(404)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(directory)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
 @pytest.fixture(scope="module")
@@ -55,35 +27,14 @@ def built_site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def site_url(built_site):
-    server, url = serve(built_site, built_site / "404.html")
+    server, url = loopback_server(built_site, built_site / "404.html")
     yield url
     server.shutdown()
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    # The flags that keep Chromium from reaching for the network, which this machine does not have.
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1280,1000",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request, for the privacy test
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.implicitly_wait(0)
+    driver = chromium(tmp_path_factory.mktemp("chromium"))
     ARTIFACTS.mkdir(exist_ok=True)
     yield driver
     driver.quit()
@@ -260,6 +211,26 @@ def test_table_headers_are_buttons_numbers_sort_largest_first_and_the_view_is_in
     assert browser.find_element(By.CSS_SELECTOR, "th[data-key=citations]").get_attribute("aria-sort") == "descending"
 
 
+def test_all_papers_table_fits_a_phone(browser, site_url):
+    from selenium.webdriver.common.by import By
+
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 390, "height": 844, "deviceScaleFactor": 1, "mobile": True}
+    )
+    try:
+        browser.get(site_url + "papers/")
+        wait_for(browser, lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".aa-table tbody tr")) == 67)
+        width = browser.execute_script(
+            "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
+        )
+        assert width[0] <= width[1], width
+        table = browser.find_element(By.CSS_SELECTOR, ".aa-table table")
+        assert table.rect["x"] + table.rect["width"] <= width[1] + 1
+        browser.save_screenshot(str(ARTIFACTS / "4b-table-phone.png"))
+    finally:
+        browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
 def test_comparison_page_lists_every_method_and_sorts(browser, site_url):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -287,7 +258,7 @@ def test_not_found_page_works_under_a_sub_path(browser, built_site, tmp_path):
     mount = tmp_path / "mount" / "some" / "place"
     mount.parent.mkdir(parents=True)
     mount.symlink_to(built_site, target_is_directory=True)
-    server, root = serve(tmp_path / "mount", built_site / "404.html")
+    server, root = loopback_server(tmp_path / "mount", built_site / "404.html")
     try:
         browser.get(root + "some/place/papers/no-such-paper/")
         assert browser.find_element(By.TAG_NAME, "h1").text == "Page not found"
@@ -319,3 +290,37 @@ def test_no_request_leaves_loopback(browser, site_url):
             if not url.startswith(("data:", "blob:")):
                 hosts.add(urlsplit(url).hostname)
     assert hosts == {"127.0.0.1"}
+
+
+@pytest.fixture(scope="module")
+def large_site(tmp_path_factory):
+    """The site of a 10,000-entry synthetic catalog (about 40 s to build on 2 cores)."""
+    from synthetic_catalog import write_synthetic
+
+    root = copy_repo_inputs(tmp_path_factory.mktemp("large"))
+    write_synthetic(root, 10_000)
+    return build(root)
+
+
+def test_search_at_ten_thousand_entries_fetches_little(browser, large_site):
+    """Pagefind fetches only the index fragments a query needs: at 10,000 entries a query, the first
+    included (it loads the search code), stays under 1.5 MB. Its speed is measured, side by side
+    with Material's search, by benchmarks/site_build.py, not here."""
+    from selenium.webdriver.common.by import By
+
+    server, url = loopback_server(large_site)
+    try:
+        browser.get(url)
+        for query in ("adapter", "routing experts", "orthogonal budget"):
+            before = server.search_bytes_sent
+            type_and_wait(browser, query)
+            wait_for(browser, lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".aa-search__list a")) == 8)
+            links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, ".aa-search__list a")]
+            assert all("/papers/" in link or "/impls/" in link for link in links), links
+            fetched = server.search_bytes_sent - before  # the search's own files: code, index, fragments
+            assert fetched < 1_500_000, (query, fetched)
+        meta = browser.find_element(By.CSS_SELECTOR, ".aa-search__meta").text
+        assert meta.startswith("The first 8 of ") and int(meta.split(" of ")[1].split()[0]) > 100
+        browser.save_screenshot(str(ARTIFACTS / "9-search-10000.png"))
+    finally:
+        server.shutdown()

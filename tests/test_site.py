@@ -331,3 +331,18 @@ def test_enrichment_workflow_runs_weekly_and_on_demand_and_proposes_a_pull_reque
     assert fetch["run"] == "catalog enrich --max-age 30" and "secrets.S2_API_KEY" in fetch["env"]["S2_API_KEY"]
     proposal = next(step for step in steps if step.get("uses", "").startswith("peter-evans/create-pull-request"))
     assert "catalog/metadata.json" in proposal["with"]["add-paths"]
+
+
+def test_no_page_loads_anything_from_another_host(real_site):
+    """What the pages ask the browser to fetch (scripts, styles, fonts, images, frames) is all the
+    site's own; the browser test checks the requests themselves."""
+    fetching = re.compile(
+        r"<(?:script|img|iframe|source|audio|video)\b[^>]*\bsrc=[\"']?(https?:)?//"
+        r"|<link\b(?=[^>]*\brel=[\"']?(?:stylesheet|preconnect|dns-prefetch|preload|modulepreload|icon|manifest))"
+        r"[^>]*\bhref=[\"']?(https?:)?//",
+        re.I,
+    )
+    for page in real_site.rglob("*.html"):
+        assert not fetching.search(page.read_text()), page
+    for sheet in real_site.rglob("*.css"):
+        assert not re.search(r"(url\(|@import)\s*[\"']?(https?:)?//", sheet.read_text()), sheet
