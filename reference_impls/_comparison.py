@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reference_impls import bottleneck, ia3, lora, phm, prompts, reft, sparse
+from reference_impls import bottleneck, ia3, lora, phm, prompts, reft, routing, sparse, unified
 from reference_impls._plumbing import count_parameters
 
 
@@ -177,6 +177,29 @@ def _llama_adapter(model, layout):
     return model
 
 
+def _mam(model, layout):
+    if layout.add_norm:
+        return None  # its prefixes go into a causal LM's key/value cache
+    return prompts.inject_mam(model, (layout.ffn[0],), n=30, hidden=512, m=512)
+
+
+def _unipelt(model, layout):
+    if not layout.add_norm:
+        return None  # written for a BERT-style encoder (post-norm blocks, attention.self)
+    unified.inject_unipelt(model, r=8, n=10, prefix_hidden=512)
+    return model
+
+
+def _mov(model, layout):
+    routing.inject_mov(model, [layout.attention[1], layout.attention[2]], experts=10)
+    return model
+
+
+def _poly(model, layout):
+    routing.inject_poly(model, [layout.attention[0], layout.attention[2]], tasks=1, skills=4, r=8)
+    return model
+
+
 METHODS = (
     Method("LoRA", "lora", "r = 8, α = 16 on the query and value projections", _lora(r=8), True, False, "LoRA"),
     Method(
@@ -197,6 +220,26 @@ METHODS = (
     Method("Compacter", "phm", "n = 4, m = d/16, rank 1, Houlsby's places", _compacter, False, False, ""),
     Method("LoReFT", "reft", "r = 4 on every layer's output, first 3 positions", _loreft, False, False, ""),
     Method("BitFit", "sparse", "every bias", _bitfit, True, False, ""),
+    Method("MoV", "routing", "10 (IA)³ experts on keys and values, a router per layer", _mov, False, False, ""),
+    Method("Polytropon", "routing", "4 LoRA skills of rank 8 on query and value, 1 task", _poly, False, False, "POLY"),
+    Method(
+        "UniPELT",
+        "unified",
+        "gated LoRA r = 8 (query, value), gated prefix of 10 (MLP 512), gated Pfeiffer adapter m = d/16",
+        _unipelt,
+        False,
+        True,
+        "",
+    ),
+    Method(
+        "MAM adapter",
+        "prompts",
+        "prefix of 30 (MLP 512) and a scaled parallel adapter m = 512 beside the FFN",
+        _mam,
+        False,
+        True,
+        "",
+    ),
     Method("Prompt tuning", "prompts", "20 virtual tokens", _prompt_tuning, False, True, "PROMPT_TUNING"),
     Method(
         "Prefix tuning",

@@ -31,10 +31,15 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["Prompt tuning"] == 20 * d
     kv = 2 * L * d
     assert counts["Prefix tuning"] == 10 * d + (d * 512 + 512) + (512 * kv + kv)
+    assert counts["MoV"] == L * 2 * (d * 10 + 10 * d)  # a router and 10 vectors on keys and values
+    assert counts["Polytropon"] == L * 2 * (4 * 8 * (d + d) + 4)  # 4 skills of rank 8, one task's logits
     if layout.add_norm:
+        assert counts["MAM adapter"] is None and counts["UniPELT"] > counts["Prefix tuning"]
         assert counts["LLaMA-Adapter"] is None and rows["BitFit"].percent(layout.name) > 0
     else:
-        assert counts["BitFit"] is None
+        assert counts["BitFit"] is None and counts["UniPELT"] is None
+        parallel = L * (2 * d * 512 + 512 + d)
+        assert counts["MAM adapter"] == 30 * d + (d * 512 + 512) + (512 * kv + kv) + parallel
         assert counts["LLaMA-Adapter"] == 30 * (10 * d + 32)  # prompts and one gate per head, top 30 layers
 
 
@@ -50,5 +55,7 @@ def test_every_row_links_to_a_module_and_says_what_it_costs(rows):
         "Prompt tuning",
         "Prefix tuning",
         "LLaMA-Adapter",
+        "UniPELT",
+        "MAM adapter",
     }
     assert rows["LoRA"].method.merges and not rows["Houlsby adapter"].method.merges
