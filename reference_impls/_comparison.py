@@ -8,6 +8,7 @@ no memory and the whole table takes about a second. The site's comparison page
 against the papers' parameter formulas.
 """
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,8 +24,8 @@ class Layout:
     name: str
     description: str
     build: Callable[[], nn.Module]
-    attention: tuple[str, str, str, str]  # names of the query, key, value and output projections
-    ffn: tuple[str, str]  # the feed-forward block, and its down (second) projection
+    attention: tuple[str, str, str, str]  # name endings of the query, key, value and output projections
+    ffn: tuple[str, str]  # the feed-forward block's name ending, and its down (second) projection's own name
     attention_block: str  # the attention sublayer an adapter goes after
     add_norm: bool  # post-norm Add & Norm blocks (BERT) rather than pre-norm residuals (LLaMA)
     width: int
@@ -52,7 +53,7 @@ LAYOUTS = (
         "encoder, 12 layers, width 768, FFN 3072, vocabulary 30,522 (no pooler)",
         _bert_base,
         ("query", "key", "value", "attention.output.dense"),
-        ("output", "output.dense"),
+        ("output", "dense"),
         "attention.output",
         True,
         768,
@@ -72,18 +73,22 @@ LAYOUTS = (
 )
 
 
+def _ending(model: nn.Module, ending: str) -> list[str]:
+    """Full names of the modules whose name ends with `ending` ("attention.output.dense" as a whole)."""
+    return [name for name, _ in model.named_modules() if name.endswith("." + ending)]
+
+
 def _ffn_blocks(model: nn.Module, layout: Layout) -> list[str]:
     """Full names of the feed-forward blocks (BERT's `output` names two blocks; take the FFN's)."""
-    suffix = "." + layout.ffn[0]
-    return [name for name, _ in model.named_modules() if name.endswith(suffix) and "attention" not in name]
+    return [name for name in _ending(model, layout.ffn[0]) if "attention" not in name]
 
 
 def _attention_blocks(model: nn.Module, layout: Layout) -> list[str]:
-    return [name for name, _ in model.named_modules() if name.endswith("." + layout.attention_block)]
+    return _ending(model, layout.attention_block)
 
 
 def _ffn_down(model: nn.Module, layout: Layout) -> list[str]:
-    return [block + "." + layout.ffn[1].rsplit(".", 1)[-1] for block in _ffn_blocks(model, layout)]
+    return [f"{block}.{layout.ffn[1]}" for block in _ffn_blocks(model, layout)]
 
 
 def _layer_outputs(model: nn.Module, layout: Layout) -> list[str]:
@@ -110,7 +115,8 @@ def _lora(**options):
 
 
 def _adalora(model, layout):
-    lora.inject_adalora(model, list(layout.attention[:3]) + [layout.attention[3]], r=12)
+    projections = [name for ending in layout.attention for name in _ending(model, ending)]
+    lora.inject_adalora(model, projections, r=12)
     return model
 
 
@@ -294,8 +300,6 @@ def compare() -> list[Row]:
 
 def _fresh(model: nn.Module) -> nn.Module:
     """A trainable copy of the meta-device model (deepcopy of meta tensors copies shapes only)."""
-    import copy
-
     fresh = copy.deepcopy(model)
     fresh.requires_grad_(True)
     return fresh

@@ -24,6 +24,7 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["LoRA"] == L * 2 * 8 * (d + d)  # r (d_in + d_out) on query and value
     assert counts["DoRA"] == counts["LoRA"] + L * 2 * d  # plus a magnitude per output feature
     assert counts["VeRA"] == L * 2 * (256 + d)  # r + d_out per layer
+    assert counts["AdaLoRA"] == L * 4 * 12 * (d + d + 1)  # r (d_in + d_out + 1) on q, k, v and o
     assert counts["(IA)³"] == L * (d + d + ffn)  # keys, values, the FFN's inner width
     assert counts["Houlsby adapter"] == L * 2 * (2 * d * 64 + 64 + d)
     assert counts["Pfeiffer adapter"] == L * (2 * d * (d // 16) + d // 16 + d)
