@@ -15,7 +15,7 @@ into MathML at build time with latex2mathml (browsers render it natively; no scr
 import ast
 import html
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import markdown
 from latex2mathml.converter import convert as latex_to_mathml
@@ -91,6 +91,8 @@ def _inline_maths(paragraph_html: str) -> str:
 
 # ---- prose -----------------------------------------------------------------------------------------------
 
+FORMATTER = HtmlFormatter(nowrap=True)  # Pygments' spans only: the templates supply <pre><code>
+
 
 def _markdown() -> markdown.Markdown:
     """Markdown without raw HTML: a `<` in a docstring is text, as it is in the source."""
@@ -138,7 +140,6 @@ def render_prose(text: str) -> tuple[Markup, int]:
 
 # ---- sections ------------------------------------------------------------------------------------------
 
-FORMATTER = HtmlFormatter(nowrap=True)
 HEADING = re.compile(r"#\s*-{2,}\s*(.*?)\s*-*\s*$")  # "# ---- Polytropon and MHR -----" names what follows
 
 
@@ -225,9 +226,8 @@ def annotate(source: str) -> AnnotatedSource:
     # The docstring's first paragraph is the page's summary, shown above "The method": not twice.
     method_text = module_doc[0].split("\n\n", 1)[1] if module_doc and "\n\n" in module_doc[0] else ""
     method, plain = render_prose(method_text) if method_text else (Markup(""), 0)
-    taken = set(module_doc[1]) if module_doc else set()
 
-    sections, previous_end = [], max(taken) if taken else 0
+    sections, previous_end = [], module_doc[1].stop - 1 if module_doc else 0
     for chunk in _chunks(tree.body[1:] if module_doc else tree.body):
         # The comment lines (and blank lines) between the previous chunk and this one are its prose;
         # a "# ---- heading ----" line among them names the section.
@@ -260,13 +260,11 @@ def annotate(source: str) -> AnnotatedSource:
 
 
 def _unique_anchors(sections: list[SourceSection]) -> tuple[SourceSection, ...]:
+    """Number repeated anchors (two classes may both have a `forward`): forward, forward-2, ..."""
     seen: dict[str, int] = {}
     unique = []
     for section in sections:
         count = seen.get(section.anchor, 0)
         seen[section.anchor] = count + 1
-        anchor = section.anchor if not count else f"{section.anchor}-{count + 1}"
-        unique.append(
-            SourceSection(section.title, anchor, section.prose, section.code, section.first_line, section.last_line)
-        )
+        unique.append(replace(section, anchor=f"{section.anchor}-{count + 1}") if count else section)
     return tuple(unique)

@@ -19,7 +19,7 @@ class SearchIndexError(RuntimeError):
 
 
 def build_search_index(site_dir: Path) -> str:
-    """Index site_dir in place; returns Pagefind's one-line summary of what it indexed."""
+    """Index site_dir in place; returns a one-line summary (how many pages the index holds)."""
     command = [sys.executable, "-m", "pagefind", "--site", str(site_dir), "--output-subdir", BUNDLE, "--quiet"]
     # --include-characters: method names such as (IA)^3 or LoRA+ stay searchable as typed.
     command += ["--include-characters", "+³"]

@@ -7,7 +7,8 @@ templates only lay it out; they make no decisions about data.
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 from catalog.annotate import AnnotatedSource, annotate
@@ -50,18 +51,22 @@ class ImplView:
     slug: str
     source_path: str  # relative to the repository root, e.g. reference_impls/lora.py
     summary: str  # the module docstring's first paragraph
-    docstring: str
+    source: str = field(repr=False)  # the file's text
     demo_command: str | None  # None for modules without a demo (the kernels)
     test_path: str | None  # tests/test_<name>.py where it exists
     papers: tuple[str, ...] = ()  # ids of the entries it implements (its IMPLEMENTS)
     covered_by: tuple[str, ...] = ()  # frameworks, surveys and studies that provide, describe or use it
     mentions: tuple[tuple[str, tuple[str, ...]], ...] = ()  # those, grouped: ("Provided by", ids), ...
-    annotated: AnnotatedSource | None = None  # the file as prose beside code
     benchmarks: tuple[BenchmarkRun, ...] = ()  # committed GPU measurements of this module
 
     @property
     def url(self) -> str:
         return f"impls/{self.slug}/"
+
+    @cached_property
+    def annotated(self) -> AnnotatedSource:
+        """The file as prose beside code, made when a page first asks (the README list never does)."""
+        return annotate(self.source)
 
     def confirms(self, entry_id: str) -> bool:
         return entry_id in self.papers or entry_id in self.covered_by
@@ -109,13 +114,12 @@ def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entr
             slug=slug,
             source_path=module.path.relative_to(repo_root).as_posix(),
             summary=module.docstring.split("\n\n")[0].replace("\n", " ").strip(),
-            docstring=module.docstring,
+            source=module.path.read_text(encoding="utf-8"),
             demo_command=f"python -m reference_impls.{slug}" if module.has_demo else None,
             test_path=test.relative_to(repo_root).as_posix() if test.exists() else None,
             papers=tuple(entry_id for entry_id in module.implements if entry_id in known),
             covered_by=tuple(entry_id for entry_id in module.covered_by if entry_id in known),
             mentions=_mentions(module.covered_by, kind_of),
-            annotated=annotate(module.path.read_text(encoding="utf-8")),
             benchmarks=tuple(
                 BenchmarkRun(
                     run["device"],

@@ -67,11 +67,7 @@ def search(browser, query: str) -> list[str]:
     """Type a query into the header's search box; the result links' hrefs once they appear."""
     from selenium.webdriver.common.by import By
 
-    box = browser.find_element(By.CSS_SELECTOR, ".aa-search__input")
-    box.clear()
-    box.click()
-    box.send_keys(query)
-    wait_for(browser, lambda driver: driver.find_elements(By.CSS_SELECTOR, ".aa-search__list a"))
+    type_and_wait(browser, query)
     return [link.get_attribute("href") for link in browser.find_elements(By.CSS_SELECTOR, ".aa-search__list a")]
 
 
