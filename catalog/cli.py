@@ -31,7 +31,7 @@ from catalog.add import (
 from catalog.comparison import ComparisonError, method_comparison
 from catalog.enrich import enrich, plan
 from catalog.identifiers import MalformedIdentifier, parse_lookup
-from catalog.impls import find_impls
+from catalog.impls import ImplSourceError, find_impls
 from catalog.load import load_catalog, parse_catalog
 from catalog.readme import README, ReadmeError, render_list, replace_list
 from catalog.render import SiteInfo, fill_shells, render_docs, write_not_found_page
@@ -492,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; files already written are complete (every write is atomic)", file=sys.stderr)
         return 130
+    except ImplSourceError as error:  # a reference implementation that does not parse
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except OSError as error:  # a file the command writes cannot be written, say
         print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
         return 1

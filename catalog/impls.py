@@ -27,6 +27,10 @@ class ImplModule:
         return entry_id in self.implements or entry_id in self.covered_by
 
 
+class ImplSourceError(ValueError):
+    """A module under reference_impls/ that is not valid Python: its file, line and the parser's message."""
+
+
 def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplModule]:
     found = {}
     package_dir = package_dir.resolve()
@@ -35,7 +39,10 @@ def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplMod
         if any(part.startswith("_") for part in relative.parts):
             continue
         slug = ".".join(relative.parts)
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        except SyntaxError as error:
+            raise ImplSourceError(f"{path.relative_to(package_dir.parent)}:{error.lineno}: {error.msg}") from None
         has_demo = any(isinstance(node, ast.FunctionDef) and node.name == "demo" for node in tree.body)
         found[slug] = ImplModule(
             slug,

@@ -346,3 +346,12 @@ def test_no_page_loads_anything_from_another_host(real_site):
         assert not fetching.search(page.read_text()), page
     for sheet in real_site.rglob("*.css"):
         assert not re.search(r"(url\(|@import)\s*[\"']?(https?:)?//", sheet.read_text()), sheet
+
+
+def test_a_reference_implementation_that_does_not_parse_is_one_clear_line(repo_copy, capsys):
+    from catalog.cli import main
+
+    (repo_copy / "reference_impls" / "zz_broken.py").write_text('"""Broken."""\nIMPLEMENTS = ()\ndef f(:\n')
+    for command in (["check"], ["render"]):
+        assert main(command) == 1
+        assert capsys.readouterr().err.strip() == "error: reference_impls/zz_broken.py:3: invalid syntax"
