@@ -29,7 +29,7 @@ from catalog.add import (
     suggest_id,
 )
 from catalog.comparison import ComparisonError, method_comparison
-from catalog.enrich import enrich, plan
+from catalog.enrich import enrich, plan, unreachable
 from catalog.identifiers import MalformedIdentifier, parse_lookup
 from catalog.impls import ImplSourceError, find_impls
 from catalog.load import load_catalog, parse_catalog
@@ -219,6 +219,11 @@ def cmd_enrich(args) -> int:
     if catalog is None or store is None:
         return 1
     now = datetime.datetime.now(datetime.UTC)
+    for entry in unreachable(catalog.entries):  # not an error: said once, on stdout
+        print(
+            f"{args.papers}:{entry.line}: entry {entry.id!r}: no identifier Semantic Scholar takes "
+            f"({', '.join(entry.identifiers)}); its record stays as written"
+        )
     todo = plan(catalog.entries, store, now, args.max_age, args.refresh)
     if not todo:
         print("every paper has a record; nothing to fetch (use --refresh or --max-age DAYS)")

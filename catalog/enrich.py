@@ -15,11 +15,12 @@ from catalog import identifiers
 from catalog.record import Paper
 from catalog.s2 import BATCH_SIZE, S2Client
 from catalog.schema import Entry
-from catalog.store import MetadataStore, StoredRecord
+from catalog.store import FACTS_SOURCE, MetadataStore, StoredRecord
 
 
-def lookup_id(entry: Entry) -> str:
-    """The id we ask the API for: the exact S2 id if known, else arXiv, ACL, DOI (the API's prefixes)."""
+def lookup_id(entry: Entry) -> str | None:
+    """The id we ask the API for: the exact S2 id if known, else arXiv, ACL, DOI (the API's prefixes);
+    None for a paper known only by ids the API does not take (OpenReview)."""
     return identifiers.api_id(entry.identifiers)
 
 
@@ -31,17 +32,23 @@ def answers(asked: str, paper: Paper) -> bool:
 def plan(
     entries: list[Entry], store: MetadataStore, now: datetime, max_age_days: float | None = None, refresh: bool = False
 ) -> list[Entry]:
-    """The paper entries whose record is missing, older than max_age_days, or (refresh) all of them."""
+    """The paper entries whose record is missing, written from gathered facts, older than max_age_days,
+    or (refresh) all of them; never those the API cannot look up (see `unreachable`)."""
     todo = []
     for entry in entries:
-        if not entry.paper:
+        if not entry.paper or lookup_id(entry) is None:
             continue
         record = store.get(entry.id)
-        if refresh or record is None:
+        if refresh or record is None or record.source == FACTS_SOURCE:
             todo.append(entry)
         elif max_age_days is not None and now - record.retrieved > timedelta(days=max_age_days):
             todo.append(entry)
     return todo
+
+
+def unreachable(entries: list[Entry]) -> list[Entry]:
+    """The papers with no identifier the API takes: their records stay as written."""
+    return [entry for entry in entries if entry.paper and lookup_id(entry) is None]
 
 
 @dataclass

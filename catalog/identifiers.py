@@ -20,6 +20,7 @@ class Identifier:
     pattern: str  # matched whole (re.fullmatch)
     description: str
     case_insensitive: bool = False  # compared (and looked up) without regard to case
+    looked_up: bool = True  # whether the API takes it; a paper known only by others cannot be enriched
 
     def matches(self, value: str) -> bool:
         return re.fullmatch(self.pattern, value) is not None
@@ -62,6 +63,17 @@ DOI = Identifier(
 S2 = Identifier(
     "s2", "Semantic Scholar id", None, None, r"[0-9a-f]{40}", "a Semantic Scholar paper id (40 lower-case hex digits)"
 )
+# OpenReview's forum ids, for papers (ICLR, NeurIPS) with neither an arXiv id nor a DOI. The API
+# does not take them, so such an entry keeps the record written from gathered facts.
+OPENREVIEW = Identifier(
+    "openreview",
+    "OpenReview id",
+    None,
+    "OpenReview",
+    r"[A-Za-z0-9_-]{8,14}",
+    "an OpenReview forum id such as 'TwJrTz9cRS' (from openreview.net/forum?id=...)",
+    looked_up=False,
+)
 CORPUS = Identifier(
     None,
     "Semantic Scholar corpus id",
@@ -72,18 +84,18 @@ CORPUS = Identifier(
 )
 
 # The fields an entry may carry, in the order enrich prefers them for a lookup (exact S2 id first).
-STORED = (S2, ARXIV, ACL, DOI)
+STORED = (S2, ARXIV, ACL, DOI, OPENREVIEW)
 BY_FIELD = {identifier.field: identifier for identifier in STORED}
-FIELDS = ("arxiv", "acl", "doi", "s2")  # the order papers.yaml and `catalog add` write them
+FIELDS = ("arxiv", "acl", "doi", "openreview", "s2")  # the order papers.yaml and `catalog add` write them
 LOOKUP_PREFIXES = {identifier.api_prefix.lower(): identifier for identifier in (ARXIV, ACL, DOI, CORPUS)}
 
 
-def api_id(identifiers: dict[str, str]) -> str:
-    """The id to ask the API for, from an entry's identifiers (field -> value)."""
+def api_id(identifiers: dict[str, str]) -> str | None:
+    """The id to ask the API for, from an entry's identifiers (field -> value); None if it has none the API takes."""
     for identifier in STORED:
-        if identifiers.get(identifier.field):
+        if identifier.looked_up and identifiers.get(identifier.field):
             return identifier.api_id(identifiers[identifier.field])
-    raise ValueError("no paper identifier")
+    return None
 
 
 def record_ids(paper_id: str, external_ids: dict[str, str | int] | None) -> dict[str, str]:

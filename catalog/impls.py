@@ -4,14 +4,18 @@ A slug is the module path below reference_impls/, with dots: `lora` is reference
 `kernels.nf4` is reference_impls/kernels/nf4.py. Files starting with an underscore are plumbing.
 Each module declares, as data, the entries whose method it implements, `IMPLEMENTS = ("lora", ...)`,
 and the frameworks, surveys and studies that provide, describe or use its methods,
-`COVERED_BY = ("hf-peft", ...)`. They are read from the source without importing it, so the
-catalog never needs torch. Together with each entry's `impl` list they are the two sides of every
-link between the catalog and the code (catalog/validate.py checks that both sides agree).
+`COVERED_BY = ("hf-peft", ...)`, and its family, `FAMILY = "Low-rank updates"` (one of
+`vocabulary.IMPL_FAMILIES`, the implementations index's groups). They are read from the source
+without importing it, so the catalog never needs torch. Together with each entry's `impl` list
+they are the two sides of every link between the catalog and the code (catalog/validate.py
+checks that both sides agree).
 """
 
 import ast
 from dataclasses import dataclass
 from pathlib import Path
+
+from catalog.vocabulary import IMPL_FAMILIES
 
 
 @dataclass(frozen=True)
@@ -22,13 +26,15 @@ class ImplModule:
     implements: tuple[str, ...]  # entry ids, from the module's IMPLEMENTS
     has_demo: bool = False  # defines demo(), run by `python -m reference_impls.<slug>`
     covered_by: tuple[str, ...] = ()  # entry ids, from the module's COVERED_BY
+    family: str = ""  # its FAMILY; "" where it names none
 
     def confirms(self, entry_id: str) -> bool:
         return entry_id in self.implements or entry_id in self.covered_by
 
 
 class ImplSourceError(ValueError):
-    """A module under reference_impls/ that is not valid Python: its file, line and the parser's message."""
+    """A module under reference_impls/ that is not valid Python (its file, line and the parser's message),
+    or that names no family of catalog/vocabulary.py."""
 
 
 def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplModule]:
@@ -44,6 +50,13 @@ def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplMod
         except SyntaxError as error:
             raise ImplSourceError(f"{path.relative_to(package_dir.parent)}:{error.lineno}: {error.msg}") from None
         has_demo = any(isinstance(node, ast.FunctionDef) and node.name == "demo" for node in tree.body)
+        family = "".join(_constant(tree, "FAMILY"))
+        if family not in IMPL_FAMILIES:
+            found_here = f"FAMILY = {family!r} is not" if family else "no FAMILY: a module names its family,"
+            raise ImplSourceError(
+                f"{path.relative_to(package_dir.parent)}:1: {found_here} one of those in catalog/vocabulary.py "
+                f"({', '.join(IMPL_FAMILIES)})"
+            )
         found[slug] = ImplModule(
             slug,
             path,
@@ -51,6 +64,7 @@ def find_impls(package_dir: Path = Path("reference_impls")) -> dict[str, ImplMod
             _constant(tree, "IMPLEMENTS"),
             has_demo,
             _constant(tree, "COVERED_BY"),
+            family,
         )
     return found
 

@@ -66,11 +66,14 @@ class CitationStyles(_Part):
 class Paper(_Part):
     """One record of the Graph API (GET /paper/{id}, POST /paper/batch), the fields we ask for."""
 
-    paperId: Annotated[
-        str,
-        BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value),
-        Field(pattern=r"^[0-9a-f]{40}$"),
-    ]  # Rust regex: $ is the very end
+    paperId: (
+        Annotated[
+            str,
+            BeforeValidator(lambda value: value.lower() if isinstance(value, str) else value),
+            Field(pattern=r"^[0-9a-f]{40}$"),
+        ]
+        | None
+    ) = None  # Rust regex: $ is the very end. Every API record has one; see parse_paper
     corpusId: Count | None = None
     externalIds: dict[ShortText, ShortText | int] | None = None
     title: ShortText | None = None
@@ -120,14 +123,18 @@ class RecordError(ValueError):
     """A record that does not have the API's shape; the message names the field."""
 
 
-def parse_paper(data: object) -> Paper:
-    """A validated Paper, or RecordError saying which field is wrong (at most three, briefly)."""
+def parse_paper(data: object, needs_paper_id: bool = True) -> Paper:
+    """A validated Paper, or RecordError saying which field is wrong (at most three, briefly). Only a
+    record written from gathered facts, before the API has been asked, may lack its paperId."""
     if not isinstance(data, dict):
         raise RecordError(f"the record is a {type(data).__name__}, not an object")
     try:
-        return Paper.model_validate(data)
+        paper = Paper.model_validate(data)
     except ValidationError as error:
         raise RecordError(describe(error)) from None
+    if needs_paper_id and paper.paperId is None:
+        raise RecordError("paperId: a Semantic Scholar record needs its paper id")
+    return paper
 
 
 def describe(error: ValidationError) -> str:

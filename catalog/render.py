@@ -25,7 +25,7 @@ from markupsafe import Markup
 
 from catalog.comparison import Comparison
 from catalog.views import ImplView, PaperView
-from catalog.vocabulary import KINDS, SECTIONS, TAGS
+from catalog.vocabulary import IMPL_FAMILIES, KINDS, SECTIONS, TAGS
 
 TEMPLATES = Path(__file__).parent / "templates"
 PAGE_SIZE = 25  # cards per section or tag page
@@ -181,7 +181,7 @@ def render_docs(
         )
     out.page("papers/index.md", "table.md.j2", count=len(papers))
     out.file("assets/papers-data.js", papers_data_js(papers))
-    out.page("impls/index.md", "impls.md.j2", impls=impls, papers={p.id: p for p in papers})
+    out.page("impls/index.md", "impls.md.j2", impls=impls, papers={p.id: p for p in papers}, families=IMPL_FAMILIES)
     for impl in impls.values():
         out.html_page(
             f"impls/{impl.slug}.md",

@@ -65,6 +65,7 @@ class Entry(BaseModel):
     arxiv: str | None = None
     acl: str | None = None
     doi: str | None = None
+    openreview: str | None = None
     s2: str | None = None
     code: Link | None = None
     website: Link | None = None
@@ -88,7 +89,7 @@ class Entry(BaseModel):
             raise ValueError(f"{value!r} is reserved: papers/{value}/ is already a page of the site")
         return value
 
-    @field_validator("arxiv", "acl", "doi", "s2")
+    @field_validator("arxiv", "acl", "doi", "openreview", "s2")
     @classmethod
     def _identifier_format(cls, value, info):
         identifier = identifiers.BY_FIELD[info.field_name]
@@ -124,7 +125,7 @@ class Entry(BaseModel):
         present = [name for name in identifiers.FIELDS if getattr(self, name)]
         if self.paper and not present:
             raise ValueError(
-                "a paper needs at least one identifier: arxiv, acl, doi or s2 "
+                "a paper needs at least one identifier: arxiv, acl, doi, openreview or s2 "
                 "(for software without a paper, write 'paper: false')"
             )
         if not self.paper and present:

@@ -100,7 +100,7 @@ def stored_record(data: object) -> StoredRecord:
     if unknown:
         raise RecordError(f"paper.{unknown[0]}: not a field of a Semantic Scholar record we ask for")
     try:
-        paper = parse_paper(data["paper"])
+        paper = parse_paper(data["paper"], needs_paper_id=data["source"] != FACTS_SOURCE)
     except RecordError as error:
         raise RecordError(f"paper.{error}") from None
     return StoredRecord(paper, data["source"], retrieved)

@@ -51,6 +51,7 @@ class ImplView:
     slug: str
     source_path: str  # relative to the repository root, e.g. reference_impls/lora.py
     summary: str  # the module docstring's first paragraph
+    family: str  # its FAMILY, one of vocabulary.IMPL_FAMILIES
     source: str = field(repr=False)  # the file's text
     demo_command: str | None  # None for modules without a demo (the kernels)
     test_path: str | None  # tests/test_<name>.py where it exists
@@ -114,6 +115,7 @@ def impl_views(found: dict[str, ImplModule], repo_root: Path, entries: list[Entr
             slug=slug,
             source_path=module.path.relative_to(repo_root).as_posix(),
             summary=module.docstring.split("\n\n")[0].replace("\n", " ").strip(),
+            family=module.family,
             source=module.path.read_text(encoding="utf-8"),
             demo_command=f"python -m reference_impls.{slug}" if module.has_demo else None,
             test_path=test.relative_to(repo_root).as_posix() if test.exists() else None,
@@ -214,12 +216,15 @@ def _links(entry: Entry, paper: Paper | None):
         pdf = f"https://arxiv.org/pdf/{entry.arxiv}"
     if not pdf and entry.acl:
         pdf = f"https://aclanthology.org/{entry.acl}.pdf"
+    if not pdf and entry.openreview:
+        pdf = f"https://openreview.net/pdf?id={entry.openreview}"
     s2_id = entry.s2 or (paper.paperId if paper else None)
     candidates = [
         ("PDF", pdf),
         ("arXiv", entry.arxiv and f"https://arxiv.org/abs/{entry.arxiv}"),
         ("ACL Anthology", entry.acl and f"https://aclanthology.org/{entry.acl}/"),
         ("DOI", entry.doi and f"https://doi.org/{entry.doi}"),
+        ("OpenReview", entry.openreview and f"https://openreview.net/forum?id={entry.openreview}"),
         ("Semantic Scholar", s2_id and f"https://www.semanticscholar.org/paper/{s2_id}"),
         ("Code", entry.code),
         ("Website", entry.website),

@@ -55,6 +55,7 @@ CONFIRMED_BY: dict[str, str] = {
 TAGS: dict[str, str] = {
     "Bottleneck adapter": "Small down-projection, nonlinearity, up-projection modules inserted into each layer.",
     "LoRA": "A trainable low-rank update BA added to frozen weight matrices.",
+    "High-rank update": "Updates built from Hadamard or Kronecker products of small factors, of higher rank than BA.",
     "Prompt tuning": "Trainable soft-prompt vectors prepended to the input embeddings.",
     "Prefix tuning": "Trainable key and value prefixes in the attention of every layer.",
     "Sparse fine-tuning": "Updating a small, sparse subset of the existing weights (biases, masks, lottery tickets).",
@@ -76,4 +77,25 @@ TAGS: dict[str, str] = {
     "Speech": "Adapters for speech recognition and speech translation.",
     "Knowledge injection": "Adapters that add factual or commonsense knowledge to a model.",
     "Instruction tuning": "Adapting large language models to follow instructions.",
+}
+
+
+# The families of the reference implementations, in the order the implementations index lists them.
+# Each module under reference_impls/ names its family with `FAMILY = "..."`; catalog check refuses others.
+IMPL_FAMILIES: dict[str, str] = {
+    "Low-rank updates": "A trained low-rank change of frozen weights, merged into them after training.",
+    "Hadamard and Kronecker products": "Weight updates from elementwise or Kronecker products of small factors.",
+    "Activation scaling": "Learned vectors that rescale activations inside the frozen network.",
+    "Bottleneck adapters": "Small trained modules inserted into every layer, for Transformers and ConvNets.",
+    "Prompts and prefixes": "Trained vectors prepended to the input or to the attention's keys and values.",
+    "Representation fine-tuning": "Interventions on hidden states instead of weights.",
+    "Sparse fine-tuning": "Training a small, chosen subset of the existing weights.",
+    "Embeddings and vocabularies": "Adapting the embedding matrix to new vocabularies.",
+    "Composition and merging": "Combining trained adapters: stacking, fusion, ensembles, arithmetic.",
+    "Mixtures and routing": "Several adapters mixed per task or token by a learned router.",
+    "Hypernetworks": "One network that generates the adapters' weights.",
+    "Side networks": "A small network beside the frozen backbone.",
+    "Unified designs and search": "Combinations of methods, and searches over them.",
+    "Kernels and serving systems": "GPU kernels and systems that train and serve adapters fast.",
+    "Interoperability with PEFT": "Loading and saving the checkpoints of HF PEFT.",
 }

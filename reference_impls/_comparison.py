@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reference_impls import bottleneck, ia3, lora, phm, prompts, reft, routing, sparse, unified
+from reference_impls import bottleneck, delora, ia3, lora, phm, products, prompts, reft, routing, sparse, unified
 from reference_impls._plumbing import count_parameters
 
 
@@ -120,6 +120,19 @@ def _adalora(model, layout):
     return model
 
 
+def _products(method, **options):
+    def apply(model, layout):
+        products.inject_products(model, [layout.attention[0], layout.attention[2]], method, **options)
+        return model
+
+    return apply
+
+
+def _delora(model, layout):
+    delora.inject_delora(model, [layout.attention[0], layout.attention[2]], r=8, lambda_=15.0)
+    return model
+
+
 def _vera(model, layout):
     lora.inject_vera(model, [layout.attention[0], layout.attention[2]], r=256)
     return model
@@ -219,6 +232,26 @@ METHODS = (
     ),
     Method("VeRA", "lora", "r = 256 on the query and value projections (shared A, B)", _vera, True, False, "VeRA"),
     Method("AdaLoRA", "lora", "initial r = 12 on the attention projections", _adalora, True, False, "AdaLoRA"),
+    Method("DeLoRA", "delora", "r = 8, λ = 15 on the query and value projections", _delora, True, False, "DELORA"),
+    Method(
+        "LoHa",
+        "products",
+        "r = 8, α = 8 on the query and value projections",
+        _products("loha", r=8, alpha=8),
+        True,
+        False,
+        "LOHA",
+    ),
+    Method(
+        "LoKr",
+        "products",
+        "r = 8, α = 8 on the query and value projections (PEFT's factor rule)",
+        _products("lokr", r=8, alpha=8),
+        True,
+        False,
+        "LOKR",
+    ),
+    Method("HiRA", "products", "r = 8 on the query and value projections", _products("hira", r=8), True, False, "HIRA"),
     Method("(IA)³", "ia3", "keys, values and the FFN's down-projection input", _ia3, True, False, "IA3"),
     Method("Houlsby adapter", "bottleneck", "m = 64 after attention and after the FFN", _houlsby, False, False, ""),
     Method("Pfeiffer adapter", "bottleneck", "m = d/16 after the FFN", _pfeiffer, False, False, ""),

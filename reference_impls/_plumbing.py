@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 
-def find_targets(model: nn.Module, target_names: list[str], kind: type = nn.Linear) -> list[str]:
+def find_targets(model: nn.Module, target_names: list[str], kind: type | tuple[type, ...] = nn.Linear) -> list[str]:
     """Full names of the `kind` submodules whose own name, or full name, is in target_names.
 
     `["q", "v"]` matches `layers.0.attn.q` and `layers.3.attn.v`; a full name matches only itself.
@@ -23,7 +23,8 @@ def find_targets(model: nn.Module, target_names: list[str], kind: type = nn.Line
         if isinstance(module, kind) and (name in wanted or name.rsplit(".", 1)[-1] in wanted)
     ]
     if not found:
-        raise ValueError(f"no {kind.__name__} module of the model is named any of {sorted(wanted)}")
+        kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"no {kinds} module of the model is named any of {sorted(wanted)}")
     return found
 
 

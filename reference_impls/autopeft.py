@@ -36,6 +36,8 @@ from reference_impls._plumbing import count_parameters, tiny_encoder, toy_sequen
 from reference_impls.bottleneck import Adapter, is_add_norm_block
 from reference_impls.prompts import inject_encoder_prefix
 
+FAMILY = "Unified designs and search"
+
 IMPLEMENTS = ("autopeft",)
 
 SIZES = (0, 1, 2, 4, 8, 16, 32, 64)  # for every module: 0 switches it off

@@ -58,6 +58,8 @@ from reference_impls._plumbing import (
     train,
 )
 
+FAMILY = "Bottleneck adapters"
+
 # The methods above, and the entries whose contribution uses plain bottleneck adapters (NMT, speech
 # and vision-language applications).
 IMPLEMENTS = (

@@ -67,6 +67,8 @@ from reference_impls.bottleneck import (
 from reference_impls.ia3 import IA3Linear, inject_ia3
 from reference_impls.lora import LoRALinear, inject_lora
 
+FAMILY = "Composition and merging"
+
 IMPLEMENTS = ("adapterfusion", "mad-x", "adaptersoup", "pem-arithmetic", "emea")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

@@ -48,6 +48,8 @@ from reference_impls._plumbing import (
     train,
 )
 
+FAMILY = "Bottleneck adapters"
+
 IMPLEMENTS = ("residual-adapters", "parallel-residual-adapters", "conv-adapter")
 
 

@@ -24,6 +24,8 @@ from torch import nn
 from reference_impls._plumbing import count_parameters, find_targets, tiny_encoder, train_classifier
 from reference_impls.bottleneck import PFEIFFER, inject_adapters
 
+FAMILY = "Embeddings and vocabularies"
+
 IMPLEMENTS = ("unks-everywhere",)
 
 

@@ -66,6 +66,8 @@ from reference_impls._plumbing import (
     toy_task,
 )
 
+FAMILY = "Hypernetworks"
+
 IMPLEMENTS = ("hyperformer", "udapter", "mad-g")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

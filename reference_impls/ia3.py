@@ -34,6 +34,8 @@ from reference_impls._plumbing import (
     train,
 )
 
+FAMILY = "Activation scaling"
+
 IMPLEMENTS = ("ia3",)
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

@@ -13,7 +13,8 @@ would change what the model computes and that we do not implement raise `Unsuppo
 naming the field.
 
 Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
-(`use_dora`), VeRA, (IA)³ and AdaLoRA, which are injected into the model in place; and prompt
+(`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
+in CP form), HiRA and DeLoRA, which are injected into the model in place; and prompt
 tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix tuning
 return a wrapper around the model (they change its inputs), so always use the returned module.
 
@@ -34,8 +35,22 @@ from torch import nn
 
 from reference_impls._plumbing import replace_module
 from reference_impls.ia3 import IA3Linear
-from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
-from reference_impls.prompts import AdaptedAttention, PrefixTuning, PromptTuning
+from reference_impls.interop_layers import (
+    UnsupportedAdapter,
+    adalora_layer,
+    adaption_prompt_layer,
+    delora_layer,
+    hira_layer,
+    ia3_layer,
+    loha_layer,
+    lokr_layer,
+    lora_layer,
+    vera_layer,
+)
+from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear
+from reference_impls.prompts import PrefixTuning, PromptTuning
+
+FAMILY = "Interoperability with PEFT"
 
 # Not a paper's method: the bridge to the library that practitioners run.
 IMPLEMENTS = ()
@@ -43,10 +58,6 @@ IMPLEMENTS = ()
 COVERED_BY = ("hf-peft",)
 
 WRAPPER_PREFIX = "base_model.model."
-
-
-class UnsupportedAdapter(ValueError):
-    pass
 
 
 # Fields we read, or whose value cannot change what the loaded model computes: bookkeeping,
@@ -77,6 +88,16 @@ HANDLED = {
     "fan_in_fan_out",
     "feedforward_modules",
     "lora_dropout",
+    "hira_dropout",
+    "rank_dropout",
+    "rank_dropout_scale",
+    "module_dropout",
+    "alpha",
+    "use_effective_conv2d",
+    "decompose_both",
+    "decompose_factor",
+    "delora_lambda",
+    "lambda_pattern",
     "vera_dropout",
     "d_initial",
     "projection_prng_key",
@@ -112,7 +133,19 @@ def _neutral(value) -> bool:
     return value is None or value is False or value == 0 or value in ("none", "") or value == [] or value == {}
 
 
-SUPPORTED_TYPES = ("LORA", "VERA", "IA3", "ADALORA", "PROMPT_TUNING", "PREFIX_TUNING", "ADAPTION_PROMPT")
+SUPPORTED_TYPES = (
+    "LORA",
+    "VERA",
+    "IA3",
+    "ADALORA",
+    "LOHA",
+    "LOKR",
+    "HIRA",
+    "DELORA",
+    "PROMPT_TUNING",
+    "PREFIX_TUNING",
+    "ADAPTION_PROMPT",
+)
 
 
 def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
@@ -136,20 +169,28 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             for key in tensors
             if key.endswith(".adaption_prompt")
         }
-        planned = _plan(prompts, lambda path, found: _adaption_prompt_layer(model, path, found["key"], tensors))
+        planned = _plan(prompts, lambda path, found: adaption_prompt_layer(model, path, found["key"], tensors))
     else:
         shared = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("base_model.vera_")]}
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             path = key.removeprefix(WRAPPER_PREFIX)
-            match = re.fullmatch(r"(.+?)\.((?:lora|vera|ia3)_[A-Za-z_]+?)(?:\.weight)?", path)
+            match = re.fullmatch(r"(.+?)\.((?:lora|vera|ia3|hada|lokr|hira|delora)_[A-Za-z0-9_]+?)(?:\.weight)?", path)
             if not match:
                 raise UnsupportedAdapter(f"unexpected tensor {key!r} in adapter_model.safetensors")
             by_module.setdefault(match.group(1), {})[match.group(2)] = tensor
         if peft_type == "VERA":
-            build = _vera_layer(config, shared, first=next(iter(by_module), None))
+            build = vera_layer(config, shared, first=next(iter(by_module), None))
         else:
-            build = {"LORA": _lora_layer, "IA3": _ia3_layer, "ADALORA": _adalora_layer}[peft_type]
+            build = {
+                "LORA": lora_layer,
+                "IA3": ia3_layer,
+                "ADALORA": adalora_layer,
+                "LOHA": loha_layer,
+                "LOKR": lokr_layer,
+                "HIRA": hira_layer,
+                "DELORA": delora_layer,
+            }[peft_type]
         planned = _plan(by_module, lambda path, found: build(model, config, path, found))
     for path, layer in planned.items():  # only now, with every layer built, is the model changed
         replace_module(model, path, layer)
@@ -174,88 +215,6 @@ def _plan(by_module: dict, build) -> dict[str, nn.Module]:
                     f"the model was left unchanged"
                 ) from None
     return planned
-
-
-def _base_linear(model: nn.Module, path: str, fan_in_fan_out: bool) -> nn.Linear:
-    """The module at path as an nn.Linear. GPT-2's Conv1D (fan_in_fan_out) stores Wᵀ: a transposed copy."""
-    module = model.get_submodule(path)
-    if isinstance(module, nn.Linear):
-        return module
-    if type(module).__name__ == "Conv1D" and fan_in_fan_out:
-        d_in, d_out = module.weight.shape
-        linear = nn.Linear(
-            d_in, d_out, bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype
-        )
-        linear.weight.copy_(module.weight.T)
-        if module.bias is not None:
-            linear.bias.copy_(module.bias)
-        return linear
-    raise UnsupportedAdapter(
-        f"module {path!r} is a {type(module).__name__}; only nn.Linear (and GPT-2's Conv1D "
-        f"with fan_in_fan_out) are supported; the model was left unchanged"
-    )
-
-
-def _pattern_value(patterns: dict, path: str, default):
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
-            return value
-    return default
-
-
-def _lora_layer(model, config, path, found):
-    base = _base_linear(model, path, config.get("fan_in_fan_out", False))
-    r = found["lora_A"].shape[0]
-    alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
-    layer_type = DoRALinear if config.get("use_dora") else LoRALinear
-    layer = layer_type(base, r=r, alpha=alpha, use_rslora=config.get("use_rslora", False))
-    layer.A.copy_(found["lora_A"])
-    layer.B.copy_(found["lora_B"])
-    if config.get("use_dora"):
-        layer.m.copy_(found["lora_magnitude_vector"].flatten())
-    return layer
-
-
-def _vera_layer(config, shared, first):
-    if "base_model.vera_A" not in shared:
-        raise UnsupportedAdapter("VeRA adapter saved with save_projection=False: the projections are not in the file")
-    projections = VeRAShared(config["r"], 1, 1)
-    projections.A, projections.B = shared["base_model.vera_A"], shared["base_model.vera_B"]
-
-    def build(model, config, path, found):
-        base = _base_linear(model, path, config.get("fan_in_fan_out", False))
-        layer = VeRALinear(base, projections, owns_shared=path == first)
-        layer.lambda_b.copy_(found["vera_lambda_b"])
-        layer.lambda_d.copy_(found["vera_lambda_d"])
-        return layer
-
-    return build
-
-
-def _ia3_layer(model, config, path, found):
-    base = _base_linear(model, path, config.get("fan_in_fan_out", False))
-    feedforward = config.get("feedforward_modules") or []
-    # As PEFT decides: a string is a regex over the whole path, a list names path endings.
-    if isinstance(feedforward, str):
-        scale_input = re.fullmatch(feedforward, path) is not None
-    else:
-        scale_input = any(path == name or path.endswith("." + name) for name in feedforward)
-    layer = IA3Linear(base, scale_input=scale_input)
-    layer.l.copy_(found["ia3_l"].flatten())
-    return layer
-
-
-def _adalora_layer(model, config, path, found):
-    # After pruning (rank_pattern in the config), PEFT saves each layer's kept triplets only; the
-    # scale stays α / init_r (PEFT's ranknum), α being the layer's kept rank when lora_alpha is 0.
-    base = _base_linear(model, path, config.get("fan_in_fan_out", False))
-    r = found["lora_A"].shape[0]
-    alpha = config["lora_alpha"] if config.get("lora_alpha", 0) > 0 else r
-    layer = SVDLinear(base, r=r, alpha=alpha, initial_r=config.get("init_r") or r)
-    layer.Q.copy_(found["lora_A"])
-    layer.P.copy_(found["lora_B"])
-    layer.lambda_.copy_(found["lora_E"])
-    return layer
 
 
 def _load_prompt(model, config, tensors):
@@ -284,15 +243,6 @@ def _load_prompt(model, config, tensors):
     for parameter in wrapper.parameters():
         parameter.requires_grad_(False)
     return wrapper
-
-
-def _adaption_prompt_layer(model, path, key, tensors):
-    attention = model.get_submodule(path)
-    prompt, gate = tensors[key][0], tensors[key.replace("adaption_prompt", "adaption_gate")]
-    adapted = AdaptedAttention(attention, prompt.shape[0], prompt.shape[1], model.config.num_attention_heads)
-    adapted.prompt.copy_(prompt)
-    adapted.gate.copy_(gate.reshape(-1, 1, 1).expand_as(adapted.gate[0]).unsqueeze(0))  # one gate, every head
-    return adapted
 
 
 def save_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> None:

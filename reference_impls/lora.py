@@ -67,6 +67,8 @@ from reference_impls._plumbing import (
 from reference_impls.kernels.dora import fused_dora
 from reference_impls.kernels.fused_lora import fused_lora, kernel_takes
 
+FAMILY = "Low-rank updates"
+
 # The papers.yaml entries this module implements (the site and `catalog check --strict-impl` read it).
 IMPLEMENTS = ("lora", "dora", "vera", "adalora")
 

@@ -38,6 +38,8 @@ from reference_impls._plumbing import (
 )
 from reference_impls.bottleneck import ACTIVATIONS, AddNormAdapter, SequentialAdapter, is_add_norm_block
 
+FAMILY = "Bottleneck adapters"
+
 IMPLEMENTS = ("compacter",)
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

@@ -47,6 +47,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from reference_impls._plumbing import count_parameters
 from reference_impls.bottleneck import SCALED_PARALLEL, inject_adapters
 
+FAMILY = "Prompts and prefixes"
+
 IMPLEMENTS = ("prompt-tuning", "prefix-tuning", "p-tuning-v2", "llama-adapter", "unified-view-peft")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

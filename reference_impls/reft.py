@@ -23,6 +23,8 @@ from torch.nn.utils.parametrizations import orthogonal
 
 from reference_impls._plumbing import find_targets, freeze_all_but, replace_module, report, toy_model, toy_task, train
 
+FAMILY = "Representation fine-tuning"
+
 IMPLEMENTS = ("reft",)
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

@@ -66,6 +66,8 @@ from reference_impls._plumbing import (
 )
 from reference_impls.bottleneck import Adapter
 
+FAMILY = "Mixtures and routing"
+
 IMPLEMENTS = ("polytropon", "multi-head-routing", "mixture-of-vectors", "adamix", "coda")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

@@ -49,6 +49,8 @@ from torch import nn
 
 from reference_impls._plumbing import count_parameters, report, tiny_encoder, toy_model, toy_task, train
 
+FAMILY = "Side networks"
+
 IMPLEMENTS = ("ladder-side-tuning", "k-adapter")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

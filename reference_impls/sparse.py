@@ -39,6 +39,8 @@ from reference_impls._plumbing import (
     train,
 )
 
+FAMILY = "Sparse fine-tuning"
+
 IMPLEMENTS = ("bitfit", "diff-pruning", "lt-sft")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

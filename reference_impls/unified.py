@@ -55,6 +55,8 @@ from reference_impls._plumbing import (
 from reference_impls.bottleneck import Adapter, AddNormAdapter, is_add_norm_block
 from reference_impls.prompts import PrefixSelfAttention, inject_encoder_prefix
 
+FAMILY = "Unified designs and search"
+
 IMPLEMENTS = ("unipelt", "vl-pet")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

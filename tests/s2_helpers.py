@@ -1,6 +1,7 @@
 """The stand-in Semantic Scholar API as pytest fixtures, and the helpers the enrich tests share
 (registered as a plugin in conftest.py)."""
 
+import hashlib
 import json
 import re
 import time
@@ -19,12 +20,26 @@ ANY = re.compile(".*")
 STORE = Path("catalog/metadata.json")
 
 
+def _asked() -> int:
+    """How many papers of the committed catalog `catalog enrich` asks for (not those known only by
+    an OpenReview id, which the API does not take)."""
+    from catalog.enrich import lookup_id
+    from catalog.load import load_catalog
+
+    return sum(1 for entry in load_catalog(REPO / "papers.yaml").entries if entry.paper and lookup_id(entry))
+
+
+ASKED = _asked()
+
+
 def seed_papers() -> list[dict]:
-    """The committed records, as the API would return them (with its BibTeX)."""
+    """The committed records, as the API would return them (with its BibTeX). Records written from
+    gathered facts have no paper id yet: the API's would be its own, so one is made up here."""
     store = load_store(REPO / "catalog" / "metadata.json")
     papers = []
     for entry_id, record in store.records.items():
         paper = record.paper.to_json()
+        paper.setdefault("paperId", hashlib.sha1(entry_id.encode()).hexdigest())
         paper["citationStyles"] = {"bibtex": f"@Article{{{entry_id},\n title = {{{paper['title']}}}\n}}"}
         paper["citationCount"] = 1000 + len(papers)
         papers.append(paper)

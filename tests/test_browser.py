@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 import pytest
 from test_site import build
 
+from catalog.load import load_catalog
+
 from browser_helpers import CHROMIUM, DRIVER, chromium, loopback_server, type_and_wait
 from conftest import REPO, copy_repo_inputs
 
@@ -18,6 +20,7 @@ pytestmark = pytest.mark.skipif(
     reason="no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)",
 )
 ARTIFACTS = REPO / "test-artifacts"
+ENTRIES = len(load_catalog(REPO / "papers.yaml").entries)  # rows of the all-papers table
 
 
 @pytest.fixture(scope="module")
@@ -169,9 +172,9 @@ def test_all_papers_table_filters_and_sorts(browser, site_url):
 
     browser.get(site_url + "papers/")
     rows = lambda: browser.find_elements(By.CSS_SELECTOR, ".aa-table tbody tr")
-    wait_for(browser, lambda _: len(rows()) == 67)
+    wait_for(browser, lambda _: len(rows()) == ENTRIES)
     browser.find_element(By.CSS_SELECTOR, ".aa-filters input[name=q]").send_keys("lora")
-    wait_for(browser, lambda _: 0 < len(rows()) < 67)
+    wait_for(browser, lambda _: 0 < len(rows()) < ENTRIES)
     assert all("lora" in row.find_element(By.TAG_NAME, "a").text.lower() for row in rows())
     browser.find_element(By.CSS_SELECTOR, ".aa-filters input[name=q]").clear()
     Select(browser.find_element(By.CSS_SELECTOR, ".aa-filters select[name=section]")).select_by_value("NLP / Serving")
@@ -188,7 +191,7 @@ def test_table_headers_are_buttons_numbers_sort_largest_first_and_the_view_is_in
 
     browser.get(site_url + "papers/")
     rows = lambda: browser.find_elements(By.CSS_SELECTOR, ".aa-table tbody tr")
-    wait_for(browser, lambda _: len(rows()) == 67)
+    wait_for(browser, lambda _: len(rows()) == ENTRIES)
     citations = browser.find_element(By.CSS_SELECTOR, "th[data-key=citations] button")
     browser.execute_script("arguments[0].focus()", citations)
     citations.send_keys(Keys.ENTER)  # a focused button: what Tab reaches, Enter presses
@@ -197,7 +200,7 @@ def test_table_headers_are_buttons_numbers_sort_largest_first_and_the_view_is_in
     assert numbers == sorted(numbers, reverse=True) and numbers, counts
     assert all(counts[: len(numbers)]) and not any(counts[len(numbers) :])  # blanks last
     browser.find_element(By.CSS_SELECTOR, ".aa-filters input[name=q]").send_keys("lora")
-    wait_for(browser, lambda _: 0 < len(rows()) < 67)
+    wait_for(browser, lambda _: 0 < len(rows()) < ENTRIES)
     shown = len(rows())
     address = browser.current_url
     assert "q=lora" in address and "sort=-citations" in address
@@ -215,7 +218,7 @@ def test_all_papers_table_fits_a_phone(browser, site_url):
     )
     try:
         browser.get(site_url + "papers/")
-        wait_for(browser, lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".aa-table tbody tr")) == 67)
+        wait_for(browser, lambda driver: len(driver.find_elements(By.CSS_SELECTOR, ".aa-table tbody tr")) == ENTRIES)
         width = browser.execute_script(
             "return [document.documentElement.scrollWidth, document.documentElement.clientWidth]"
         )

@@ -59,7 +59,7 @@ def test_good_catalog_has_no_problems():
 
 def test_the_real_catalog_is_clean(capsys):
     assert main(["check"]) == 0
-    assert "67 entries, 0 error(s)" in capsys.readouterr().out
+    assert "71 entries, 0 error(s)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -315,3 +315,35 @@ def test_insert_entry_into_a_section_without_entries_adds_its_header():
     text = insert_entry(catalog, "Surveys", block)
     assert text.startswith(GOOD) and text.endswith("\n# ─── Surveys " + "─" * 63 + "\n\n" + block)
     assert [entry.id for entry in parse_catalog(text).entries] == ["lora", "prefix-tuning", "new-survey"]
+
+
+OPENREVIEW_ONLY = GOOD.replace('  arxiv: "2106.09685"\n', '  openreview: "TwJrTz9cRS"\n')
+
+
+def test_a_paper_known_only_by_its_openreview_id_is_valid_and_a_bad_one_is_named():
+    catalog, problems = check(OPENREVIEW_ONLY)
+    assert messages(problems) == [] and catalog.entries[0].identifiers == {"openreview": "TwJrTz9cRS"}
+    _, problems = check(OPENREVIEW_ONLY.replace("TwJrTz9cRS", "https://openreview.net/forum?id=TwJrTz9cRS"))
+    assert any(
+        re.search(r"^papers\.yaml:5: entry 'lora': openreview: .*an OpenReview forum id", message)
+        for message in messages(problems)
+    ), messages(problems)
+    # Two entries with the same OpenReview id are the same paper.
+    twice = OPENREVIEW_ONLY + OPENREVIEW_ONLY.split("\n\n")[0].replace("id: lora", "id: lora-again").replace(
+        '"LoRA: Low-Rank', '"Another title for LoRA: Low-Rank'
+    )
+    _, problems = check("\n" + twice + "\n", stored=("lora", "prefix-tuning", "lora-again"))
+    assert any("same OpenReview id" in message for message in messages(problems)), messages(problems)
+
+
+def test_a_record_from_gathered_facts_may_lack_its_paper_id_but_not_an_api_record(repo_copy, capsys):
+    import json
+
+    store_path = repo_copy / "catalog" / "metadata.json"
+    data = json.loads(store_path.read_text())
+    assert data["records"]["hira"]["source"] == "facts" and "paperId" not in data["records"]["hira"]["paper"]
+    assert main(["check"]) == 0
+    data["records"]["hira"]["source"] = "https://api.semanticscholar.org/graph/v1"
+    store_path.write_text(json.dumps(data))
+    assert main(["check"]) == 1
+    assert "record 'hira': paper.paperId: a Semantic Scholar record needs its paper id" in capsys.readouterr().err

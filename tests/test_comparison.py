@@ -3,6 +3,7 @@
 import pytest
 
 from reference_impls._comparison import LAYOUTS, compare
+from reference_impls.products import kronecker_factors
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,12 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["DoRA"] == counts["LoRA"] + L * 2 * d  # plus a magnitude per output feature
     assert counts["VeRA"] == L * 2 * (256 + d)  # r + d_out per layer
     assert counts["AdaLoRA"] == L * 4 * 12 * (d + d + 1)  # r (d_in + d_out + 1) on q, k, v and o
+    assert counts["DeLoRA"] == L * 2 * (8 * (d + d) + 1)  # r (d_in + d_out) + λ
+    assert counts["LoHa"] == L * 2 * 2 * 8 * (d + d)  # two low-rank pairs
+    assert counts["HiRA"] == counts["LoRA"]  # the same factors as LoRA, modulating W₀
+    a, b = kronecker_factors(d)  # d = a·b: 768 = 24·32, 4096 = 64·64
+    assert (a, b) == ((24, 32) if d == 768 else (64, 64))
+    assert counts["LoKr"] == L * 2 * (a * a + (8 * (b + b) if 8 < b / 2 else b * b))  # C (a × a), W₂ = B A
     assert counts["(IA)³"] == L * (d + d + ffn)  # keys, values, the FFN's inner width
     assert counts["Houlsby adapter"] == L * 2 * (2 * d * 64 + 64 + d)
     assert counts["Pfeiffer adapter"] == L * (2 * d * (d // 16) + d // 16 + d)

@@ -14,11 +14,11 @@ from catalog.enrich import answers, enrich, lookup_id, plan
 from catalog.load import load_catalog
 from catalog.record import Paper
 from catalog.s2 import RetryPolicy, S2Client, S2Error
-from catalog.store import load_store
+from catalog.store import FACTS_SOURCE, load_store
 
 from conftest import REPO
 from fake_s2 import FakeS2
-from s2_helpers import ANY, NEW_PAPER, STORE, empty_store, fast, fault, seed_papers, serve
+from s2_helpers import ANY, ASKED, NEW_PAPER, STORE, empty_store, fast, fault, seed_papers, serve
 
 
 def test_enrich_fills_the_store_in_one_request(repo_copy, fake, capsys):
@@ -26,11 +26,15 @@ def test_enrich_fills_the_store_in_one_request(repo_copy, fake, capsys):
     empty_store(repo_copy)
     assert main(["enrich", "--api-url", url]) == 0
     store = load_store(STORE)
-    assert len(store.records) == 64 and len(api.batches) == 1 and len(api.batches[0]) == 64
+    assert len(store.records) == ASKED and len(api.batches) == 1 and len(api.batches[0]) == ASKED
     lora = store.records["lora"]
     assert lora.source == url and lora.paper.citationStyles.bibtex.startswith("@Article{lora")
     assert lora.retrieved > datetime.now(UTC) - timedelta(minutes=5)
-    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "entry 'hira': no identifier Semantic Scholar takes (openreview); its record stays as written" in out
+    # HiRA is known only by its OpenReview id: with the store emptied, nothing can bring its record back.
+    assert main(["check"]) == 1
+    assert "entry 'hira': id: no metadata record in the store" in capsys.readouterr().err
     # The store is stable: sorted keys, one record per paper, so a rerun with the same answers is a no-op diff.
     before = STORE.read_bytes()
     assert main(["enrich", "--api-url", url, "--refresh"]) == 0
@@ -38,16 +42,25 @@ def test_enrich_fills_the_store_in_one_request(repo_copy, fake, capsys):
 
 
 def test_only_missing_or_old_records_are_fetched(repo_copy, fake, capsys):
+    """Records written from gathered facts are replaced by the API's at the first enrich; then nothing is
+    fetched until records age. HiRA's facts record stays: the API cannot look up an OpenReview id."""
     api, url = fake
+    facts = {entry_id for entry_id, record in load_store(STORE).records.items() if record.source == FACTS_SOURCE}
+    assert facts == {"loha", "lokr", "hira", "delora"}
     assert main(["enrich", "--api-url", url]) == 0
-    assert api.batches == [] and "nothing to fetch" in capsys.readouterr().out
-    catalog = load_catalog("papers.yaml")
+    assert sorted(api.batches[0]) == ["ARXIV:2108.06098", "ARXIV:2309.14859", "ARXIV:2503.18225"]
     store = load_store(STORE)
+    assert {entry_id for entry_id, record in store.records.items() if record.source == FACTS_SOURCE} == {"hira"}
+    assert store.records["lokr"].source == url and store.records["lokr"].paper.paperId is not None
+    capsys.readouterr()
+    assert main(["enrich", "--api-url", url]) == 0
+    assert len(api.batches) == 1 and "nothing to fetch" in capsys.readouterr().out
+    catalog = load_catalog("papers.yaml")
     now = datetime(2026, 11, 23, tzinfo=UTC)
     assert plan(catalog.entries, store, now) == []
     assert len(plan(catalog.entries, store, now, max_age_days=365)) == 64  # the seed records are from 2024
     assert len(plan(catalog.entries, store, now, max_age_days=10_000)) == 0
-    assert len(plan(catalog.entries, store, now, refresh=True)) == 64
+    assert len(plan(catalog.entries, store, now, refresh=True)) == ASKED
 
 
 def test_1201_ids_go_in_three_requests(repo_copy, httpserver):
@@ -117,7 +130,7 @@ def test_transient_faults_are_retried(repo_copy, fake, httpserver, status, body,
     client = fast(url)
     entries = load_catalog("papers.yaml").entries
     store, report = enrich(plan(entries, load_store(STORE), datetime.now(UTC), refresh=True), load_store(STORE), client)
-    assert len(report.fetched) == 64 and client.requests == 2
+    assert len(report.fetched) == ASKED and client.requests == 2
     assert client.waits == ([3.0] if headers else [0.01])  # Retry-After honoured, else the backoff
 
 
@@ -129,7 +142,7 @@ def test_timeouts_are_retried(repo_copy, fake, httpserver):
     _, report = enrich(plan(entries, load_store(STORE), datetime.now(UTC), refresh=True), load_store(STORE), client)
     # The test server answers one request at a time, so the first retry may queue behind the slow
     # answer and time out too: what matters is that timeouts were retried until one succeeded.
-    assert len(report.fetched) == 64 and client.requests >= 2 and len(client.waits) == client.requests - 1
+    assert len(report.fetched) == ASKED and client.requests >= 2 and len(client.waits) == client.requests - 1
 
 
 def test_retries_are_bounded_in_count_and_time(fake, httpserver):

@@ -19,7 +19,7 @@ from catalog.store import load_store
 
 from fake_s2 import FakeS2
 from raw_server import answer, cut_off, drip, raw_server
-from s2_helpers import ANY, NEW_PAPER, STORE, fault, seed_papers
+from s2_helpers import ANY, ASKED, NEW_PAPER, STORE, fault, seed_papers
 
 LORA_ID = "a8ca46b171467ceb2d7652fbfb67fe701ad86092"
 
@@ -64,7 +64,7 @@ BAD_RECORDS = [
     ("year", True, "year: Input should be a valid integer"),
     ("citationCount", -5, "citationCount: Input should be greater than or equal to 0"),
     ("title", "x" * 3000, "title: String should have at most 2000 characters"),
-    ("paperId", None, "paperId: Input should be a valid string"),
+    ("paperId", None, "paperId: a Semantic Scholar record needs its paper id"),
 ]
 
 
@@ -74,7 +74,7 @@ def test_a_bad_record_is_refused_and_the_old_one_kept(repo_copy, fake, httpserve
     mangled(httpserver, api, with_lora(**{field: value}))
     old = load_store(STORE).records["lora"]
     status, out, err = run(["enrich", "--api-url", url, "--refresh"], capsys)
-    assert status == 0 and "fetched 63 of 64 papers in 1 request(s); 0 not found, 1 refused" in out
+    assert status == 0 and f"fetched {ASKED - 1} of {ASKED} papers in 1 request(s); 0 not found, 1 refused" in out
     line = next(
         n for n, text in enumerate((repo_copy / "papers.yaml").read_text().splitlines(), 1) if text == "- id: lora"
     )
@@ -97,14 +97,14 @@ def test_unambiguous_values_are_coerced(repo_copy, fake, httpserver, capsys):
     assert run(["render"], capsys)[0] == 0
 
 
-@pytest.mark.parametrize("body", [["a string"] * 64, [{"title": "no paperId"}] * 64, [[1, 2]] * 64])
+@pytest.mark.parametrize("body", [["a string"] * ASKED, [{"title": "no paperId"}] * ASKED, [[1, 2]] * ASKED])
 def test_a_batch_of_garbage_stores_nothing(repo_copy, fake, httpserver, capsys, body):
     api, url = fake
     mangled(httpserver, api, lambda records: body)
     before = STORE.read_bytes()
     status, out, err = run(["enrich", "--api-url", url, "--refresh"], capsys)
-    assert status == 0 and "fetched 0 of 64 papers in 1 request(s); 0 not found, 64 refused" in out
-    assert len(err.strip().splitlines()) == 64 and STORE.read_bytes() == before
+    assert status == 0 and f"fetched 0 of {ASKED} papers in 1 request(s); 0 not found, {ASKED} refused" in out
+    assert len(err.strip().splitlines()) == ASKED and STORE.read_bytes() == before
 
 
 # ---- the protocol: status, Retry-After, deadlines ---------------------------------------------------
@@ -179,7 +179,7 @@ def test_garbled_answers_are_retried(repo_copy, fake, httpserver, capsys, status
     api, url = fake
     fault(httpserver, status, body)
     status, out, _ = run(["enrich", "--api-url", url, "--refresh", "--backoff", "0.01"], capsys)
-    assert status == 0 and "fetched 64 of 64 papers in 2 request(s)" in out
+    assert status == 0 and f"fetched {ASKED} of {ASKED} papers in 2 request(s)" in out
 
 
 def test_a_client_error_is_not_retried(repo_copy, httpserver, capsys):
@@ -228,7 +228,7 @@ def test_a_connection_dropped_mid_body_is_retried(repo_copy, capsys):
     api = FakeS2(seed_papers())
     with raw_server([cut_off(), answer(api)]) as (url, served):
         status, out, err = run(["enrich", "--api-url", url, "--refresh", "--backoff", "0.01"], capsys)
-    assert status == 0 and "fetched 64 of 64 papers in 2 request(s)" in out and len(served) == 2
+    assert status == 0 and f"fetched {ASKED} of {ASKED} papers in 2 request(s)" in out and len(served) == 2
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,18 @@ import json
 
 import pytest
 import torch
-from peft import AdaLoraConfig, IA3Config, LoraConfig, PromptEncoderConfig, VeraConfig, get_peft_model
+from peft import (
+    AdaLoraConfig,
+    DeloraConfig,
+    HiraConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PromptEncoderConfig,
+    VeraConfig,
+    get_peft_model,
+)
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from reference_impls.interop import UnsupportedAdapter, load_peft_adapter, save_peft_adapter
@@ -53,6 +64,31 @@ CASES = {
     "adalora": (
         tiny_llama,
         AdaLoraConfig(init_r=6, target_r=2, lora_alpha=8, total_step=10, target_modules=["q_proj", "v_proj"]),
+    ),
+    "loha": (
+        tiny_llama,
+        LoHaConfig(
+            r=4,
+            alpha=6,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"down_proj": 3},
+            alpha_pattern={"layers.1.self_attn.v_proj": 2},
+        ),
+    ),
+    # q_proj (32 → 32): C is 4 × 4 and r = 4 ≥ 8/2, so W₂ is a full 8 × 8; down_proj (44 → 32): W₂ = B A, 8 × 11.
+    "lokr": (
+        tiny_llama,
+        LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"down_proj": 2}),
+    ),
+    "lokr_decompose_both": (
+        tiny_llama,
+        LoKrConfig(r=1, alpha=3, target_modules=["k_proj", "up_proj"], decompose_both=True, decompose_factor=8),
+    ),
+    "hira": (tiny_llama, HiraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"])),
+    "hira_gpt2_fan_in_fan_out": (tiny_gpt2, HiraConfig(r=3, target_modules=["c_attn"], fan_in_fan_out=True)),
+    "delora": (
+        tiny_llama,
+        DeloraConfig(r=4, delora_lambda=5, target_modules=["q_proj", "o_proj"], rank_pattern={"o_proj": 2}),
     ),
 }
 

@@ -13,6 +13,7 @@ from urllib.parse import urldefrag, urlsplit
 import pytest
 import yaml
 
+from catalog.load import load_catalog
 from catalog.readme import markdown_text
 from catalog.vocabulary import SECTIONS
 
@@ -31,6 +32,9 @@ def build(root: Path) -> Path:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARNING  -" not in result.stderr, result.stderr
     return root / "out"
+
+
+ENTRIES = len(load_catalog(REPO / "papers.yaml").entries)  # a page and a table row each
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +76,7 @@ def test_real_site_has_every_page_and_no_broken_link(real_site):
     assert broken_internal_links(real_site) == []
     for section in SECTIONS:
         assert (real_site / "sections" / section.slug / "index.html").exists()
-    assert len(list((real_site / "papers").glob("*/index.html"))) == 67
+    assert len(list((real_site / "papers").glob("*/index.html"))) == ENTRIES
     for page in (
         "index.html",
         "papers/index.html",
@@ -170,7 +174,7 @@ def test_links_say_what_the_code_is_to_the_entry(real_site):
 
 def test_home_page_counts_and_feed(real_site):
     home = (real_site / "index.html").read_text()
-    assert re.search(r"<strong>67</strong> papers and tools", home)
+    assert re.search(rf"<strong>{ENTRIES}</strong> papers and tools", home)
     assert 'type="application/atom+xml"' in home and "feed.xml" in home
     feed = ElementTree.parse(real_site / "feed.xml").getroot()
     atom = "{http://www.w3.org/2005/Atom}"
@@ -184,7 +188,7 @@ def test_home_page_counts_and_feed(real_site):
 def test_table_data_lists_every_entry(real_site):
     script = (real_site / "assets" / "papers-data.js").read_text()
     rows = json.loads(script.removeprefix("window.CATALOG_PAPERS = ").rstrip().rstrip(";"))
-    assert len(rows) == 67
+    assert len(rows) == ENTRIES
     lora = next(row for row in rows if row["id"] == "lora")
     assert lora["year"] == 2021 and lora["tags"] == ["LoRA"] and lora["url"] == "papers/lora/"
 
@@ -355,3 +359,35 @@ def test_a_reference_implementation_that_does_not_parse_is_one_clear_line(repo_c
     for command in (["check"], ["render"]):
         assert main(command) == 1
         assert capsys.readouterr().err.strip() == "error: reference_impls/zz_broken.py:3: invalid syntax"
+
+
+def test_implementations_index_groups_modules_by_family(real_site):
+    from catalog.vocabulary import IMPL_FAMILIES
+
+    page = (real_site / "impls" / "index.html").read_text()
+    headings = re.findall(r'<h2 id="([^"]+)"[^>]*>([^<]+)', page)
+    assert [title.strip() for _, title in headings] == list(IMPL_FAMILIES)  # every family has a module, in order
+    products = page[page.index('id="hadamard-and-kronecker-products"') : page.index('id="activation-scaling"')]
+    assert "impls/products/" in products and "impls/lora/" not in products
+    assert "HiRA: Parameter-Efficient Hadamard" in products and "FedPara" in products
+
+
+def test_a_paper_known_by_openreview_links_there_and_to_its_implementation(real_site):
+    page = (real_site / "papers" / "hira" / "index.html").read_text()
+    assert 'href="https://openreview.net/forum?id=TwJrTz9cRS"' in page
+    assert 'href="https://openreview.net/pdf?id=TwJrTz9cRS"' in page
+    assert "impls/products/" in page and "Qiushi Huang" in page
+    for paper, module in [("loha", "products"), ("lokr", "products"), ("delora", "delora")]:
+        assert f"impls/{module}/" in (real_site / "papers" / paper / "index.html").read_text(), paper
+
+
+def test_a_module_without_a_known_family_is_one_clear_line(repo_copy, capsys):
+    from catalog.cli import main
+
+    (repo_copy / "reference_impls" / "zz_nofamily.py").write_text('"""No family."""\nIMPLEMENTS = ()\n')
+    assert main(["check"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: reference_impls/zz_nofamily.py:1: no FAMILY: a module names its family, one of")
+    (repo_copy / "reference_impls" / "zz_nofamily.py").write_text('"""Odd."""\nFAMILY = "Misc"\nIMPLEMENTS = ()\n')
+    assert main(["render"]) == 1
+    assert "zz_nofamily.py:1: FAMILY = 'Misc' is not one of those" in capsys.readouterr().err

@@ -23,6 +23,8 @@ import triton.language as tl
 
 from reference_impls.kernels.fused_lora import INTERPRETING, lora_gemm, lora_linear, use_kernel
 
+FAMILY = "Kernels and serving systems"
+
 IMPLEMENTS = ("dora",)
 
 

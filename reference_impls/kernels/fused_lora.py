@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+FAMILY = "Kernels and serving systems"
+
 IMPLEMENTS = ()  # a building block of the lora module's layers, not a paper of its own
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"

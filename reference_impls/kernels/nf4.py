@@ -44,6 +44,8 @@ from reference_impls._plumbing import (
 )
 from reference_impls.kernels.fused_lora import fused_lora, use_kernel
 
+FAMILY = "Kernels and serving systems"
+
 IMPLEMENTS = ("qlora",)
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

@@ -34,6 +34,8 @@ from torch import nn
 from reference_impls._plumbing import find_targets, replace_module, report, setting, toy_model, toy_task, train
 from reference_impls.kernels.fused_lora import dot_precision, use_kernel
 
+FAMILY = "Kernels and serving systems"
+
 IMPLEMENTS = ("punica",)
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

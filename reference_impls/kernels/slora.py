@@ -21,6 +21,8 @@ from torch import nn
 
 from reference_impls.kernels.punica import LoRATable, add_lora
 
+FAMILY = "Kernels and serving systems"
+
 IMPLEMENTS = ("s-lora",)
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.

@@ -1,0 +1,198 @@
+"""Our layers from PEFT's tensors: one builder per PEFT layer type, used by `interop.load_peft_adapter`.
+
+Each builder takes the model, the adapter's config, the adapted module's path and the tensors saved
+for it (by their PEFT names without the adapter name: `lora_A`, `hada_w1_a`, ...), and returns our
+layer around the model's module, filled; it changes nothing in the model. Ranks are read from the
+tensors' shapes where they show them, so `rank_pattern` needs no parsing; `alpha_pattern` is matched
+the way PEFT matches it (the pattern must match the end of the module's path).
+"""
+
+import re
+
+import torch
+from torch import nn
+
+from reference_impls.delora import DeLoRALinear
+from reference_impls.ia3 import IA3Linear
+from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
+from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
+from reference_impls.prompts import AdaptedAttention
+
+FAMILY = "Interoperability with PEFT"
+
+# Not a paper's method: the bridge to the library that practitioners run.
+IMPLEMENTS = ()
+COVERED_BY = ("hf-peft",)
+
+
+class UnsupportedAdapter(ValueError):
+    pass
+
+
+def base_linear(model: nn.Module, path: str, fan_in_fan_out: bool) -> nn.Linear:
+    """The module at path as an nn.Linear. GPT-2's Conv1D (fan_in_fan_out) stores Wᵀ: a transposed copy."""
+    module = model.get_submodule(path)
+    if isinstance(module, nn.Linear):
+        return module
+    if type(module).__name__ == "Conv1D" and fan_in_fan_out:
+        d_in, d_out = module.weight.shape
+        linear = nn.Linear(
+            d_in, d_out, bias=module.bias is not None, device=module.weight.device, dtype=module.weight.dtype
+        )
+        linear.weight.copy_(module.weight.T)
+        if module.bias is not None:
+            linear.bias.copy_(module.bias)
+        return linear
+    raise UnsupportedAdapter(
+        f"module {path!r} is a {type(module).__name__}; only nn.Linear (and GPT-2's Conv1D "
+        f"with fan_in_fan_out) are supported; the model was left unchanged"
+    )
+
+
+def pattern_value(patterns: dict, path: str, default):
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+def lora_layer(model, config, path, found):
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    r = found["lora_A"].shape[0]
+    alpha = pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
+    layer_type = DoRALinear if config.get("use_dora") else LoRALinear
+    layer = layer_type(base, r=r, alpha=alpha, use_rslora=config.get("use_rslora", False))
+    layer.A.copy_(found["lora_A"])
+    layer.B.copy_(found["lora_B"])
+    if config.get("use_dora"):
+        layer.m.copy_(found["lora_magnitude_vector"].flatten())
+    return layer
+
+
+def vera_layer(config, shared, first):
+    if "base_model.vera_A" not in shared:
+        raise UnsupportedAdapter("VeRA adapter saved with save_projection=False: the projections are not in the file")
+    projections = VeRAShared(config["r"], 1, 1)
+    projections.A, projections.B = shared["base_model.vera_A"], shared["base_model.vera_B"]
+
+    def build(model, config, path, found):
+        base = base_linear(model, path, config.get("fan_in_fan_out", False))
+        layer = VeRALinear(base, projections, owns_shared=path == first)
+        layer.lambda_b.copy_(found["vera_lambda_b"])
+        layer.lambda_d.copy_(found["vera_lambda_d"])
+        return layer
+
+    return build
+
+
+def ia3_layer(model, config, path, found):
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    feedforward = config.get("feedforward_modules") or []
+    # As PEFT decides: a string is a regex over the whole path, a list names path endings.
+    if isinstance(feedforward, str):
+        scale_input = re.fullmatch(feedforward, path) is not None
+    else:
+        scale_input = any(path == name or path.endswith("." + name) for name in feedforward)
+    layer = IA3Linear(base, scale_input=scale_input)
+    layer.l.copy_(found["ia3_l"].flatten())
+    return layer
+
+
+def adalora_layer(model, config, path, found):
+    # After pruning (rank_pattern in the config), PEFT saves each layer's kept triplets only; the
+    # scale stays α / init_r (PEFT's ranknum), α being the layer's kept rank when lora_alpha is 0.
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    r = found["lora_A"].shape[0]
+    alpha = config["lora_alpha"] if config.get("lora_alpha", 0) > 0 else r
+    layer = SVDLinear(base, r=r, alpha=alpha, initial_r=config.get("init_r") or r)
+    layer.Q.copy_(found["lora_A"])
+    layer.P.copy_(found["lora_B"])
+    layer.lambda_.copy_(found["lora_E"])
+    return layer
+
+
+def base_layer(model, path, config) -> nn.Module:
+    """An nn.Linear (or GPT-2's Conv1D, as one), or a convolution, for the methods that adapt both."""
+    module = model.get_submodule(path)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return module
+    return base_linear(model, path, config.get("fan_in_fan_out", False))
+
+
+def fill(layer: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy each tensor into the layer's parameter of that name, shapes equal (copy_ would broadcast).
+    A Conv1d core saved with a trailing kernel axis of 1 (PEFT keeps the Conv2d shape) loses it."""
+    for name, value in values.items():
+        target = getattr(layer, name)
+        if value.dim() == target.dim() + 1 and value.shape[-1] == 1:
+            value = value.squeeze(-1)
+        if value.shape != target.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)} in the checkpoint, {tuple(target.shape)} here")
+        target.copy_(value)
+    return layer
+
+
+def loha_layer(model, config, path, found):
+    # PEFT keeps B₁, B₂ as (r × d_out) in the CP form and as (d_out × r) otherwise.
+    effective = "hada_t1" in found
+    alpha = pattern_value(config.get("alpha_pattern"), path, config["alpha"])
+    r = found["hada_w1_b"].shape[0]
+    layer = LoHaLayer(base_layer(model, path, config), r=r, alpha=alpha, effective_conv=effective)
+    if layer.effective_conv != effective:
+        raise UnsupportedAdapter(f"LoHa at {path!r}: the checkpoint's CP form does not fit this layer")
+    B1, B2 = (found["hada_w1_a"].T, found["hada_w2_a"].T) if effective else (found["hada_w1_a"], found["hada_w2_a"])
+    values = {"B1": B1, "A1": found["hada_w1_b"], "B2": B2, "A2": found["hada_w2_b"]}
+    if effective:
+        values |= {"T1": found["hada_t1"], "T2": found["hada_t2"]}
+    return fill(layer, values)
+
+
+def lokr_layer(model, config, path, found):
+    base = base_layer(model, path, config)
+    r = pattern_value(config.get("rank_pattern"), path, config["r"])
+    alpha = pattern_value(config.get("alpha_pattern"), path, config["alpha"])
+    layer = LoKrLayer(
+        base,
+        r=r,
+        alpha=alpha,
+        factor=config.get("decompose_factor", -1),
+        decompose_both=config.get("decompose_both", False),
+        effective_conv=config.get("use_effective_conv2d", False),
+    )
+    if isinstance(base, nn.Conv1d) and layer.full_W2:
+        # torch.kron of C (2-D) with a 3-D W₂ pairs C's axes with W₂'s last two, not with its channel
+        # axes: PEFT's Conv1d update is then not C ⊗ W₂ over the channels, and we do not copy it.
+        raise UnsupportedAdapter(f"LoKr at {path!r}: a Conv1d with a full W2 (PEFT's layout is not C ⊗ W2)")
+    names = {"lokr_w1": "C", "lokr_w1_a": "C_B", "lokr_w1_b": "C_A", "lokr_w2": "W2", "lokr_t2": "T"}
+    names |= {"lokr_w2_a": "B", "lokr_w2_b": "A"}
+    expected = {name for name, ours in names.items() if hasattr(layer, ours)}
+    if set(found) != expected:
+        raise UnsupportedAdapter(
+            f"LoKr at {path!r}: the checkpoint holds {sorted(found)}, the config's r, decompose_both, "
+            f"decompose_factor and use_effective_conv2d give {sorted(expected)}"
+        )
+    values = {names[name]: tensor for name, tensor in found.items()}
+    if layer.effective_conv:
+        values["B"] = found["lokr_w2_a"].T  # (r × b) in PEFT's CP form
+    return fill(layer, values)
+
+
+def hira_layer(model, config, path, found):
+    layer = HiRALayer(base_linear(model, path, config.get("fan_in_fan_out", False)), r=found["hira_A"].shape[0])
+    return fill(layer, {"A": found["hira_A"], "B": found["hira_B"]})
+
+
+def delora_layer(model, config, path, found):
+    layer = DeLoRALinear(base_linear(model, path, False), r=found["delora_A"].shape[0])
+    values = {"A": found["delora_A"], "B": found["delora_B"], "lambda_": found["delora_lambda"]}
+    layer.w.copy_(found["delora_w_norm"])  # the norms of the weight PEFT's layer was made on
+    return fill(layer, values)
+
+
+def adaption_prompt_layer(model, path, key, tensors):
+    attention = model.get_submodule(path)
+    prompt, gate = tensors[key][0], tensors[key.replace("adaption_prompt", "adaption_gate")]
+    adapted = AdaptedAttention(attention, prompt.shape[0], prompt.shape[1], model.config.num_attention_heads)
+    adapted.prompt.copy_(prompt)
+    adapted.gate.copy_(gate.reshape(-1, 1, 1).expand_as(adapted.gate[0]).unsqueeze(0))  # one gate, every head
+    return adapted
