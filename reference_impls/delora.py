@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from reference_impls._plumbing import (
+    AdditiveMerge,
     find_targets,
     freeze_all_but,
     replace_module,
@@ -50,7 +51,7 @@ COVERED_BY = ("hf-peft",)
 SMALLEST_NORM = 1e-4
 
 
-class DeLoRALinear(nn.Module):
+class DeLoRALinear(AdditiveMerge, nn.Module):
     """A frozen nn.Linear plus (λ/r) · B Ξ A · diag(w)."""
 
     def __init__(self, base: nn.Linear, r: int = 8, lambda_: float = 15.0):
@@ -83,18 +84,6 @@ class DeLoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B * self.strengths()) @ self.A * self.w
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
 
 
 def inject_delora(model: nn.Module, target_names: list[str], r: int = 8, lambda_: float = 15.0) -> list[str]:
