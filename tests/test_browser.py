@@ -8,9 +8,7 @@ import json
 from urllib.parse import urlsplit
 
 import pytest
-from test_site import build
-
-from catalog.load import load_catalog
+from test_site import ENTRIES, build
 
 from browser_helpers import CHROMIUM, DRIVER, chromium, loopback_server, type_and_wait
 from conftest import REPO, copy_repo_inputs
@@ -20,7 +18,6 @@ pytestmark = pytest.mark.skipif(
     reason="no chromium/chromedriver on this machine (apt-get install chromium chromium-driver)",
 )
 ARTIFACTS = REPO / "test-artifacts"
-ENTRIES = len(load_catalog(REPO / "papers.yaml").entries)  # rows of the all-papers table
 
 
 @pytest.fixture(scope="module")
