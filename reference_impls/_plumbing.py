@@ -51,23 +51,6 @@ def freeze_all_but(model: nn.Module, trainable: type | tuple[type, ...], attribu
                 getattr(module, attribute).requires_grad_(True)
 
 
-class AdditiveMerge:
-    """merge / unmerge for a layer whose method adds ΔW = `delta_weight()` to its frozen `base` weight
-    (LoRA, VeRA, AdaLoRA, DeLoRA, LoHa, LoKr, ...): W ← W₀ + ΔW, and back. The layer keeps `merged`."""
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
-
-
 def set_merged(model: nn.Module, kinds: type | tuple[type, ...], merged: bool) -> None:
     """Merge (merged=True) or unmerge every layer of the given kinds: each knows how, and does
     nothing if it already is in that state."""

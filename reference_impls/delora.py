@@ -29,7 +29,6 @@ import torch
 from torch import nn
 
 from reference_impls._plumbing import (
-    AdditiveMerge,
     find_targets,
     freeze_all_but,
     replace_module,
@@ -51,7 +50,7 @@ COVERED_BY = ("hf-peft",)
 SMALLEST_NORM = 1e-4
 
 
-class DeLoRALinear(AdditiveMerge, nn.Module):
+class DeLoRALinear(nn.Module):
     """A frozen nn.Linear plus (λ/r) · B Ξ A · diag(w)."""
 
     def __init__(self, base: nn.Linear, r: int = 8, lambda_: float = 15.0):
@@ -84,6 +83,18 @@ class DeLoRALinear(AdditiveMerge, nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B * self.strengths()) @ self.A * self.w
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
 
 
 def inject_delora(model: nn.Module, target_names: list[str], r: int = 8, lambda_: float = 15.0) -> list[str]:

@@ -53,7 +53,6 @@ import torch
 from torch import nn
 
 from reference_impls._plumbing import (
-    AdditiveMerge,
     count_parameters,
     find_targets,
     freeze_all_but,
@@ -88,7 +87,7 @@ COVERED_BY = (
 )
 
 
-class LoRALinear(AdditiveMerge, nn.Module):
+class LoRALinear(nn.Module):
     """A frozen nn.Linear plus the trainable low-rank update s·BA."""
 
     use_kernels = True  # False: always the plain PyTorch path (the kernel tests compare the two)
@@ -137,6 +136,18 @@ class LoRALinear(AdditiveMerge, nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.B @ self.A)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
 
 
 class DoRALinear(LoRALinear):
@@ -193,7 +204,7 @@ def vera_projections(r: int, d_in: int, d_out: int, seed: int = 0) -> tuple[torc
     return kaiming_uniform((r, d_in)), kaiming_uniform((d_out, r))
 
 
-class VeRALinear(AdditiveMerge, nn.Module):
+class VeRALinear(nn.Module):
     """A frozen nn.Linear plus Λ_b B Λ_d A x, with A and B shared between layers."""
 
     def __init__(
@@ -232,6 +243,8 @@ class VeRALinear(AdditiveMerge, nn.Module):
         A, B = self.projections()
         return self.lambda_b.unsqueeze(1) * (B.to(self.lambda_b.dtype) * self.lambda_d) @ A.to(self.lambda_b.dtype)
 
+    merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
+
 
 class VeRAShared(nn.Module):
     """The shared projections, registered once on the model (as buffers: they are never trained)."""
@@ -243,7 +256,7 @@ class VeRAShared(nn.Module):
         self.register_buffer("B", B)
 
 
-class SVDLinear(AdditiveMerge, nn.Module):
+class SVDLinear(nn.Module):
     """AdaLoRA's layer: a frozen nn.Linear plus (α/r) · P diag(λ) Q, with λ maskable by rank."""
 
     def __init__(
@@ -272,6 +285,8 @@ class SVDLinear(AdditiveMerge, nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * self.P @ (self.Q * self.lambda_)
+
+    merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
 
 
 def orthogonal_penalty(model: nn.Module) -> torch.Tensor:

@@ -49,7 +49,6 @@ from torch import nn
 from torch.nn import functional as F
 
 from reference_impls._plumbing import (
-    AdditiveMerge,
     find_targets,
     replace_module,
     report,
@@ -86,7 +85,7 @@ def layer_widths(base: nn.Module) -> tuple[int, int, tuple[int, ...]]:
     raise TypeError(f"expected an nn.Linear, or an nn.Conv1d or nn.Conv2d with zero padding, got {base!r}")
 
 
-class WeightUpdateLayer(AdditiveMerge, nn.Module):
+class WeightUpdateLayer(nn.Module):
     """A frozen Linear or convolution plus the method's ΔW (computed by `delta_weight`); mergeable.
     The method's factors are the layer's own parameters (the base's are not)."""
 
@@ -113,6 +112,18 @@ class WeightUpdateLayer(AdditiveMerge, nn.Module):
             return h
         delta = self.delta_weight()
         return h + apply_weight(self.base, delta, x.to(delta.dtype)).to(h.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
 
 
 def tucker(core: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
