@@ -39,6 +39,7 @@ from reference_impls._plumbing import (
     toy_task,
     train,
 )
+from reference_impls.lora import LoRALinear
 
 FAMILY = "Low-rank updates"
 
@@ -84,17 +85,8 @@ class DeLoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return (self.B * self.strengths()) @ self.A * self.w
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
+    # W ← W₀ + ΔW and back: the same fold as LoRA's.
+    merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
 
 
 def inject_delora(model: nn.Module, target_names: list[str], r: int = 8, lambda_: float = 15.0) -> list[str]:

@@ -58,6 +58,7 @@ from reference_impls._plumbing import (
     toy_task,
     train,
 )
+from reference_impls.lora import LoRALinear
 
 FAMILY = "Hadamard and Kronecker products"
 
@@ -113,17 +114,8 @@ class WeightUpdateLayer(nn.Module):
         delta = self.delta_weight()
         return h + apply_weight(self.base, delta, x.to(delta.dtype)).to(h.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
+    # W ← W₀ + ΔW and back: the same fold as LoRA's.
+    merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
 
 
 def tucker(core: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
