@@ -56,6 +56,7 @@ TAGS: dict[str, str] = {
     "Bottleneck adapter": "Small down-projection, nonlinearity, up-projection modules inserted into each layer.",
     "LoRA": "A trainable low-rank update BA added to frozen weight matrices.",
     "High-rank update": "Updates built from Hadamard or Kronecker products of small factors, of higher rank than BA.",
+    "Orthogonal fine-tuning": "Multiplying frozen weights by learned orthogonal matrices (rotations, reflections).",
     "Prompt tuning": "Trainable soft-prompt vectors prepended to the input embeddings.",
     "Prefix tuning": "Trainable key and value prefixes in the attention of every layer.",
     "Sparse fine-tuning": "Updating a small, sparse subset of the existing weights (biases, masks, lottery tickets).",
@@ -85,6 +86,7 @@ TAGS: dict[str, str] = {
 IMPL_FAMILIES: dict[str, str] = {
     "Low-rank updates": "A trained low-rank change of frozen weights, merged into them after training.",
     "Hadamard and Kronecker products": "Weight updates from elementwise or Kronecker products of small factors.",
+    "Orthogonal and rotational updates": "Frozen weights or features multiplied by learned rotations and reflections.",
     "Activation scaling": "Learned vectors that rescale activations inside the frozen network.",
     "Bottleneck adapters": "Small trained modules inserted into every layer, for Transformers and ConvNets.",
     "Prompts and prefixes": "Trained vectors prepended to the input or to the attention's keys and values.",

@@ -15,7 +15,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reference_impls import bottleneck, delora, ia3, lora, phm, products, prompts, reft, routing, sparse, unified
+from reference_impls import (
+    bottleneck,
+    delora,
+    ia3,
+    lora,
+    orthogonal,
+    phm,
+    products,
+    prompts,
+    reft,
+    routing,
+    sparse,
+    unified,
+)
 from reference_impls._plumbing import count_parameters
 
 
@@ -123,6 +136,14 @@ def _adalora(model, layout):
 def _products(method, **options):
     def apply(model, layout):
         products.inject_products(model, [layout.attention[0], layout.attention[2]], method, **options)
+        return model
+
+    return apply
+
+
+def _orthogonal(method, **options):
+    def apply(model, layout):
+        orthogonal.inject_orthogonal(model, [layout.attention[0], layout.attention[2]], method, **options)
         return model
 
     return apply
@@ -252,6 +273,33 @@ METHODS = (
         "LOKR",
     ),
     Method("HiRA", "products", "r = 8 on the query and value projections", _products("hira", r=8), True, False, "HIRA"),
+    Method(
+        "OFT",
+        "orthogonal",
+        "blocks of b = 32 (PEFT's default) on the query and value projections",
+        _orthogonal("oft", block_size=32),
+        True,
+        False,
+        "OFT",
+    ),
+    Method(
+        "BOFT",
+        "orthogonal",
+        "m = 2 butterfly factors of blocks b = 8 on the query and value projections",
+        _orthogonal("boft", block_size=8, factors=2),
+        True,
+        False,
+        "BOFT",
+    ),
+    Method(
+        "HRA",
+        "orthogonal",
+        "r = 8 reflections on the query and value projections",
+        _orthogonal("hra", r=8),
+        True,
+        False,
+        "HRA",
+    ),
     Method("(IA)³", "ia3", "keys, values and the FFN's down-projection input", _ia3, True, False, "IA3"),
     Method("Houlsby adapter", "bottleneck", "m = 64 after attention and after the FFN", _houlsby, False, False, ""),
     Method("Pfeiffer adapter", "bottleneck", "m = d/16 after the FFN", _pfeiffer, False, False, ""),

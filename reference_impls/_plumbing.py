@@ -102,9 +102,10 @@ def toy_task(width: int = 64, samples: int = 512, seed: int = 1) -> tuple[torch.
 
 
 def train(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300, lr: float = 1e-2
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300, lr: float = 1e-2, penalty=None
 ) -> tuple[float, float]:
-    """Full-batch Adam on the trainable parameters; returns the loss before and after."""
+    """Full-batch Adam on the trainable parameters (minimising the MSE plus `penalty(model)` if
+    given, a method's regulariser); returns the MSE before and after."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     loss_fn = nn.MSELoss()
     with torch.no_grad():
@@ -112,6 +113,8 @@ def train(
     for _ in range(steps):
         optimizer.zero_grad()
         loss = loss_fn(model(x), y)
+        if penalty is not None:
+            loss = loss + penalty(model)
         loss.backward()
         optimizer.step()
     with torch.no_grad():

@@ -14,7 +14,8 @@ naming the field.
 
 Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
-in CP form), HiRA and DeLoRA, which are injected into the model in place; and prompt
+in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT
+and HRA (with Gram–Schmidt), which are injected into the model in place; and prompt
 tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix tuning
 return a wrapper around the model (they change its inputs), so always use the returned module.
 
@@ -39,12 +40,15 @@ from reference_impls.interop_layers import (
     UnsupportedAdapter,
     adalora_layer,
     adaption_prompt_layer,
+    boft_layer,
     delora_layer,
     hira_layer,
+    hra_layer,
     ia3_layer,
     loha_layer,
     lokr_layer,
     lora_layer,
+    oft_layer,
     vera_layer,
 )
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear
@@ -125,6 +129,17 @@ HANDLED = {
     "encoder_hidden_size",
     "prefix_projection",
     "adapter_len",
+    "oft_block_size",
+    "block_share",
+    "coft",
+    "eps",
+    "use_cayley_neumann",
+    "num_cayley_neumann_terms",
+    "boft_block_size",
+    "boft_block_num",
+    "boft_n_butterfly_factor",
+    "boft_dropout",
+    "apply_GS",
     "adapter_layers",
 }
 
@@ -142,6 +157,9 @@ SUPPORTED_TYPES = (
     "LOKR",
     "HIRA",
     "DELORA",
+    "OFT",
+    "BOFT",
+    "HRA",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -175,7 +193,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             path = key.removeprefix(WRAPPER_PREFIX)
-            match = re.fullmatch(r"(.+?)\.((?:lora|vera|ia3|hada|lokr|hira|delora)_[A-Za-z0-9_]+?)(?:\.weight)?", path)
+            match = re.fullmatch(
+                r"(.+?)\.((?:lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra)_[A-Za-z0-9_]+?)(?:\.weight)?", path
+            )
             if not match:
                 raise UnsupportedAdapter(f"unexpected tensor {key!r} in adapter_model.safetensors")
             by_module.setdefault(match.group(1), {})[match.group(2)] = tensor
@@ -190,6 +210,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "LOKR": lokr_layer,
                 "HIRA": hira_layer,
                 "DELORA": delora_layer,
+                "OFT": oft_layer,
+                "BOFT": boft_layer,
+                "HRA": hra_layer,
             }[peft_type]
         planned = _plan(by_module, lambda path, found: build(model, config, path, found))
     for path, layer in planned.items():  # only now, with every layer built, is the model changed

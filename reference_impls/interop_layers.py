@@ -15,6 +15,7 @@ from torch import nn
 from reference_impls.delora import DeLoRALinear
 from reference_impls.ia3 import IA3Linear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
+from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.prompts import AdaptedAttention
 
@@ -187,6 +188,39 @@ def delora_layer(model, config, path, found):
     values = {"A": found["delora_A"], "B": found["delora_B"], "lambda_": found["delora_lambda"]}
     layer.w.copy_(found["delora_w_norm"])  # the norms of the weight PEFT's layer was made on
     return fill(layer, values)
+
+
+def oft_layer(model, config, path, found):
+    # Q is saved as each block's b(b−1)/2 upper entries; PEFT's Cayley–Neumann series is that of our
+    # R with −Q (reference_impls.orthogonal explains), so a Neumann checkpoint's Q changes sign.
+    upper = found["oft_R"]
+    b = round((1 + (1 + 8 * upper.shape[1]) ** 0.5) / 2)
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    neumann = config.get("num_cayley_neumann_terms", 5) if config.get("use_cayley_neumann", True) else 0
+    if neumann == 3:
+        raise UnsupportedAdapter(
+            "OFT with num_cayley_neumann_terms = 3: PEFT 0.21 then sums the series to Q³ (as for 4 terms), "
+            "not the 3-term series; the reference does not copy that"
+        )
+    options = {"block_share": config.get("block_share", False), "coft": config.get("coft", False)}
+    layer = OFTLinear(base, r=base.in_features // b, eps=config.get("eps", 6e-5), neumann_terms=neumann, **options)
+    return fill(layer, {"Q": -upper if neumann else upper})
+
+
+def boft_layer(model, config, path, found):
+    # PEFT trains full b×b blocks M and uses only their skew part (M − Mᵀ)/2: we keep its upper entries.
+    M = found["boft_R"]
+    m, n, b, _ = M.shape
+    skew = (M - M.transpose(-1, -2)) / 2
+    rows, cols = torch.triu_indices(b, b, 1)
+    layer = BOFTLinear(base_linear(model, path, config.get("fan_in_fan_out", False)), block_size=b, factors=m)
+    return fill(layer, {"Q": skew[..., rows, cols], "s": found["boft_s"].flatten()})
+
+
+def hra_layer(model, config, path, found):
+    u = found["hra_u"]
+    layer = HRALinear(base_linear(model, path, False), r=u.shape[1], gram_schmidt=config.get("apply_GS", False))
+    return fill(layer, {"u": u})
 
 
 def adaption_prompt_layer(model, path, key, tensors):

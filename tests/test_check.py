@@ -58,8 +58,9 @@ def test_good_catalog_has_no_problems():
 
 
 def test_the_real_catalog_is_clean(capsys):
+    entries = len(parse_catalog(Path("papers.yaml").read_text()).entries)
     assert main(["check"]) == 0
-    assert "71 entries, 0 error(s)" in capsys.readouterr().out
+    assert f"{entries} entries, 0 error(s)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

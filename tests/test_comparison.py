@@ -28,6 +28,9 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["AdaLoRA"] == L * 4 * 12 * (d + d + 1)  # r (d_in + d_out + 1) on q, k, v and o
     assert counts["DeLoRA"] == L * 2 * (8 * (d + d) + 1)  # r (d_in + d_out) + λ
     assert counts["LoHa"] == L * 2 * 2 * 8 * (d + d)  # two low-rank pairs
+    assert counts["OFT"] == L * 2 * (d // 32) * (32 * 31 // 2)  # d/b blocks of b(b−1)/2
+    assert counts["BOFT"] == L * 2 * (2 * (d // 8) * (8 * 7 // 2) + d)  # m · n · b(b−1)/2, plus the scale s
+    assert counts["HRA"] == L * 2 * 8 * d  # r vectors of d_in
     assert counts["HiRA"] == counts["LoRA"]  # the same factors as LoRA, modulating W₀
     a, b = kronecker_factors(d)  # d = a·b: 768 = 24·32, 4096 = 64·64
     assert (a, b) == ((24, 32) if d == 768 else (64, 64))

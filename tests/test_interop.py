@@ -7,12 +7,15 @@ import pytest
 import torch
 from peft import (
     AdaLoraConfig,
+    BOFTConfig,
     DeloraConfig,
     HiraConfig,
+    HRAConfig,
     IA3Config,
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
+    OFTConfig,
     PromptEncoderConfig,
     VeraConfig,
     get_peft_model,
@@ -90,6 +93,34 @@ CASES = {
         tiny_llama,
         DeloraConfig(r=4, delora_lambda=5, target_modules=["q_proj", "o_proj"], rank_pattern={"o_proj": 2}),
     ),
+    # OFT's default is the 5-term Cayley–Neumann series; down_proj's 44 inputs take blocks of 11 (PEFT adjusts 8).
+    "oft_neumann": (tiny_llama, OFTConfig(oft_block_size=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "oft_exact_cayley_coft": (
+        tiny_llama,
+        OFTConfig(oft_block_size=8, use_cayley_neumann=False, coft=True, eps=1.0, target_modules=["q_proj", "up_proj"]),
+    ),
+    "oft_block_share": (
+        tiny_llama,
+        OFTConfig(
+            r=4,
+            oft_block_size=0,
+            block_share=True,
+            num_cayley_neumann_terms=7,
+            target_modules=["k_proj", "o_proj"],
+        ),
+    ),
+    "boft_butterfly": (
+        tiny_llama,
+        BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=3, target_modules=["q_proj", "o_proj"]),
+    ),
+    "boft_block_num": (
+        tiny_llama,
+        BOFTConfig(
+            boft_block_num=4, boft_block_size=0, boft_n_butterfly_factor=1, target_modules=["v_proj", "down_proj"]
+        ),
+    ),
+    "hra": (tiny_llama, HRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
 
@@ -100,7 +131,9 @@ def save_with_nonzero_weights(make_model, config, directory):
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
             if parameter.requires_grad:  # the adapter's own tensors: give them non-zero values
-                parameter.uniform_(0.5, 1.5) if ("magnitude" in name or "ia3" in name) else parameter.normal_(0, 0.3)
+                parameter.uniform_(0.5, 1.5) if any(
+                    k in name for k in ("magnitude", "ia3", "boft_s")
+                ) else parameter.normal_(0, 0.3)
     peft_model.save_pretrained(directory)
     return peft_model, fresh
 
