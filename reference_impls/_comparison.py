@@ -25,6 +25,7 @@ from reference_impls import (
     products,
     prompts,
     reft,
+    road,
     routing,
     sparse,
     unified,
@@ -147,6 +148,11 @@ def _orthogonal(method, **options):
         return model
 
     return apply
+
+
+def _road(model, layout):
+    road.inject_road(model, [layout.attention[0], layout.attention[2]], variant="road_1", group_size=64)
+    return model
 
 
 def _delora(model, layout):
@@ -300,6 +306,7 @@ METHODS = (
         False,
         "HRA",
     ),
+    Method("RoAd", "road", "RoAd₁, groups of 64, on the query and value projections", _road, True, False, "ROAD"),
     Method("(IA)³", "ia3", "keys, values and the FFN's down-projection input", _ia3, True, False, "IA3"),
     Method("Houlsby adapter", "bottleneck", "m = 64 after attention and after the FFN", _houlsby, False, False, ""),
     Method("Pfeiffer adapter", "bottleneck", "m = d/16 after the FFN", _pfeiffer, False, False, ""),

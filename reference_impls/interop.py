@@ -14,8 +14,8 @@ naming the field.
 
 Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
-in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT
-and HRA (with Gram–Schmidt), which are injected into the model in place; and prompt
+in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT,
+HRA (with Gram–Schmidt) and RoAd (its three variants), which are injected into the model in place; and prompt
 tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix tuning
 return a wrapper around the model (they change its inputs), so always use the returned module.
 
@@ -49,6 +49,7 @@ from reference_impls.interop_layers import (
     lokr_layer,
     lora_layer,
     oft_layer,
+    road_layer,
     vera_layer,
 )
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear
@@ -140,6 +141,8 @@ HANDLED = {
     "boft_n_butterfly_factor",
     "boft_dropout",
     "apply_GS",
+    "variant",
+    "group_size",
     "adapter_layers",
 }
 
@@ -160,6 +163,7 @@ SUPPORTED_TYPES = (
     "OFT",
     "BOFT",
     "HRA",
+    "ROAD",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -194,7 +198,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         for key, tensor in tensors.items():
             path = key.removeprefix(WRAPPER_PREFIX)
             match = re.fullmatch(
-                r"(.+?)\.((?:lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra)_[A-Za-z0-9_]+?)(?:\.weight)?", path
+                r"(.+?)\.((?:lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra|road)_[A-Za-z0-9_]+?)(?:\.weight)?", path
             )
             if not match:
                 raise UnsupportedAdapter(f"unexpected tensor {key!r} in adapter_model.safetensors")
@@ -213,6 +217,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "OFT": oft_layer,
                 "BOFT": boft_layer,
                 "HRA": hra_layer,
+                "ROAD": road_layer,
             }[peft_type]
         planned = _plan(by_module, lambda path, found: build(model, config, path, found))
     for path, layer in planned.items():  # only now, with every layer built, is the model changed

@@ -18,6 +18,7 @@ from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, 
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.prompts import AdaptedAttention
+from reference_impls.road import RoAdLinear
 
 FAMILY = "Interoperability with PEFT"
 
@@ -221,6 +222,17 @@ def hra_layer(model, config, path, found):
     u = found["hra_u"]
     layer = HRALinear(base_linear(model, path, False), r=u.shape[1], gram_schmidt=config.get("apply_GS", False))
     return fill(layer, {"u": u})
+
+
+def road_layer(model, config, path, found):
+    # RoAd₄ is saved group by group, [cos-term angles (g), sin-term angles (g)] for each group of g
+    # outputs; ours keeps the two terms as two rows of d_out.
+    variant, g = config.get("variant", "road_1"), config.get("group_size", 64)
+    layer = RoAdLinear(base_linear(model, path, False), variant=variant, group_size=g)
+    theta, alpha = found["road_theta"], found["road_alpha"]
+    if variant == "road_4":
+        theta, alpha = (t.reshape(-1, 2, g).transpose(0, 1).reshape(2, -1) for t in (theta, alpha))
+    return fill(layer, {"theta": theta[None], "alpha": alpha[None]})
 
 
 def adaption_prompt_layer(model, path, key, tensors):

@@ -31,6 +31,7 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["OFT"] == L * 2 * (d // 32) * (32 * 31 // 2)  # d/b blocks of b(b−1)/2
     assert counts["BOFT"] == L * 2 * (2 * (d // 8) * (8 * 7 // 2) + d)  # m · n · b(b−1)/2, plus the scale s
     assert counts["HRA"] == L * 2 * 8 * d  # r vectors of d_in
+    assert counts["RoAd"] == L * 2 * d  # RoAd₁: an angle and a scale per pair of outputs
     assert counts["HiRA"] == counts["LoRA"]  # the same factors as LoRA, modulating W₀
     a, b = kronecker_factors(d)  # d = a·b: 768 = 24·32, 4096 = 64·64
     assert (a, b) == ((24, 32) if d == 768 else (64, 64))

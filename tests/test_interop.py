@@ -17,6 +17,7 @@ from peft import (
     LoraConfig,
     OFTConfig,
     PromptEncoderConfig,
+    RoadConfig,
     VeraConfig,
     get_peft_model,
 )
@@ -120,6 +121,12 @@ CASES = {
         ),
     ),
     "hra": (tiny_llama, HRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "road_1": (
+        tiny_llama,
+        RoadConfig(variant="road_1", group_size=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    "road_2": (tiny_llama, RoadConfig(variant="road_2", group_size=4, target_modules=["k_proj", "up_proj"])),
+    "road_4": (tiny_llama, RoadConfig(variant="road_4", group_size=16, target_modules=["q_proj", "o_proj"])),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
