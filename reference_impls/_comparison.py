@@ -28,6 +28,7 @@ from reference_impls import (
     road,
     routing,
     sparse,
+    subspace,
     unified,
 )
 from reference_impls._plumbing import count_parameters
@@ -153,6 +154,14 @@ def _orthogonal(method, **options):
 def _road(model, layout):
     road.inject_road(model, [layout.attention[0], layout.attention[2]], variant="road_1", group_size=64)
     return model
+
+
+def _subspace(method, **options):
+    def apply(model, layout):
+        subspace.inject_subspace(model, [layout.attention[0], layout.attention[2]], method, **options)
+        return model
+
+    return apply
 
 
 def _delora(model, layout):
@@ -307,6 +316,25 @@ METHODS = (
         "HRA",
     ),
     Method("RoAd", "road", "RoAd₁, groups of 64, on the query and value projections", _road, True, False, "ROAD"),
+    Method(
+        "PSOFT",
+        "subspace",
+        "r = 8 (a rotation of the top 8 singular directions) on the query and value projections",
+        _subspace("psoft", r=8),
+        True,
+        False,
+        "PSOFT",
+    ),
+    Method("DEFT", "subspace", "r = 8 on the query and value projections", _subspace("deft", r=8), True, False, "DEFT"),
+    Method(
+        "OSF",
+        "subspace",
+        "the lower half of the singular directions of the query and value projections (constrained full fine-tuning)",
+        _subspace("osf"),
+        True,
+        False,
+        "OSF",
+    ),
     Method("(IA)³", "ia3", "keys, values and the FFN's down-projection input", _ia3, True, False, "IA3"),
     Method("Houlsby adapter", "bottleneck", "m = 64 after attention and after the FFN", _houlsby, False, False, ""),
     Method("Pfeiffer adapter", "bottleneck", "m = d/16 after the FFN", _pfeiffer, False, False, ""),

@@ -102,11 +102,18 @@ def toy_task(width: int = 64, samples: int = 512, seed: int = 1) -> tuple[torch.
 
 
 def train(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int = 300, lr: float = 1e-2, penalty=None
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 300,
+    lr: float = 1e-2,
+    penalty=None,
+    optimizer=torch.optim.Adam,
 ) -> tuple[float, float]:
-    """Full-batch Adam on the trainable parameters (minimising the MSE plus `penalty(model)` if
-    given, a method's regulariser); returns the MSE before and after."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    """Full-batch training (Adam unless another optimiser class is given) of the trainable parameters,
+    minimising the MSE plus `penalty(model)` if given (a method's regulariser); returns the MSE
+    before and after."""
+    optimizer = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)
     loss_fn = nn.MSELoss()
     with torch.no_grad():
         before = loss_fn(model(x), y).item()

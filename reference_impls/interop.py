@@ -14,10 +14,11 @@ naming the field.
 
 Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
-in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT,
-HRA (with Gram–Schmidt) and RoAd (its three variants), which are injected into the model in place; and prompt
-tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix tuning
-return a wrapper around the model (they change its inputs), so always use the returned module.
+in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
+(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT and DEFT (with PaRa), which are injected
+into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption prompts
+(LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change its
+inputs), so always use the returned module.
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -41,6 +42,7 @@ from reference_impls.interop_layers import (
     adalora_layer,
     adaption_prompt_layer,
     boft_layer,
+    deft_layer,
     delora_layer,
     hira_layer,
     hra_layer,
@@ -49,6 +51,8 @@ from reference_impls.interop_layers import (
     lokr_layer,
     lora_layer,
     oft_layer,
+    osf_layer,
+    psoft_layer,
     road_layer,
     vera_layer,
 )
@@ -63,6 +67,10 @@ IMPLEMENTS = ()
 COVERED_BY = ("hf-peft",)
 
 WRAPPER_PREFIX = "base_model.model."
+# "<module path>.<method>_<name>[.<part>][.weight]", e.g. "layers.0.q_proj.lora_A.weight" or
+# "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
+PREFIXES = "lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra|road|osf|psoft|deft"
+TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z_]+)??)(?:\.weight)?"
 
 
 # Fields we read, or whose value cannot change what the loaded model computes: bookkeeping,
@@ -143,6 +151,21 @@ HANDLED = {
     "apply_GS",
     "variant",
     "group_size",
+    "effective_rank",
+    "psoft_alpha",
+    "psoft_dropout",
+    "psoft_svd",
+    "psoft_svd_lowrank_niter",
+    "random_seed",
+    "ab_svd_init",
+    "psoft_orth",
+    "psoft_mag_a",
+    "psoft_mag_b",
+    "cayley_neumann_eps",
+    "decomposition_method",
+    "init_scale",
+    "para",
+    "deft_dropout",
     "adapter_layers",
 }
 
@@ -164,6 +187,9 @@ SUPPORTED_TYPES = (
     "BOFT",
     "HRA",
     "ROAD",
+    "OSF",
+    "PSOFT",
+    "DEFT",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -197,9 +223,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             path = key.removeprefix(WRAPPER_PREFIX)
-            match = re.fullmatch(
-                r"(.+?)\.((?:lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra|road)_[A-Za-z0-9_]+?)(?:\.weight)?", path
-            )
+            match = re.fullmatch(TENSOR_NAME, path)
             if not match:
                 raise UnsupportedAdapter(f"unexpected tensor {key!r} in adapter_model.safetensors")
             by_module.setdefault(match.group(1), {})[match.group(2)] = tensor
@@ -218,6 +242,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "BOFT": boft_layer,
                 "HRA": hra_layer,
                 "ROAD": road_layer,
+                "OSF": osf_layer,
+                "PSOFT": psoft_layer,
+                "DEFT": deft_layer,
             }[peft_type]
         planned = _plan(by_module, lambda path, found: build(model, config, path, found))
     for path, layer in planned.items():  # only now, with every layer built, is the model changed

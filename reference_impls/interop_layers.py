@@ -19,6 +19,7 @@ from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
+from reference_impls.subspace import DEFTLinear, OSFLinear, PSOFTLinear
 
 FAMILY = "Interoperability with PEFT"
 
@@ -197,12 +198,7 @@ def oft_layer(model, config, path, found):
     upper = found["oft_R"]
     b = round((1 + (1 + 8 * upper.shape[1]) ** 0.5) / 2)
     base = base_linear(model, path, config.get("fan_in_fan_out", False))
-    neumann = config.get("num_cayley_neumann_terms", 5) if config.get("use_cayley_neumann", True) else 0
-    if neumann == 3:
-        raise UnsupportedAdapter(
-            "OFT with num_cayley_neumann_terms = 3: PEFT 0.21 then sums the series to Q³ (as for 4 terms), "
-            "not the 3-term series; the reference does not copy that"
-        )
+    neumann = neumann_terms({"use_cayley_neumann": True} | config)  # OFT's default is the series
     options = {"block_share": config.get("block_share", False), "coft": config.get("coft", False)}
     layer = OFTLinear(base, r=base.in_features // b, eps=config.get("eps", 6e-5), neumann_terms=neumann, **options)
     return fill(layer, {"Q": -upper if neumann else upper})
@@ -233,6 +229,64 @@ def road_layer(model, config, path, found):
     if variant == "road_4":
         theta, alpha = (t.reshape(-1, 2, g).transpose(0, 1).reshape(2, -1) for t in (theta, alpha))
     return fill(layer, {"theta": theta[None], "alpha": alpha[None]})
+
+
+def neumann_terms(config) -> int:
+    """The Cayley–Neumann terms of an OFT or PSOFT config (0: the exact Cayley transform)."""
+    terms = config.get("num_cayley_neumann_terms", 5) if config.get("use_cayley_neumann") else 0
+    if terms == 3:
+        raise UnsupportedAdapter(
+            "num_cayley_neumann_terms = 3: PEFT 0.21 then sums the series to Q³ (as for 4 terms), "
+            "not the 3-term series; the reference does not copy that"
+        )
+    return terms
+
+
+def osf_layer(model, config, path, found):
+    # The frozen top directions are not saved: they are W₀'s, recomputed here by the same SVD.
+    base = base_linear(model, path, False)
+    k = min(base.in_features, base.out_features) - found["osf_svd_params.S_low"].shape[0]
+    names = {"osf_svd_params.U_low": "U_low", "osf_svd_params.S_low": "S_low", "osf_svd_params.V_low": "V_low"}
+    return fill(OSFLinear(base, k=k), {ours: found[theirs] for theirs, ours in names.items()})
+
+
+def psoft_layer(model, config, path, found):
+    if config.get("psoft_svd", "full") != "full":
+        raise UnsupportedAdapter(
+            f"psoft_svd = {config['psoft_svd']!r}: PSOFT's randomised low-rank SVD is not supported (only 'full')"
+        )
+    split = {"psoft_init": "psoft", "pissa_init": "pissa"}.get(config.get("ab_svd_init", "psoft_init"))
+    if split is None:
+        raise UnsupportedAdapter(f"ab_svd_init = {config['ab_svd_init']!r} is not supported")
+    layer = PSOFTLinear(
+        base_linear(model, path, config.get("fan_in_fan_out", False)),
+        r=config["r"],
+        orthogonal=config.get("psoft_orth", True),
+        scale_in="psoft_R.vector_a" in found,
+        scale_out="psoft_R.vector_b" in found,
+        neumann_terms=neumann_terms(config),
+        neumann_eps=config.get("cayley_neumann_eps"),
+        split=split,
+    )
+    values = {"Q" if layer.orthogonal else "M": found["psoft_R"]}
+    values |= {
+        ours: found[f"psoft_R.{theirs}"]
+        for ours, theirs in (("alpha", "vector_a"), ("beta", "vector_b"))
+        if f"psoft_R.{theirs}" in found
+    }
+    return fill(layer, values)
+
+
+def deft_layer(model, config, path, found):
+    P = found["deft_P"]
+    layer = DEFTLinear(
+        base_linear(model, path, config.get("fan_in_fan_out", False)),
+        r=P.shape[1],
+        projector=config.get("decomposition_method", "relu"),
+        alpha=config.get("alpha"),
+        para=config.get("para", False),
+    )
+    return fill(layer, {"P": P} | ({} if layer.para else {"R": found["deft_R"]}))
 
 
 def adaption_prompt_layer(model, path, key, tensors):

@@ -8,6 +8,7 @@ import torch
 from peft import (
     AdaLoraConfig,
     BOFTConfig,
+    DeftConfig,
     DeloraConfig,
     HiraConfig,
     HRAConfig,
@@ -16,7 +17,9 @@ from peft import (
     LoKrConfig,
     LoraConfig,
     OFTConfig,
+    OSFConfig,
     PromptEncoderConfig,
+    PsoftConfig,
     RoadConfig,
     VeraConfig,
     get_peft_model,
@@ -127,6 +130,29 @@ CASES = {
     ),
     "road_2": (tiny_llama, RoadConfig(variant="road_2", group_size=4, target_modules=["k_proj", "up_proj"])),
     "road_4": (tiny_llama, RoadConfig(variant="road_4", group_size=16, target_modules=["q_proj", "o_proj"])),
+    "osf": (tiny_llama, OSFConfig(effective_rank=6, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "psoft": (tiny_llama, PsoftConfig(r=6, psoft_alpha=12, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "psoft_neumann_pissa_free": (
+        tiny_llama,
+        PsoftConfig(
+            r=5,
+            ab_svd_init="pissa_init",
+            use_cayley_neumann=True,
+            cayley_neumann_eps=0.5,
+            psoft_mag_a=False,
+            target_modules=["k_proj", "up_proj"],
+        ),
+    ),
+    "psoft_not_orthogonal": (
+        tiny_llama,
+        PsoftConfig(r=4, psoft_orth=False, psoft_mag_b=False, target_modules=["q_proj", "o_proj"]),
+    ),
+    "deft": (tiny_llama, DeftConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "deft_qr_alpha": (
+        tiny_llama,
+        DeftConfig(r=3, decomposition_method="qr", alpha=6, target_modules=["k_proj", "up_proj"]),
+    ),
+    "deft_para": (tiny_llama, DeftConfig(r=4, para=True, target_modules=["q_proj", "o_proj"])),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
