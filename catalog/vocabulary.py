@@ -55,7 +55,7 @@ CONFIRMED_BY: dict[str, str] = {
 TAGS: dict[str, str] = {
     "Bottleneck adapter": "Small down-projection, nonlinearity, up-projection modules inserted into each layer.",
     "LoRA": "A trainable low-rank update BA added to frozen weight matrices.",
-    "High-rank update": "Updates of higher rank than BA from few numbers: Hadamard or Kronecker products, shared bases.",
+    "High-rank update": "Updates of higher rank than BA from few numbers: Hadamard, Kronecker products, shared bases.",
     "Orthogonal fine-tuning": "Multiplying frozen weights by learned orthogonal matrices (rotations, reflections).",
     "Subspace fine-tuning": "Updates confined to, or projected out of, a subspace of the frozen weight.",
     "Prompt tuning": "Trainable soft-prompt vectors prepended to the input embeddings.",
