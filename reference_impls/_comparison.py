@@ -18,6 +18,7 @@ from torch import nn
 from reference_impls import (
     bottleneck,
     delora,
+    frod,
     ia3,
     lora,
     orthogonal,
@@ -162,6 +163,11 @@ def _subspace(method, **options):
         return model
 
     return apply
+
+
+def _frod(model, layout):
+    frod.inject_frod(model, [layout.attention[0], layout.attention[2]], sparse_rate=0.01)
+    return model
 
 
 def _delora(model, layout):
@@ -335,6 +341,7 @@ METHODS = (
         False,
         "OSF",
     ),
+    Method("FRoD", "frod", "1% rotational degrees on the query and value projections", _frod, True, False, "FROD"),
     Method("(IA)³", "ia3", "keys, values and the FFN's down-projection input", _ia3, True, False, "IA3"),
     Method("Houlsby adapter", "bottleneck", "m = 64 after attention and after the FFN", _houlsby, False, False, ""),
     Method("Pfeiffer adapter", "bottleneck", "m = d/16 after the FFN", _pfeiffer, False, False, ""),

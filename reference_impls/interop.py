@@ -15,8 +15,8 @@ naming the field.
 Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
-(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT and DEFT (with PaRa), which are injected
-into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption prompts
+(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa) and FRoD, which
+are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption prompts
 (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change its
 inputs), so always use the returned module.
 
@@ -44,6 +44,7 @@ from reference_impls.interop_layers import (
     boft_layer,
     deft_layer,
     delora_layer,
+    frod_layer,
     hira_layer,
     hra_layer,
     ia3_layer,
@@ -69,7 +70,7 @@ COVERED_BY = ("hf-peft",)
 WRAPPER_PREFIX = "base_model.model."
 # "<module path>.<method>_<name>[.<part>][.weight]", e.g. "layers.0.q_proj.lora_A.weight" or
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
-PREFIXES = "lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra|road|osf|psoft|deft"
+PREFIXES = "lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra|road|osf|psoft|deft|frod"
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z_]+)??)(?:\.weight)?"
 
 
@@ -166,6 +167,11 @@ HANDLED = {
     "init_scale",
     "para",
     "deft_dropout",
+    "sparse_rate",
+    "regularization_alpha",
+    "runtime_offload_base_weight",
+    "frod_dropout",
+    "progressbar",
     "adapter_layers",
 }
 
@@ -190,6 +196,7 @@ SUPPORTED_TYPES = (
     "OSF",
     "PSOFT",
     "DEFT",
+    "FROD",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -219,7 +226,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         }
         planned = _plan(prompts, lambda path, found: adaption_prompt_layer(model, path, found["key"], tensors))
     else:
-        shared = {key: tensors.pop(key) for key in [k for k in tensors if k.startswith("base_model.vera_")]}
+        # Tensors saved once for the whole model (VeRA's projections, FRoD's bases), not per module.
+        shared_keys = [k for k in tensors if k.startswith(("base_model.vera_", "base_model.frod_"))]
+        shared = {key: tensors.pop(key) for key in shared_keys}
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             path = key.removeprefix(WRAPPER_PREFIX)
@@ -229,6 +238,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             by_module.setdefault(match.group(1), {})[match.group(2)] = tensor
         if peft_type == "VERA":
             build = vera_layer(config, shared, first=next(iter(by_module), None))
+        elif peft_type == "FROD":
+            build = frod_layer(shared)
         else:
             build = {
                 "LORA": lora_layer,

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from reference_impls.delora import DeLoRALinear
+from reference_impls.frod import FRoDLinear, layer_role
 from reference_impls.ia3 import IA3Linear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
@@ -287,6 +288,20 @@ def deft_layer(model, config, path, found):
         para=config.get("para", False),
     )
     return fill(layer, {"P": P} | ({} if layer.para else {"R": found["deft_R"]}))
+
+
+def frod_layer(shared):
+    """FRoD's bases and rotational positions are saved once per role (`base_model.frod_V.<role>`)."""
+    if not any(key.startswith("base_model.frod_V.") for key in shared):
+        raise UnsupportedAdapter("FRoD adapter saved with save_projection=False: the shared bases are not in the file")
+
+    def build(model, config, path, found):
+        role = layer_role(path)
+        V, positions = shared[f"base_model.frod_V.{role}"], shared[f"base_model.frod_s_indices.{role}"]
+        layer = FRoDLinear(base_linear(model, path, config.get("fan_in_fan_out", False)), V, positions)
+        return fill(layer, {"lambda_": found["frod_lambda_l"], "s": found["frod_lambda_s_values"]})
+
+    return build
 
 
 def adaption_prompt_layer(model, path, key, tensors):

@@ -10,6 +10,7 @@ from peft import (
     BOFTConfig,
     DeftConfig,
     DeloraConfig,
+    FrodConfig,
     HiraConfig,
     HRAConfig,
     IA3Config,
@@ -153,6 +154,11 @@ CASES = {
         DeftConfig(r=3, decomposition_method="qr", alpha=6, target_modules=["k_proj", "up_proj"]),
     ),
     "deft_para": (tiny_llama, DeftConfig(r=4, para=True, target_modules=["q_proj", "o_proj"])),
+    "frod": (tiny_llama, FrodConfig(sparse_rate=0.05, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "frod_gpt2_fan_in_fan_out": (
+        tiny_gpt2,
+        FrodConfig(sparse_rate=0.02, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    ),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
