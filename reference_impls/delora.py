@@ -20,7 +20,8 @@ Norms below 10⁻⁴ are taken as 10⁻⁴ (as PEFT does), so B = 0 at the start
 model is unchanged; the paper instead starts from random B and subtracts the initial update. λ starts at
 `lambda_` (15 in PEFT). Trainable parameters per layer: r (d_in + d_out) + 1.
 
-Equals PEFT 0.21's `delora` on the same weights; `reference_impls.interop` loads its checkpoints.
+In training, `dropout` drops inputs of the update (PEFT calls it `module_dropout`). Equals PEFT
+0.21's `delora` on the same weights, in training too; `reference_impls.interop` loads its checkpoints.
 """
 
 import math
@@ -54,11 +55,12 @@ SMALLEST_NORM = 1e-4
 class DeLoRALinear(nn.Module):
     """A frozen nn.Linear plus (λ/r) · B Ξ A · diag(w)."""
 
-    def __init__(self, base: nn.Linear, r: int = 8, lambda_: float = 15.0):
+    def __init__(self, base: nn.Linear, r: int = 8, lambda_: float = 15.0, dropout: float = 0.0):
         super().__init__()
         if r <= 0:
             raise ValueError(f"DeLoRA rank r must be positive, got {r}")
         self.base, self.r = base, r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the update's input, in training
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.A = nn.Parameter(torch.empty(r, base.in_features, **factory))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
@@ -79,7 +81,7 @@ class DeLoRALinear(nn.Module):
         if self.merged:
             return h
         # ((x ⊙ w) Aᵀ ⊙ strengths) Bᵀ: thin products, never the full d_out × d_in matrix.
-        u = (x.to(self.A.dtype) * self.w) @ self.A.T
+        u = (self.dropout(x).to(self.A.dtype) * self.w) @ self.A.T
         return h + ((u * self.strengths()) @ self.B.T).to(h.dtype)
 
     def delta_weight(self) -> torch.Tensor:
@@ -89,10 +91,12 @@ class DeLoRALinear(nn.Module):
     merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
 
 
-def inject_delora(model: nn.Module, target_names: list[str], r: int = 8, lambda_: float = 15.0) -> list[str]:
+def inject_delora(
+    model: nn.Module, target_names: list[str], r: int = 8, lambda_: float = 15.0, dropout: float = 0.0
+) -> list[str]:
     targets = find_targets(model, target_names)
     for name in targets:
-        replace_module(model, name, DeLoRALinear(model.get_submodule(name), r, lambda_))
+        replace_module(model, name, DeLoRALinear(model.get_submodule(name), r, lambda_, dropout))
     freeze_all_but(model, DeLoRALinear, ("A", "B", "lambda_"))
     return targets
 

@@ -22,9 +22,10 @@ singular vectors when 𝐖 is wide; otherwise, from the QR decomposition 𝐖 = 
     V = Rᵀ E,        E = eigenvectors of (1/L) Σₗ (𝐐ₗᵀ 𝐐ₗ + α I)⁻¹
 
 for a small regulariser α. The model starts as the base model (up to rounding: W₀ is recomputed as
-U Λ₀ Vᵀ) and the update merges into the weights.
+U Λ₀ Vᵀ) and the update merges into the weights. In training, `dropout` drops inputs of the update
+only: h = W₀ x + b + (W − W₀) dropout(x).
 
-Equal to PEFT 0.21 `frod`; `reference_impls.interop` loads its checkpoints with their saved bases.
+Equal to PEFT 0.21 `frod`, in training too; `reference_impls.interop` loads its checkpoints with their saved bases.
 """
 
 import torch
@@ -90,8 +91,9 @@ def rotational_positions(d: int, rate: float, generator: torch.Generator) -> tor
 class FRoDLinear(nn.Module):
     """h = U (Λ + S) Vᵀ x + b, with W₀ = U Λ₀ Vᵀ in the shared basis V; λ and S's few entries are trained."""
 
-    def __init__(self, base: nn.Linear, V: torch.Tensor, positions: torch.Tensor):
+    def __init__(self, base: nn.Linear, V: torch.Tensor, positions: torch.Tensor, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"FRoD adapts nn.Linear layers, got {type(base).__name__}")
         d_in, dtype = base.in_features, base.weight.dtype
@@ -120,9 +122,18 @@ class FRoDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
-        z = x.to(self.V.dtype) @ self.V  # coordinates in the shared basis
+        dropped = self.dropout(x)
+        z = dropped.to(self.V.dtype) @ self.V  # coordinates in the shared basis
         # (Λ + S) z: S is sparse; a dense S is clearer here and as exact (a kernel would gather).
-        return F.linear(z * self.lambda_ + z @ self.S().T, self.U, self.base.bias).to(x.dtype)
+        h = F.linear(z * self.lambda_ + z @ self.S().T, self.U, self.base.bias)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            # With dropout only the update sees the dropped input: W₀ x + b + (W − W₀) dropout(x).
+            h = (
+                h
+                + F.linear(x.to(self.V.dtype), self.base.weight)
+                - F.linear(dropped.to(self.V.dtype), self.base.weight)
+            )
+        return h.to(x.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -139,7 +150,12 @@ class FRoDLinear(nn.Module):
 
 
 def inject_frod(
-    model: nn.Module, target_names: list[str], sparse_rate: float = 0.01, alpha: float = 1e-3, seed: int = 0
+    model: nn.Module,
+    target_names: list[str],
+    sparse_rate: float = 0.01,
+    alpha: float = 1e-3,
+    seed: int = 0,
+    dropout: float = 0.0,
 ) -> list[str]:
     """Wrap the named nn.Linear layers with FRoDLinear: one joint basis and one set of rotational
     positions per role (`layer_role`), then freeze everything but λ and S."""
@@ -154,7 +170,7 @@ def inject_frod(
         V = joint_basis([layer.weight for layer in layers], alpha)
         positions = rotational_positions(V.shape[0], sparse_rate, generator)
         for name, layer in zip(names, layers):
-            replace_module(model, name, FRoDLinear(layer, V, positions))
+            replace_module(model, name, FRoDLinear(layer, V, positions, dropout))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for module in model.modules():

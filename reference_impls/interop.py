@@ -18,7 +18,9 @@ in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neuman
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa) and FRoD, which
 are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption prompts
 (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change its
-inputs), so always use the returned module.
+inputs), so always use the returned module. The training-time dropouts of LoHa, LoKr, HiRA, DeLoRA,
+BOFT, PSOFT, DEFT and FRoD are loaded too: in training mode, with the same seed, the loaded model
+draws the same masks as PEFT's (LoRA's `lora_dropout` is not, yet: its loaded layers never drop).
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`

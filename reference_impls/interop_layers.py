@@ -141,7 +141,8 @@ def loha_layer(model, config, path, found):
     effective = "hada_t1" in found
     alpha = pattern_value(config.get("alpha_pattern"), path, config["alpha"])
     r = found["hada_w1_b"].shape[0]
-    layer = LoHaLayer(base_layer(model, path, config), r=r, alpha=alpha, effective_conv=effective)
+    dropouts = {"rank_dropout": config.get("rank_dropout", 0.0), "module_dropout": config.get("module_dropout", 0.0)}
+    layer = LoHaLayer(base_layer(model, path, config), r=r, alpha=alpha, effective_conv=effective, **dropouts)
     if layer.effective_conv != effective:
         raise UnsupportedAdapter(f"LoHa at {path!r}: the checkpoint's CP form does not fit this layer")
     B1, B2 = (found["hada_w1_a"].T, found["hada_w2_a"].T) if effective else (found["hada_w1_a"], found["hada_w2_a"])
@@ -162,6 +163,9 @@ def lokr_layer(model, config, path, found):
         factor=config.get("decompose_factor", -1),
         decompose_both=config.get("decompose_both", False),
         effective_conv=config.get("use_effective_conv2d", False),
+        rank_dropout=config.get("rank_dropout", 0.0),
+        rank_dropout_scale=config.get("rank_dropout_scale", False),
+        module_dropout=config.get("module_dropout", 0.0),
     )
     if isinstance(base, nn.Conv1d) and layer.full_W2:
         # torch.kron of C (2-D) with a 3-D W₂ pairs C's axes with W₂'s last two, not with its channel
@@ -182,12 +186,15 @@ def lokr_layer(model, config, path, found):
 
 
 def hira_layer(model, config, path, found):
-    layer = HiRALayer(base_linear(model, path, config.get("fan_in_fan_out", False)), r=found["hira_A"].shape[0])
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    layer = HiRALayer(base, r=found["hira_A"].shape[0], dropout=config.get("hira_dropout", 0.0))
     return fill(layer, {"A": found["hira_A"], "B": found["hira_B"]})
 
 
 def delora_layer(model, config, path, found):
-    layer = DeLoRALinear(base_linear(model, path, False), r=found["delora_A"].shape[0])
+    # PEFT's `module_dropout` for DeLoRA is a dropout of the update's input.
+    r, dropout = found["delora_A"].shape[0], config.get("module_dropout", 0.0)
+    layer = DeLoRALinear(base_linear(model, path, False), r=r, dropout=dropout)
     values = {"A": found["delora_A"], "B": found["delora_B"], "lambda_": found["delora_lambda"]}
     layer.w.copy_(found["delora_w_norm"])  # the norms of the weight PEFT's layer was made on
     return fill(layer, values)
@@ -211,7 +218,8 @@ def boft_layer(model, config, path, found):
     m, n, b, _ = M.shape
     skew = (M - M.transpose(-1, -2)) / 2
     rows, cols = torch.triu_indices(b, b, 1)
-    layer = BOFTLinear(base_linear(model, path, config.get("fan_in_fan_out", False)), block_size=b, factors=m)
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    layer = BOFTLinear(base, block_size=b, factors=m, block_dropout=config.get("boft_dropout", 0.0))
     return fill(layer, {"Q": skew[..., rows, cols], "s": found["boft_s"].flatten()})
 
 
@@ -268,6 +276,7 @@ def psoft_layer(model, config, path, found):
         neumann_terms=neumann_terms(config),
         neumann_eps=config.get("cayley_neumann_eps"),
         split=split,
+        dropout=config.get("psoft_dropout", 0.0),
     )
     values = {"Q" if layer.orthogonal else "M": found["psoft_R"]}
     values |= {
@@ -286,6 +295,7 @@ def deft_layer(model, config, path, found):
         projector=config.get("decomposition_method", "relu"),
         alpha=config.get("alpha"),
         para=config.get("para", False),
+        dropout=config.get("deft_dropout", 0.0),
     )
     return fill(layer, {"P": P} | ({} if layer.para else {"R": found["deft_R"]}))
 
@@ -298,7 +308,8 @@ def frod_layer(shared):
     def build(model, config, path, found):
         role = layer_role(path)
         V, positions = shared[f"base_model.frod_V.{role}"], shared[f"base_model.frod_s_indices.{role}"]
-        layer = FRoDLinear(base_linear(model, path, config.get("fan_in_fan_out", False)), V, positions)
+        base = base_linear(model, path, config.get("fan_in_fan_out", False))
+        layer = FRoDLinear(base, V, positions, dropout=config.get("frod_dropout", 0.0))
         return fill(layer, {"lambda_": found["frod_lambda_l"], "s": found["frod_lambda_s_values"]})
 
     return build

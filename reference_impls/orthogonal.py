@@ -32,7 +32,8 @@ mixes across blocks as the FFT does:
 with n = d_in / b blocks per factor (Cayley blocks as in OFT), P₁ = I, and Pⱼ interleaving the
 halves of neighbouring blocks at the scale 2^{j−1} (`butterfly_permutation`); s ∈ ℝ^{d_out} is a
 learned output scale starting at 1. Parameters: m · n · b(b−1)/2 + d_out. With m = 1 BOFT is OFT
-plus the scale.
+plus the scale. In training, `block_dropout` p turns ⌊p·n⌋ random blocks of one random factor
+into I (PEFT's multiplicative dropout).
 
 **HRA.** Yuan, Liu, Xu. "Bridging the Gap between Low-rank and Orthogonal Adaptation via
 Householder Reflection Adaptation." NeurIPS 2024. arXiv:2405.17484. R is a chain of r Householder
@@ -54,7 +55,9 @@ rotates by our Rᵀ: with the same saved Q, turning `use_cayley_neumann` on or o
 the other way. We follow the paper (both options approximate the same R), and
 `reference_impls.interop` negates Q when it loads a Neumann checkpoint (Rᵀ is R with −Q). PEFT's
 OFT on a convolution rotates overlapping input patches and sums them back (fold), which is not the
-identity at initialisation: we adapt Linear layers only.
+identity at initialisation: we adapt Linear layers only. PEFT's OFT also builds a block dropout for
+`module_dropout` but never applies it, so an OFT checkpoint trains the same with or without it;
+ours has none.
 """
 
 import torch
@@ -218,8 +221,9 @@ def butterfly_permutation(d: int, group: int, half: int) -> torch.Tensor:
 class BOFTLinear(RotatedLinear):
     """h = s ⊙ (W₀ B₁ ⋯ B_m x) + b: m butterfly factors of n Cayley blocks of size b, and a scale s."""
 
-    def __init__(self, base: nn.Linear, block_size: int = 8, factors: int = 1):
+    def __init__(self, base: nn.Linear, block_size: int = 8, factors: int = 1, block_dropout: float = 0.0):
         super().__init__(base)
+        self.block_dropout = block_dropout
         b, m = block_size, factors
         n = self.d_in // b if b > 0 else 0
         if b <= 0 or self.d_in % b:
@@ -235,8 +239,16 @@ class BOFTLinear(RotatedLinear):
 
     def rotation(self) -> torch.Tensor:
         R = torch.eye(self.d_in, device=self.Q.device, dtype=self.Q.dtype)
+        dropped = None
+        if self.training and self.block_dropout > 0:  # ⌊p·n⌋ random blocks of one random factor become I
+            factor = torch.randint(0, self.m, (1,)).item()
+            dropped = factor, torch.randperm(self.n) < int(self.block_dropout * self.n)
         for j in range(self.m):
-            D = block_diagonal(cayley(skew_symmetric(self.Q[j], self.b)))
+            blocks = cayley(skew_symmetric(self.Q[j], self.b))
+            if dropped is not None and dropped[0] == j:
+                eye = torch.eye(self.b, device=blocks.device, dtype=blocks.dtype)
+                blocks = torch.where(dropped[1].to(blocks.device)[:, None, None], eye, blocks)
+            D = block_diagonal(blocks)
             p = self.P[j]
             R = R @ D[p][:, p]  # P D Pᵀ, P the permutation matrix with P[a, p_a] = 1
         return R

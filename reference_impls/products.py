@@ -38,8 +38,11 @@ frozen weight itself, so the update inherits W₀'s high rank:
 Parameters: r (d_in + d_out), as for LoRA. There is no scale α. Merging changes W₀, the very
 matrix the update is made from, so the layer keeps W₀ to unmerge exactly.
 
-All three equal PEFT 0.21 (`loha`, `lokr`, `hira`) on the same weights; `reference_impls.interop`
-loads their checkpoints.
+**In training** LoHa and LoKr can drop the whole update (`module_dropout`: one coin per forward
+pass) or rows of ΔW (`rank_dropout`, the kept rows rescaled by their fraction where
+`rank_dropout_scale`; PEFT's LoHa always rescales), as LyCORIS does; HiRA drops inputs of its
+update (`dropout`). All three equal PEFT 0.21 (`loha`, `lokr`, `hira`) on the same weights, in
+training too; `reference_impls.interop` loads their checkpoints.
 """
 
 import math
@@ -90,12 +93,18 @@ class WeightUpdateLayer(nn.Module):
     """A frozen Linear or convolution plus the method's ΔW (computed by `delta_weight`); mergeable.
     The method's factors are the layer's own parameters (the base's are not)."""
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, base: nn.Module, rank_dropout: float = 0.0, rank_dropout_scale: bool = True, module_dropout=0.0):
         super().__init__()
         self.base = base
         self.d_out, self.d_in, self.kernel = layer_widths(base)
         self.factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.merged = False
+        # LyCORIS's training-time dropouts: drop the whole update (module), or rows of ΔW (rank).
+        self.rank_dropout, self.rank_dropout_scale, self.module_dropout = (
+            rank_dropout,
+            rank_dropout_scale,
+            module_dropout,
+        )
 
     def parameter(self, *shape: int, zero: bool = False) -> nn.Parameter:
         """A new factor: zeros, or Kaiming-uniform as nn.Linear initialises its weight."""
@@ -111,7 +120,15 @@ class WeightUpdateLayer(nn.Module):
         h = self.base(x)
         if self.merged:
             return h
+        # In training, one coin per pass decides whether the update is dropped (drawn even at p = 0,
+        # as LyCORIS and PEFT draw it: the random stream, and so any rank dropout, stays the same).
+        if self.training and torch.rand(1).item() <= self.module_dropout:
+            return h
         delta = self.delta_weight()
+        if self.training and self.rank_dropout:
+            keep = (torch.rand(self.d_out) > self.rank_dropout).to(delta)
+            keep = keep / keep.mean() if self.rank_dropout_scale else keep
+            delta = delta * keep.reshape(-1, *[1] * (delta.dim() - 1))
         return h + apply_weight(self.base, delta, x.to(delta.dtype)).to(h.dtype)
 
     # W ← W₀ + ΔW and back: the same fold as LoRA's.
@@ -126,8 +143,8 @@ def tucker(core: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> torch.Tensor
 class LoHaLayer(WeightUpdateLayer):
     """ΔW = s · (B₁A₁) ⊙ (B₂A₂), on a Linear or (flattened or in CP form) a convolution."""
 
-    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, effective_conv: bool = False):
-        super().__init__(base)
+    def __init__(self, base: nn.Module, r: int = 8, alpha: float = 8.0, effective_conv: bool = False, **dropouts):
+        super().__init__(base, **dropouts)
         if r <= 0:
             raise ValueError(f"LoHa rank r must be positive, got {r}")
         self.r, self.alpha, self.scale = r, alpha, alpha / r
@@ -170,8 +187,9 @@ class LoKrLayer(WeightUpdateLayer):
         factor: int = -1,
         decompose_both: bool = False,
         effective_conv: bool = False,
+        **dropouts,
     ):
-        super().__init__(base)
+        super().__init__(base, **dropouts)
         if r <= 0:
             raise ValueError(f"LoKr rank r must be positive, got {r}")
         self.r, self.alpha, self.scale = r, alpha, alpha / r
@@ -206,13 +224,14 @@ class LoKrLayer(WeightUpdateLayer):
 class HiRALayer(WeightUpdateLayer):
     """ΔW = W₀ ⊙ (B A): the low-rank product modulates the frozen weight."""
 
-    def __init__(self, base: nn.Linear, r: int = 8):
+    def __init__(self, base: nn.Linear, r: int = 8, dropout: float = 0.0):
         if not isinstance(base, nn.Linear):
             raise TypeError(f"HiRA adapts nn.Linear layers, got {type(base).__name__}")
         super().__init__(base)
         if r <= 0:
             raise ValueError(f"HiRA rank r must be positive, got {r}")
         self.r = r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the update's input, in training
         self.A, self.B = self.parameter(r, self.d_in), self.parameter(self.d_out, r, zero=True)
         self.W0: torch.Tensor | None = None  # W₀, kept while merged
 
@@ -221,6 +240,13 @@ class HiRALayer(WeightUpdateLayer):
 
     def delta_weight(self) -> torch.Tensor:
         return self.frozen_weight().to(self.B.dtype) * (self.B @ self.A)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        if self.merged:
+            return h
+        delta = self.delta_weight()
+        return h + F.linear(self.dropout(x).to(delta.dtype), delta).to(h.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -46,7 +46,11 @@ Parameters: r (d_out + d_in). With `para=True` there is no R: W = (I − P_proj)
 reduction of PaRa (Chen et al., "PaRa: Personalizing Text-to-Image Diffusion via Parameter Rank
 Reduction"), which does not start as the base model. The bias is not projected.
 
-All three equal PEFT 0.21 (`osf`, `psoft`, `deft`); `reference_impls.interop` loads their checkpoints.
+In training, PSOFT's `dropout` drops inputs of its update and DEFT's those of R's new content, as
+in PEFT.
+
+All three equal PEFT 0.21 (`osf`, `psoft`, `deft`), in training too; `reference_impls.interop` loads
+their checkpoints.
 """
 
 import torch
@@ -159,8 +163,10 @@ class PSOFTLinear(SubspaceLinear):
         neumann_terms: int = 0,
         neumann_eps: float | None = None,
         split: str = "psoft",
+        dropout: float = 0.0,
     ):
         super().__init__(base)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the update's input, in training
         if not 0 < r <= min(self.d_in, self.d_out):
             raise ValueError(f"PSOFT rank must be in 1..{min(self.d_in, self.d_out)}, got {r}")
         if split not in ("psoft", "pissa"):
@@ -209,7 +215,7 @@ class PSOFTLinear(SubspaceLinear):
         if self.merged:
             return h
         R = self.rotation()
-        xa = F.linear(x.to(R.dtype), self.A.to(R.dtype))  # coordinates in the principal subspace (…, r)
+        xa = F.linear(self.dropout(x).to(R.dtype), self.A.to(R.dtype))  # coordinates in the principal subspace
         return h + F.linear(F.linear(xa, R) - xa, self.B.to(R.dtype)).to(h.dtype)
 
 
@@ -220,9 +226,16 @@ class DEFTLinear(SubspaceLinear):
     """W = (I − P̃ Tᵀ) W₀ + s P̃ R: a learned output subspace projected out of W₀ and refilled by R."""
 
     def __init__(
-        self, base: nn.Linear, r: int = 8, projector: str = "relu", alpha: float | None = None, para: bool = False
+        self,
+        base: nn.Linear,
+        r: int = 8,
+        projector: str = "relu",
+        alpha: float | None = None,
+        para: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__(base)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on R's input, in training
         if projector not in ("relu", "qr"):
             raise ValueError(f"DEFT projector must be 'relu' or 'qr', got {projector!r}")
         if r <= 0:
@@ -261,7 +274,7 @@ class DEFTLinear(SubspaceLinear):
         P_tilde, T = self.projection()
         h = z - (z @ T) @ P_tilde.T
         if not self.para:
-            h = h + self.scale * F.linear(F.linear(x.float(), self.R.float()), P_tilde)
+            h = h + self.scale * F.linear(F.linear(self.dropout(x).float(), self.R.float()), P_tilde)
         if self.base.bias is not None:
             h = h + self.base.bias.float()
         return h.to(x.dtype)

@@ -192,6 +192,59 @@ def test_peft_checkpoint_loads_and_gives_the_same_logits(case, tmp_path):
     assert relative <= 1e-5, f"{case}: relative error {relative:.2e}"
 
 
+# Methods with training-time randomness: the same seed must give PEFT's logits in training mode too.
+TRAINING_CASES = {
+    "loha_dropouts": (
+        tiny_llama,
+        LoHaConfig(r=4, alpha=6, rank_dropout=0.3, module_dropout=0.3, target_modules=["q_proj", "v_proj", "up_proj"]),
+    ),
+    "lokr_dropouts": (
+        tiny_llama,
+        LoKrConfig(
+            r=2,
+            alpha=4,
+            rank_dropout=0.3,
+            rank_dropout_scale=True,
+            module_dropout=0.2,
+            target_modules=["q_proj", "down_proj"],
+        ),
+    ),
+    "hira_dropout": (tiny_llama, HiraConfig(r=4, hira_dropout=0.3, target_modules=["q_proj", "v_proj"])),
+    "delora_dropout": (
+        tiny_llama,
+        DeloraConfig(r=4, delora_lambda=5, module_dropout=0.3, target_modules=["q_proj", "o_proj"]),
+    ),
+    "boft_block_dropout": (
+        tiny_llama,
+        BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, boft_dropout=0.5, target_modules=["q_proj", "o_proj"]),
+    ),
+    "psoft_dropout": (tiny_llama, PsoftConfig(r=4, psoft_dropout=0.3, target_modules=["q_proj", "v_proj"])),
+    "deft_dropout": (tiny_llama, DeftConfig(r=4, deft_dropout=0.3, target_modules=["q_proj", "v_proj"])),
+    "frod_dropout": (tiny_llama, FrodConfig(sparse_rate=0.05, frod_dropout=0.3, target_modules=["q_proj", "v_proj"])),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAINING_CASES))
+def test_training_mode_with_the_same_seed_gives_peft_s_logits(case, tmp_path):
+    make_model, config = TRAINING_CASES[case]
+    peft_model, fresh = save_with_nonzero_weights(make_model, config, tmp_path)
+    ours = load_peft_adapter(fresh, tmp_path)
+    peft_model.train(), ours.train()
+    input_ids = torch.randint(0, 97, (2, 11))
+    outputs = []
+    with torch.no_grad():
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            expected = peft_model(input_ids=input_ids).logits
+            torch.manual_seed(seed)
+            got = ours(input_ids=input_ids).logits
+            relative = ((got - expected).norm() / expected.norm()).item()
+            assert relative <= 1e-5, f"{case}, seed {seed}: relative error {relative:.2e}"
+            outputs.append(got)
+        evaluated = ours.eval()(input_ids=input_ids).logits
+    assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[0], evaluated)  # random
+
+
 def test_unsupported_types_and_fields_are_named(tmp_path):
     peft_model = get_peft_model(
         tiny_llama(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8)

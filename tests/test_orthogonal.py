@@ -218,6 +218,22 @@ def test_a_convolution_and_peft_s_three_term_series_are_refused(tmp_path):
         load_peft_adapter(Tiny(d_in=12), tmp_path / "three")
 
 
+def test_peft_s_oft_module_dropout_is_never_applied_and_ours_matches_it_in_training(tmp_path):
+    """PEFT 0.21 builds OFT's block dropout for module_dropout but its forward pass never calls it."""
+    config = OFTConfig(oft_block_size=4, module_dropout=0.5, target_modules=["up", "down"], init_weights=False)
+    base = Tiny(d_in=12, d_hidden=36, d_out=7)
+    fresh = copy.deepcopy(base)
+    peft_model = get_peft_model(base, config)
+    peft_model.save_pretrained(tmp_path)
+    ours = load_peft_adapter(fresh, tmp_path).train()
+    peft_model.train()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        trained = peft_model(x)
+        assert torch.equal(trained, peft_model(x))  # no randomness in training
+        assert relative_error(ours(x), trained) <= 1e-5
+
+
 def test_demo_learns():
     losses = demo_losses(run_demo("reference_impls.orthogonal"))
     assert len(losses) == 4 and all(after < 0.6 * before for before, after in losses)
