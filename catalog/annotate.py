@@ -78,7 +78,8 @@ def mathml(text: str, display: bool) -> Markup | None:
     return Markup(converted)
 
 
-INLINE = re.compile(r"(?<![\w`])([^\s`]*[\^_]\{[^\s`]*?)(?=[,.;:)]*(?:\s|$))")
+# A token ends at white space or at a tag (`ℝ^{d_in}:` closing a paragraph is followed by `</p>`).
+INLINE = re.compile(r"(?<![\w`])([^\s`<]*[\^_]\{[^\s`<]*?)(?=[,.;:)]*(?:\s|<|$))")
 
 
 def _inline_maths(paragraph_html: str) -> str:

@@ -41,14 +41,59 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def freeze_all_but(model: nn.Module, trainable: type | tuple[type, ...], attribute_names: tuple[str, ...]) -> None:
-    """Freeze every parameter except the named attributes of the method's own modules."""
+def freeze_all_but(
+    model: nn.Module, trainable: type | tuple[type, ...], attribute_names: tuple[str, ...] | None = None
+) -> None:
+    """Freeze every parameter except the named attributes of the method's own modules (with no
+    names: all of those modules' own parameters, not those of the base layers they wrap)."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for module in model.modules():
         if isinstance(module, trainable):
-            for attribute in attribute_names:
-                getattr(module, attribute).requires_grad_(True)
+            if attribute_names is None:
+                parts = list(module.parameters(recurse=False))
+            else:  # parameters or whole submodules (a router, an adapter's projections)
+                parts = [getattr(module, attribute) for attribute in attribute_names]
+            for part in parts:
+                part.requires_grad_(True)
+
+
+class ReplacingMerge:
+    """Merging for a layer (wrapping `self.base`) whose merged weight is not simply W₀ plus a fixed ΔW:
+    a rotation, a projection, a reparameterisation. `merge` writes `merged_weight()` (and
+    `merged_bias()`, unless None) into the base layer and keeps the originals W₀ (and b₀), so that
+    `unmerge` restores them exactly even where the method's map has no exact inverse."""
+
+    merged: bool = False
+    W0: torch.Tensor | None = None  # the original weight, while merged
+    b0: torch.Tensor | None = None
+
+    def merged_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merged_bias(self) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        weight, bias = self.merged_weight(), self.merged_bias()
+        self.W0 = self.base.weight.detach().clone()
+        self.base.weight.copy_(weight)
+        if bias is not None:
+            self.b0 = self.base.bias.detach().clone()
+            self.base.bias.copy_(bias)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base.weight.copy_(self.W0)
+        if self.b0 is not None:
+            self.base.bias.copy_(self.b0)
+        self.W0, self.b0, self.merged = None, None, False
 
 
 def set_merged(model: nn.Module, kinds: type | tuple[type, ...], merged: bool) -> None:

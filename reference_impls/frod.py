@@ -33,7 +33,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from reference_impls._plumbing import (
+    ReplacingMerge,
     find_targets,
+    freeze_all_but,
     replace_module,
     report,
     report_merge,
@@ -88,7 +90,7 @@ def rotational_positions(d: int, rate: float, generator: torch.Generator) -> tor
     return torch.stack([rows, cols + (cols >= rows).long()])
 
 
-class FRoDLinear(nn.Module):
+class FRoDLinear(ReplacingMerge, nn.Module):
     """h = U (Λ + S) Vᵀ x + b, with W₀ = U Λ₀ Vᵀ in the shared basis V; λ and S's few entries are trained."""
 
     def __init__(self, base: nn.Linear, V: torch.Tensor, positions: torch.Tensor, dropout: float = 0.0):
@@ -110,7 +112,7 @@ class FRoDLinear(nn.Module):
         self.register_buffer("positions", positions.long())
         self.lambda_ = nn.Parameter(lengths.to(dtype))
         self.s = nn.Parameter(torch.zeros(positions.shape[1], device=base.weight.device, dtype=dtype))
-        self.merged, self.W0 = False, None
+        self.merged = False
 
     def S(self) -> torch.Tensor:
         d = self.V.shape[0]
@@ -135,18 +137,8 @@ class FRoDLinear(nn.Module):
             )
         return h.to(x.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.W0 = self.base.weight.detach().clone()
-            self.base.weight.copy_(self.weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.copy_(self.W0)
-            self.W0, self.merged = None, False
+    def merged_weight(self) -> torch.Tensor:
+        return self.weight().to(self.base.weight.dtype)
 
 
 def inject_frod(
@@ -171,12 +163,7 @@ def inject_frod(
         positions = rotational_positions(V.shape[0], sparse_rate, generator)
         for name, layer in zip(names, layers):
             replace_module(model, name, FRoDLinear(layer, V, positions, dropout))
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, FRoDLinear):
-            module.lambda_.requires_grad_(True)
-            module.s.requires_grad_(True)
+    freeze_all_but(model, FRoDLinear, ("lambda_", "s"))
     return targets
 
 

@@ -14,9 +14,9 @@ Cayley transform of a skew-symmetric Q (only its b(b−1)/2 upper entries are tr
 
 Parameters: r · b(b−1)/2 (b(b−1)/2 with `block_share`, one block for all). Q = 0 gives R = I.
 *COFT* (constrained OFT) keeps every block near the identity: after each step Qᵢ is projected back
-onto ‖Qᵢ‖_F ≤ ε/√r. OFTv2 (Qiu, Liu, Weller, Schölkopf. "Orthogonal Finetuning Made Scalable."
+onto ‖Qᵢ‖_{F} ≤ ε/√r. OFTv2 (Qiu, Liu, Weller, Schölkopf. "Orthogonal Finetuning Made Scalable."
 EMNLP 2025. arXiv:2506.19847) adds two options for speed: *input-centric* multiplication (rotate
-x, then apply W₀: matrix–vector products, never the d_out × d_in product W₀ R) and the
+x, then apply W₀: matrix–vector products, never the full matrix product W₀ R) and the
 *Cayley–Neumann* series, which replaces the inverse by k terms of a Neumann series (the form PEFT
 uses since 0.18):
 
@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from reference_impls._plumbing import (
+    ReplacingMerge,
     find_targets,
     freeze_all_but,
     replace_module,
@@ -111,7 +112,7 @@ def block_diagonal(blocks: torch.Tensor) -> torch.Tensor:
     return torch.block_diag(*blocks.unbind(0))
 
 
-class RotatedLinear(nn.Module):
+class RotatedLinear(ReplacingMerge, nn.Module):
     """A frozen nn.Linear computing h = W₀ R x + b for the method's `rotation()` R (d_in × d_in).
     Merging writes W₀ R into the weight and keeps W₀ to unmerge exactly (R may be approximate)."""
 
@@ -121,7 +122,7 @@ class RotatedLinear(nn.Module):
             raise TypeError(f"orthogonal fine-tuning adapts nn.Linear layers here, got {type(base).__name__}")
         self.base, self.d_in, self.d_out = base, base.in_features, base.out_features
         self.factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.merged, self.W0 = False, None
+        self.merged = False
 
     def rotation(self) -> torch.Tensor:
         raise NotImplementedError
@@ -135,19 +136,6 @@ class RotatedLinear(nn.Module):
             return self.base(x)
         weight = self.merged_weight()
         return nn.functional.linear(x.to(weight.dtype), weight, self.base.bias).to(x.dtype)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.W0 = self.base.weight.detach().clone()
-            self.base.weight.copy_(self.merged_weight())
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.copy_(self.W0)
-            self.W0, self.merged = None, False
 
 
 # OFT -------------------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from reference_impls._plumbing import (
+    ReplacingMerge,
     find_targets,
+    freeze_all_but,
     replace_module,
     report,
     report_merge,
@@ -221,7 +223,7 @@ class LoKrLayer(WeightUpdateLayer):
         return (self.scale * torch.kron(C, W2)).reshape(self.base.weight.shape)
 
 
-class HiRALayer(WeightUpdateLayer):
+class HiRALayer(ReplacingMerge, WeightUpdateLayer):
     """ΔW = W₀ ⊙ (B A): the low-rank product modulates the frozen weight."""
 
     def __init__(self, base: nn.Linear, r: int = 8, dropout: float = 0.0):
@@ -233,7 +235,6 @@ class HiRALayer(WeightUpdateLayer):
         self.r = r
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the update's input, in training
         self.A, self.B = self.parameter(r, self.d_in), self.parameter(self.d_out, r, zero=True)
-        self.W0: torch.Tensor | None = None  # W₀, kept while merged
 
     def frozen_weight(self) -> torch.Tensor:
         return self.base.weight if self.W0 is None else self.W0
@@ -248,17 +249,9 @@ class HiRALayer(WeightUpdateLayer):
         delta = self.delta_weight()
         return h + F.linear(self.dropout(x).to(delta.dtype), delta).to(h.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.W0 = self.base.weight.detach().clone()
-            super().merge()
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.copy_(self.W0)
-            self.W0, self.merged = None, False
+    # Merging changes W₀, the matrix the update is made from: ReplacingMerge keeps it (self.W0).
+    def merged_weight(self) -> torch.Tensor:
+        return (self.base.weight + self.delta_weight()).to(self.base.weight.dtype)
 
 
 PRODUCT_LAYERS = (LoHaLayer, LoKrLayer, HiRALayer)
@@ -272,12 +265,7 @@ def inject_products(model: nn.Module, target_names: list[str], method: str = "lo
     targets = find_targets(model, target_names, kind=kinds)
     for name in targets:
         replace_module(model, name, layer_type(model.get_submodule(name), **options))
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, PRODUCT_LAYERS):
-            for factor in module.parameters(recurse=False):  # the method's factors, not the base's weights
-                factor.requires_grad_(True)
+    freeze_all_but(model, PRODUCT_LAYERS)  # the method's factors, not the base's weights
     return targets
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from reference_impls._plumbing import (
+    ReplacingMerge,
     count_parameters,
     find_targets,
     freeze_all_but,
@@ -62,7 +63,7 @@ def rotate_half(z: torch.Tensor, g: int) -> torch.Tensor:
     return torch.stack((-second, first), dim=-2).flatten(-3)
 
 
-class RoAdLinear(nn.Module):
+class RoAdLinear(ReplacingMerge, nn.Module):
     """h = f ⊙ z + s ⊙ rotate_half(z), z = W₀ x + b; one (θ, α) set per adapter, chosen per row."""
 
     def __init__(self, base: nn.Linear, variant: str = "road_1", group_size: int = 64, adapters: int = 1):
@@ -81,7 +82,7 @@ class RoAdLinear(nn.Module):
         self.theta = nn.Parameter(torch.zeros(adapters, *shape, **factory))
         self.alpha = nn.Parameter(torch.ones(adapters, *shape, **factory))
         self.adapter_index: torch.Tensor | None = None  # the adapter of every row of the batch; None: adapter 0
-        self.merged, self.kept = False, None
+        self.merged = False
 
     def coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """f and s of every adapter (adapters × d_out)."""
@@ -107,26 +108,19 @@ class RoAdLinear(nn.Module):
             return z
         return self.rotate(z.to(self.theta.dtype), self.adapter_index).to(z.dtype)
 
-    @torch.no_grad()
+    # Merging: W ← R W₀ and b ← R b (R rotates the output axis), W₀ and b₀ kept; one adapter only.
+    def merged_weight(self) -> torch.Tensor:
+        return self.rotate(self.base.weight.T.to(self.theta.dtype)).T.to(self.base.weight.dtype)
+
+    def merged_bias(self) -> torch.Tensor | None:
+        if self.base.bias is None:
+            return None
+        return self.rotate(self.base.bias.to(self.theta.dtype)).to(self.base.bias.dtype)
+
     def merge(self) -> None:
-        """W ← R W₀ and b ← R b (R rotates the output axis); only for a layer with one adapter."""
         if self.theta.shape[0] != 1:
             raise ValueError("a RoAd layer with several adapters cannot merge: every row may use another one")
-        if not self.merged:
-            self.kept = (self.base.weight.detach().clone(), None if self.base.bias is None else self.base.bias.clone())
-            self.base.weight.copy_(self.rotate(self.base.weight.T.to(self.theta.dtype)).T)
-            if self.base.bias is not None:
-                self.base.bias.copy_(self.rotate(self.base.bias.to(self.theta.dtype)))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            weight, bias = self.kept
-            self.base.weight.copy_(weight)
-            if bias is not None:
-                self.base.bias.copy_(bias)
-            self.merged, self.kept = False, None
+        super().merge()
 
 
 def inject_road(model: nn.Module, target_names: list[str], **options) -> list[str]:

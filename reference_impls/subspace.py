@@ -58,7 +58,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from reference_impls._plumbing import (
+    ReplacingMerge,
     find_targets,
+    freeze_all_but,
     replace_module,
     report,
     report_merge,
@@ -82,7 +84,7 @@ def svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return torch.linalg.svd(weight.detach().float(), full_matrices=False)
 
 
-class SubspaceLinear(nn.Module):
+class SubspaceLinear(ReplacingMerge, nn.Module):
     """A frozen nn.Linear plus the method's `delta_weight()`; merging keeps W₀ to unmerge exactly."""
 
     def __init__(self, base: nn.Linear):
@@ -91,23 +93,13 @@ class SubspaceLinear(nn.Module):
             raise TypeError(f"subspace methods adapt nn.Linear layers here, got {type(base).__name__}")
         self.base, self.d_in, self.d_out = base, base.in_features, base.out_features
         self.dtype = base.weight.dtype
-        self.merged, self.W0 = False, None
+        self.merged = False
 
     def delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.W0 = self.base.weight.detach().clone()
-            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight.copy_(self.W0)
-            self.W0, self.merged = None, False
+    def merged_weight(self) -> torch.Tensor:
+        return (self.base.weight + self.delta_weight()).to(self.base.weight.dtype)
 
 
 # OSF -------------------------------------------------------------------------------------------
@@ -292,12 +284,7 @@ def inject_subspace(model: nn.Module, target_names: list[str], method: str = "ps
     targets = find_targets(model, target_names)
     for name in targets:
         replace_module(model, name, layer_type(model.get_submodule(name), **options))
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    for module in model.modules():
-        if isinstance(module, layer_type):
-            for parameter in module.parameters(recurse=False):  # the method's own, not the base layer's
-                parameter.requires_grad_(True)
+    freeze_all_but(model, layer_type)
     return targets
 
 

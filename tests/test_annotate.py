@@ -92,6 +92,9 @@ def test_code_examples_stay_code_and_unreadable_maths_stays_text():
     # Inline: a space-free token with ^{ or _{ is maths; one inside backticks stays code.
     html, _ = render_prose("B ∈ ℝ^{d_out×r}, and `x^{2}` stays.")
     assert html.count("<math") == 1 and "<code>x^{2}</code>" in html
+    # A token that ends its paragraph (before </p>, after a colon) takes neither with it.
+    html, _ = render_prose("one vector u ∈ ℝ^{d_in}:\n\n    H = 1")
+    assert html.startswith("<p>one vector u ∈ <math") and "</math>:</p>" in html
 
 
 def test_prose_is_escaped():
