@@ -29,6 +29,7 @@ from reference_impls import (
     road,
     routing,
     sparse,
+    spectral,
     subspace,
     unified,
 )
@@ -168,6 +169,14 @@ def _subspace(method, **options):
 def _frod(model, layout):
     frod.inject_frod(model, [layout.attention[0], layout.attention[2]], sparse_rate=0.01)
     return model
+
+
+def _spectral(method, **options):
+    def apply(model, layout):
+        spectral.inject_spectral(model, [layout.attention[0], layout.attention[2]], method, **options)
+        return model
+
+    return apply
 
 
 def _delora(model, layout):
@@ -340,6 +349,24 @@ METHODS = (
         True,
         False,
         "OSF",
+    ),
+    Method(
+        "FourierFT",
+        "spectral",
+        "n = 1000 coefficients, α = 150 on the query and value projections",
+        _spectral("fourierft", n=1000, alpha=150.0),
+        True,
+        False,
+        "FOURIERFT",
+    ),
+    Method(
+        "C3A",
+        "spectral",
+        "circulant blocks of b = 256 (PEFT's default) on the query and value projections",
+        _spectral("c3a", block_size=256),
+        True,
+        False,
+        "C3A",
     ),
     Method("FRoD", "frod", "1% rotational degrees on the query and value projections", _frod, True, False, "FROD"),
     Method("(IA)³", "ia3", "keys, values and the FFN's down-projection input", _ia3, True, False, "IA3"),

@@ -15,8 +15,8 @@ naming the field.
 Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
-(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa) and FRoD, which
-are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption prompts
+(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT and
+C3A, which are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption prompts
 (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change its
 inputs), so always use the returned module. The training-time dropouts of LoHa, LoKr, HiRA, DeLoRA,
 BOFT, PSOFT, DEFT and FRoD are loaded too: in training mode, with the same seed, the loaded model
@@ -44,8 +44,10 @@ from reference_impls.interop_layers import (
     adalora_layer,
     adaption_prompt_layer,
     boft_layer,
+    c3a_layer,
     deft_layer,
     delora_layer,
+    fourierft_layer,
     frod_layer,
     hira_layer,
     hra_layer,
@@ -72,7 +74,7 @@ COVERED_BY = ("hf-peft",)
 WRAPPER_PREFIX = "base_model.model."
 # "<module path>.<method>_<name>[.<part>][.weight]", e.g. "layers.0.q_proj.lora_A.weight" or
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
-PREFIXES = "lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra|road|osf|psoft|deft|frod"
+PREFIXES = "lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra|road|osf|psoft|deft|frod|fourierft|c3a"
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z_]+)??)(?:\.weight)?"
 
 
@@ -174,6 +176,12 @@ HANDLED = {
     "runtime_offload_base_weight",
     "frod_dropout",
     "progressbar",
+    "n_frequency",
+    "n_frequency_pattern",
+    "scaling",
+    "random_loc_seed",
+    "block_size",
+    "block_size_pattern",
     "adapter_layers",
 }
 
@@ -199,6 +207,8 @@ SUPPORTED_TYPES = (
     "PSOFT",
     "DEFT",
     "FROD",
+    "FOURIERFT",
+    "C3A",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -258,6 +268,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "OSF": osf_layer,
                 "PSOFT": psoft_layer,
                 "DEFT": deft_layer,
+                "FOURIERFT": fourierft_layer,
+                "C3A": c3a_layer,
             }[peft_type]
         planned = _plan(by_module, lambda path, found: build(model, config, path, found))
     for path, layer in planned.items():  # only now, with every layer built, is the model changed

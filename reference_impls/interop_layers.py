@@ -20,6 +20,7 @@ from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
+from reference_impls.spectral import C3ALinear, FourierFTLinear
 from reference_impls.subspace import DEFTLinear, OSFLinear, PSOFTLinear
 
 FAMILY = "Interoperability with PEFT"
@@ -313,6 +314,19 @@ def frod_layer(shared):
         return fill(layer, {"lambda_": found["frod_lambda_l"], "s": found["frod_lambda_s_values"]})
 
     return build
+
+
+def fourierft_layer(model, config, path, found):
+    # The positions are not saved: PEFT redraws them from random_loc_seed, and so do we.
+    spectrum = found["fourierft_spectrum"]
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    layer = FourierFTLinear(base, n=spectrum.shape[0], alpha=config["scaling"], seed=config["random_loc_seed"])
+    return fill(layer, {"c": spectrum})
+
+
+def c3a_layer(model, config, path, found):
+    kernel = found["c3a_kernel"]
+    return fill(C3ALinear(base_linear(model, path, False), block_size=kernel.shape[-1]), {"w": kernel})
 
 
 def adaption_prompt_layer(model, path, key, tensors):

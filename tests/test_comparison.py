@@ -32,6 +32,8 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["BOFT"] == L * 2 * (2 * (d // 8) * (8 * 7 // 2) + d)  # m · n · b(b−1)/2, plus the scale s
     assert counts["HRA"] == L * 2 * 8 * d  # r vectors of d_in
     assert counts["RoAd"] == L * 2 * d  # RoAd₁: an angle and a scale per pair of outputs
+    assert counts["FourierFT"] == L * 2 * 1000  # n coefficients per layer
+    assert counts["C3A"] == L * 2 * d * d // 256  # d_out · d_in / b
     assert counts["FRoD"] == L * 2 * (d + int(d * d * 0.01))  # λ (d_in) and ⌊ρ d_in²⌋ rotational degrees
     assert counts["PSOFT"] == L * 2 * (8 * 7 // 2 + 2 * 8)  # r(r−1)/2 angles and two scalings of r
     assert counts["DEFT"] == counts["LoRA"]  # P (d_out × r) and R (r × d_in)

@@ -8,8 +8,10 @@ import torch
 from peft import (
     AdaLoraConfig,
     BOFTConfig,
+    C3AConfig,
     DeftConfig,
     DeloraConfig,
+    FourierFTConfig,
     FrodConfig,
     HiraConfig,
     HRAConfig,
@@ -159,6 +161,22 @@ CASES = {
         tiny_gpt2,
         FrodConfig(sparse_rate=0.02, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
     ),
+    "fourierft": (
+        tiny_llama,
+        FourierFTConfig(
+            n_frequency=60,
+            scaling=300.0,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            n_frequency_pattern={"down_proj": 90},
+        ),
+    ),
+    "fourierft_gpt2_fan_in_fan_out": (
+        tiny_gpt2,
+        FourierFTConfig(
+            n_frequency=80, scaling=300.0, random_loc_seed=5, target_modules=["c_attn"], fan_in_fan_out=True
+        ),
+    ),
+    "c3a": (tiny_llama, C3AConfig(block_size=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
