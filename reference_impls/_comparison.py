@@ -28,6 +28,7 @@ from reference_impls import (
     reft,
     road,
     routing,
+    selective,
     sparse,
     spectral,
     subspace,
@@ -177,6 +178,22 @@ def _spectral(method, **options):
         return model
 
     return apply
+
+
+def _ln_tuning(model, layout):
+    norms = [name for name, module in model.named_modules() if selective.is_norm(module)]
+    selective.inject_ln_tuning(model, norms)
+    return model
+
+
+def _beft(model, layout):
+    selective.inject_beft(model, [layout.attention[2]])
+    return model
+
+
+def _shira(model, layout):
+    selective.inject_shira(model, [layout.attention[0], layout.attention[2]], r=8)
+    return model
 
 
 def _delora(model, layout):
@@ -375,6 +392,17 @@ METHODS = (
     Method("Scaled parallel adapter", "bottleneck", "m = 512, s = 4, beside the FFN", _parallel, False, False, ""),
     Method("Compacter", "phm", "n = 4, m = d/16, rank 1, Houlsby's places", _compacter, False, False, ""),
     Method("LoReFT", "reft", "r = 4 on every layer's output, first 3 positions", _loreft, False, False, ""),
+    Method("LN tuning", "selective", "every LayerNorm / RMSNorm", _ln_tuning, False, False, "LN_TUNING"),
+    Method("BEFT", "selective", "a bias on every value projection", _beft, True, False, "BEFT"),
+    Method(
+        "SHiRA",
+        "selective",
+        "r = 8 (LoRA's count) on the query and value projections",
+        _shira,
+        True,
+        False,
+        "SHIRA",
+    ),
     Method("BitFit", "sparse", "every bias", _bitfit, True, False, ""),
     Method("MoV", "routing", "10 (IA)³ experts on keys and values, a router per layer", _mov, False, False, ""),
     Method("Polytropon", "routing", "4 LoRA skills of rank 8 on query and value, 1 task", _poly, False, False, "POLY"),

@@ -15,12 +15,13 @@ naming the field.
 Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
-(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT and
-C3A, which are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption prompts
-(LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change its
-inputs), so always use the returned module. The training-time dropouts of LoHa, LoKr, HiRA, DeLoRA,
-BOFT, PSOFT, DEFT and FRoD are loaded too: in training mode, with the same seed, the loaded model
-draws the same masks as PEFT's (LoRA's `lora_dropout` is not, yet: its loaded layers never drop).
+(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, C3A,
+LN tuning, BEFT, SHiRA and trainable tokens, which are injected into the model in place; and
+prompt tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix
+tuning return a wrapper around the model (they change its inputs), so always use the returned
+module. The training-time dropouts of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT and FRoD are
+loaded too: in training mode, with the same seed, the loaded model draws the same masks as PEFT's
+(LoRA's `lora_dropout` is not, yet: its loaded layers never drop).
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -43,6 +44,7 @@ from reference_impls.interop_layers import (
     UnsupportedAdapter,
     adalora_layer,
     adaption_prompt_layer,
+    beft_layer,
     boft_layer,
     c3a_layer,
     deft_layer,
@@ -52,6 +54,7 @@ from reference_impls.interop_layers import (
     hira_layer,
     hra_layer,
     ia3_layer,
+    ln_tuning_layer,
     loha_layer,
     lokr_layer,
     lora_layer,
@@ -59,6 +62,8 @@ from reference_impls.interop_layers import (
     osf_layer,
     psoft_layer,
     road_layer,
+    shira_layer,
+    trainable_tokens_layer,
     vera_layer,
 )
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear
@@ -74,7 +79,11 @@ COVERED_BY = ("hf-peft",)
 WRAPPER_PREFIX = "base_model.model."
 # "<module path>.<method>_<name>[.<part>][.weight]", e.g. "layers.0.q_proj.lora_A.weight" or
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
-PREFIXES = "lora|vera|ia3|hada|lokr|hira|delora|oft|boft|hra|road|osf|psoft|deft|frod|fourierft|c3a"
+METHOD_PREFIXES = (
+    "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft c3a ln_tuning beft shira "
+    "trainable"
+).split()
+PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z_]+)??)(?:\.weight)?"
 
 
@@ -182,6 +191,8 @@ HANDLED = {
     "random_loc_seed",
     "block_size",
     "block_size_pattern",
+    "mask_type",
+    "token_indices",
     "adapter_layers",
 }
 
@@ -209,6 +220,10 @@ SUPPORTED_TYPES = (
     "FROD",
     "FOURIERFT",
     "C3A",
+    "LN_TUNING",
+    "BEFT",
+    "SHIRA",
+    "TRAINABLE_TOKENS",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -270,6 +285,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "DEFT": deft_layer,
                 "FOURIERFT": fourierft_layer,
                 "C3A": c3a_layer,
+                "LN_TUNING": ln_tuning_layer,
+                "BEFT": beft_layer,
+                "SHIRA": shira_layer,
+                "TRAINABLE_TOKENS": trainable_tokens_layer,
             }[peft_type]
         planned = _plan(by_module, lambda path, found: build(model, config, path, found))
     for path, layer in planned.items():  # only now, with every layer built, is the model changed

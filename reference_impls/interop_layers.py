@@ -20,6 +20,7 @@ from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
+from reference_impls.selective import BiasTunedLinear, SHiRALinear, TrainableTokens, TunedNorm, is_norm, tied_to
 from reference_impls.spectral import C3ALinear, FourierFTLinear
 from reference_impls.subspace import DEFTLinear, OSFLinear, PSOFTLinear
 
@@ -327,6 +328,46 @@ def fourierft_layer(model, config, path, found):
 def c3a_layer(model, config, path, found):
     kernel = found["c3a_kernel"]
     return fill(C3ALinear(base_linear(model, path, False), block_size=kernel.shape[-1]), {"w": kernel})
+
+
+def ln_tuning_layer(model, config, path, found):
+    norm = model.get_submodule(path)
+    if not is_norm(norm):
+        raise UnsupportedAdapter(f"LN tuning at {path!r}: a {type(norm).__name__} is not a normalisation layer")
+    layer = TunedNorm(norm)
+    for name, tensor in found.items():  # ln_tuning_layers (its weight) and ln_tuning_layers.bias
+        target = getattr(layer.tuned, name.removeprefix("ln_tuning_layers").removeprefix(".") or "weight")
+        if target.shape != tensor.shape:
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} in the checkpoint, {tuple(target.shape)} here")
+        target.copy_(tensor)
+    return layer
+
+
+def beft_layer(model, config, path, found):
+    layer = BiasTunedLinear(base_linear(model, path, config.get("fan_in_fan_out", False)))
+    return fill(layer, {"beta": found["beft_bias"].flatten()})
+
+
+def shira_layer(model, config, path, found):
+    # The mask is saved (whatever mask function made it), so no seed is needed to rebuild it.
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    return fill(SHiRALinear(base, positions=found["shira_indices"]), {"s": found["shira_weight"]})
+
+
+def trainable_tokens_layer(model, config, path, found):
+    embedding = model.get_submodule(path)
+    if not isinstance(embedding, nn.Embedding):
+        raise UnsupportedAdapter(
+            f"trainable tokens at {path!r}: a {type(embedding).__name__}, not an nn.Embedding (PEFT adapts an "
+            f"output head tied to the embedding too; tied models are not supported)"
+        )
+    if tied_to(model, path):  # PEFT then adapts the tied head too; ours would leave it with the old rows
+        raise UnsupportedAdapter(
+            f"trainable tokens at {path!r}: its weight is tied to {tied_to(model, path)[0]!r}; tied models are not "
+            f"supported"
+        )
+    layer = TrainableTokens(embedding, list(config["token_indices"]))
+    return fill(layer, {"rows": found["trainable_tokens_delta"]})
 
 
 def adaption_prompt_layer(model, path, key, tensors):

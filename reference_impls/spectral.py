@@ -67,7 +67,11 @@ class FourierFTLinear(nn.Module):
         if not 0 < n <= d_out * d_in:
             raise ValueError(f"FourierFT trains 1..{d_out * d_in} coefficients of this layer, got n = {n}")
         self.base, self.alpha = base, alpha
-        self.register_buffer("positions", spectral_positions(d_out, d_in, n, seed))
+        if base.weight.is_meta:  # counting parameters only: no need to draw the positions
+            positions = torch.empty(2, n, dtype=torch.long, device="meta")
+        else:
+            positions = spectral_positions(d_out, d_in, n, seed)
+        self.register_buffer("positions", positions)
         self.c = nn.Parameter(torch.zeros(n, device=base.weight.device, dtype=base.weight.dtype))
         self.merged = False
 

@@ -32,6 +32,10 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["BOFT"] == L * 2 * (2 * (d // 8) * (8 * 7 // 2) + d)  # m · n · b(b−1)/2, plus the scale s
     assert counts["HRA"] == L * 2 * 8 * d  # r vectors of d_in
     assert counts["RoAd"] == L * 2 * d  # RoAd₁: an angle and a scale per pair of outputs
+    norms = 2 * L + 1  # two per block and the embeddings' (BERT) or the final one (Llama)
+    assert counts["LN tuning"] == norms * (2 * d if layout.add_norm else d)  # γ, β (LayerNorm) or γ (RMSNorm)
+    assert counts["BEFT"] == L * d  # a bias per value projection
+    assert counts["SHiRA"] == counts["LoRA"]  # r (d_in + d_out) entries
     assert counts["FourierFT"] == L * 2 * 1000  # n coefficients per layer
     assert counts["C3A"] == L * 2 * d * d // 256  # d_out · d_in / b
     assert counts["FRoD"] == L * 2 * (d + int(d * d * 0.01))  # λ (d_in) and ⌊ρ d_in²⌋ rotational degrees

@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import (
     AdaLoraConfig,
+    BeftConfig,
     BOFTConfig,
     C3AConfig,
     DeftConfig,
@@ -16,6 +17,7 @@ from peft import (
     HiraConfig,
     HRAConfig,
     IA3Config,
+    LNTuningConfig,
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
@@ -24,6 +26,8 @@ from peft import (
     PromptEncoderConfig,
     PsoftConfig,
     RoadConfig,
+    ShiraConfig,
+    TrainableTokensConfig,
     VeraConfig,
     get_peft_model,
 )
@@ -177,6 +181,11 @@ CASES = {
         ),
     ),
     "c3a": (tiny_llama, C3AConfig(block_size=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "ln_tuning": (tiny_llama, LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])),
+    "ln_tuning_gpt2_layernorm": (tiny_gpt2, LNTuningConfig(target_modules=["ln_1", "ln_f"])),
+    "beft_creates_value_biases": (tiny_llama, BeftConfig()),
+    "shira": (tiny_llama, ShiraConfig(r=2, random_seed=3, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "trainable_tokens": (tiny_llama, TrainableTokensConfig(token_indices=[3, 5, 96])),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
