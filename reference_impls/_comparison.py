@@ -29,6 +29,7 @@ from reference_impls import (
     road,
     routing,
     selective,
+    shared_bases,
     sparse,
     spectral,
     subspace,
@@ -196,6 +197,16 @@ def _shira(model, layout):
     return model
 
 
+def _pvera(model, layout):
+    shared_bases.inject_pvera(model, [layout.attention[0], layout.attention[2]], r=256)
+    return model
+
+
+def _vblora(model, layout):
+    shared_bases.inject_vblora(model, [layout.attention[0], layout.attention[2]], r=4, n=256, length=256, k=2)
+    return model
+
+
 def _delora(model, layout):
     delora.inject_delora(model, [layout.attention[0], layout.attention[2]], r=8, lambda_=15.0)
     return model
@@ -299,6 +310,24 @@ METHODS = (
         "LoRA (use_dora)",
     ),
     Method("VeRA", "lora", "r = 256 on the query and value projections (shared A, B)", _vera, True, False, "VeRA"),
+    Method(
+        "PVeRA",
+        "shared_bases",
+        "r = 256 on the query and value projections (shared A, B)",
+        _pvera,
+        True,
+        False,
+        "PVERA",
+    ),
+    Method(
+        "VB-LoRA",
+        "shared_bases",
+        "r = 4, a bank of 256 vectors of 256, top-2, on the query and value projections",
+        _vblora,
+        True,
+        False,
+        "VBLORA",
+    ),
     Method("AdaLoRA", "lora", "initial r = 12 on the attention projections", _adalora, True, False, "AdaLoRA"),
     Method("DeLoRA", "delora", "r = 8, λ = 15 on the query and value projections", _delora, True, False, "DELORA"),
     Method(

@@ -16,12 +16,13 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, C3A,
-LN tuning, BEFT, SHiRA and trainable tokens, which are injected into the model in place; and
-prompt tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix
-tuning return a wrapper around the model (they change its inputs), so always use the returned
-module. The training-time dropouts of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT and FRoD are
-loaded too: in training mode, with the same seed, the loaded model draws the same masks as PEFT's
-(LoRA's `lora_dropout` is not, yet: its loaded layers never drop).
+LN tuning, BEFT, SHiRA, trainable tokens, PVeRA and VB-LoRA (also its top-k form), which are
+injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
+prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change
+its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr, HiRA,
+DeLoRA, BOFT, PSOFT, DEFT, FRoD and PVeRA is loaded too: in training mode, with the same seed, the
+loaded model draws the same masks and samples as PEFT's (LoRA's `lora_dropout` is not, yet: its
+loaded layers never drop).
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -61,9 +62,11 @@ from reference_impls.interop_layers import (
     oft_layer,
     osf_layer,
     psoft_layer,
+    pvera_layer,
     road_layer,
     shira_layer,
     trainable_tokens_layer,
+    vblora_layer,
     vera_layer,
 )
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear
@@ -81,7 +84,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft c3a ln_tuning beft shira "
-    "trainable"
+    "trainable pvera vblora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z_]+)??)(?:\.weight)?"
@@ -193,6 +196,15 @@ HANDLED = {
     "block_size_pattern",
     "mask_type",
     "token_indices",
+    "sample_at_inference",
+    "pvera_dropout",
+    "topk",
+    "num_vectors",
+    "vector_length",
+    "init_logits_std",
+    "init_vector_bank_bound",
+    "save_only_topk_weights",
+    "vblora_dropout",
     "adapter_layers",
 }
 
@@ -224,6 +236,8 @@ SUPPORTED_TYPES = (
     "BEFT",
     "SHIRA",
     "TRAINABLE_TOKENS",
+    "PVERA",
+    "VBLORA",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -254,7 +268,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         planned = _plan(prompts, lambda path, found: adaption_prompt_layer(model, path, found["key"], tensors))
     else:
         # Tensors saved once for the whole model (VeRA's projections, FRoD's bases), not per module.
-        shared_keys = [k for k in tensors if k.startswith(("base_model.vera_", "base_model.frod_"))]
+        shared_prefixes = ("base_model.vera_", "base_model.frod_", "base_model.pvera_", "base_model.vblora_")
+        shared_keys = [k for k in tensors if k.startswith(shared_prefixes)]
         shared = {key: tensors.pop(key) for key in shared_keys}
         by_module: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
@@ -267,6 +282,10 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             build = vera_layer(config, shared, first=next(iter(by_module), None))
         elif peft_type == "FROD":
             build = frod_layer(shared)
+        elif peft_type == "PVERA":
+            build = pvera_layer(config, shared)
+        elif peft_type == "VBLORA":
+            build = vblora_layer(config, shared)
         else:
             build = {
                 "LORA": lora_layer,
@@ -292,6 +311,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             }[peft_type]
         planned = _plan(by_module, lambda path, found: build(model, config, path, found))
     for path, layer in planned.items():  # only now, with every layer built, is the model changed
+        layer.train(model.get_submodule(path).training)  # a new module is in training mode: take the model's
         replace_module(model, path, layer)
     for parameter in model.parameters():
         parameter.requires_grad_(False)

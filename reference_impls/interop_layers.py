@@ -21,6 +21,7 @@ from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
 from reference_impls.selective import BiasTunedLinear, SHiRALinear, TrainableTokens, TunedNorm, is_norm, tied_to
+from reference_impls.shared_bases import PVeRALinear, PVeRAShared, VBLoRALinear, VectorBank
 from reference_impls.spectral import C3ALinear, FourierFTLinear
 from reference_impls.subspace import DEFTLinear, OSFLinear, PSOFTLinear
 
@@ -368,6 +369,62 @@ def trainable_tokens_layer(model, config, path, found):
         )
     layer = TrainableTokens(embedding, list(config["token_indices"]))
     return fill(layer, {"rows": found["trainable_tokens_delta"]})
+
+
+def pvera_layer(config, shared):
+    """PVeRA's frozen A and B are saved once for the model (`base_model.pvera_A`, `base_model.pvera_B`)."""
+    if "base_model.pvera_A" not in shared:
+        raise UnsupportedAdapter("PVeRA adapter saved with save_projection=False: the projections are not in the file")
+    A, B = shared["base_model.pvera_A"], shared["base_model.pvera_B"]
+    projections = PVeRAShared(B.shape[1], A.shape[1], B.shape[0])
+    with torch.no_grad():
+        projections.A.copy_(A), projections.B.copy_(B)
+
+    def build(model, config, path, found):
+        base = base_linear(model, path, config.get("fan_in_fan_out", False))
+        options = {
+            "dropout": config.get("pvera_dropout", 0.0),
+            "sample_at_inference": config.get("sample_at_inference"),
+        }
+        layer = PVeRALinear(base, projections, **options)
+        return fill(layer, {"lambda_d": found["pvera_lambda_d"], "lambda_b": found["pvera_lambda_b"]})
+
+    return build
+
+
+def topk_logits(indices: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """Logits whose top-k softmax gives the saved mixture: log w at the k indices, −∞ elsewhere.
+    PEFT saves k − 1 weights per piece; the last is what makes them sum to 1."""
+    weights = torch.cat([weights, 1 - weights.sum(-1, keepdim=True)], dim=-1)
+    logits = torch.full((*indices.shape[:-1], n), float("-inf"))
+    return logits.scatter(-1, indices.long(), weights.log())
+
+
+def vblora_layer(config, shared):
+    """VB-LoRA's bank is saved once for the model (`base_model.vblora_vector_bank`)."""
+    vectors = shared["base_model.vblora_vector_bank"]
+    bank = VectorBank(*vectors.shape)
+    with torch.no_grad():
+        bank.vectors.copy_(vectors)
+
+    def build(model, config, path, found):
+        base = base_linear(model, path, config.get("fan_in_fan_out", False))
+        layer = VBLoRALinear(base, bank, r=config["r"], k=config["topk"])
+        if "vblora_logits_A" in found:
+            return fill(layer, {"logits_A": found["vblora_logits_A"], "logits_B": found["vblora_logits_B"]})
+        # save_only_topk_weights: the k chosen indices and k − 1 weights per piece
+        n = vectors.shape[0]
+        return fill(
+            layer,
+            {
+                f"logits_{side}": topk_logits(
+                    found[f"vblora_logits_{side}_topk_indices"], found[f"vblora_logits_{side}_topk_weights"], n
+                )
+                for side in "AB"
+            },
+        )
+
+    return build
 
 
 def adaption_prompt_layer(model, path, key, tensors):

@@ -25,9 +25,11 @@ from peft import (
     OSFConfig,
     PromptEncoderConfig,
     PsoftConfig,
+    PveraConfig,
     RoadConfig,
     ShiraConfig,
     TrainableTokensConfig,
+    VBLoRAConfig,
     VeraConfig,
     get_peft_model,
 )
@@ -186,6 +188,15 @@ CASES = {
     "beft_creates_value_biases": (tiny_llama, BeftConfig()),
     "shira": (tiny_llama, ShiraConfig(r=2, random_seed=3, target_modules=["q_proj", "v_proj", "down_proj"])),
     "trainable_tokens": (tiny_llama, TrainableTokensConfig(token_indices=[3, 5, 96])),
+    "pvera": (tiny_llama, PveraConfig(r=4, target_modules=["q_proj", "down_proj"], projection_prng_key=3)),
+    "vblora": (
+        tiny_llama,
+        VBLoRAConfig(r=2, num_vectors=12, vector_length=4, topk=3, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    "vblora_only_topk_saved": (
+        tiny_llama,
+        VBLoRAConfig(r=2, num_vectors=10, vector_length=4, save_only_topk_weights=True, target_modules=["q_proj"]),
+    ),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
@@ -247,8 +258,20 @@ TRAINING_CASES = {
     ),
     "psoft_dropout": (tiny_llama, PsoftConfig(r=4, psoft_dropout=0.3, target_modules=["q_proj", "v_proj"])),
     "deft_dropout": (tiny_llama, DeftConfig(r=4, deft_dropout=0.3, target_modules=["q_proj", "v_proj"])),
+    "pvera_sampling": (tiny_llama, PveraConfig(r=4, pvera_dropout=0.2, target_modules=["q_proj", "v_proj"])),
     "frod_dropout": (tiny_llama, FrodConfig(sparse_rate=0.05, frod_dropout=0.3, target_modules=["q_proj", "v_proj"])),
 }
+
+
+def test_loaded_layers_take_the_model_s_mode(tmp_path):
+    """A model in evaluation gets its new layers in evaluation too: no dropout, no sampling."""
+    make_model, config = TRAINING_CASES["hira_dropout"]
+    peft_model, fresh = save_with_nonzero_weights(make_model, config, tmp_path)
+    ours = load_peft_adapter(fresh.eval(), tmp_path)
+    assert not any(module.training for module in ours.modules())
+    input_ids = torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(ours(input_ids=input_ids).logits, ours(input_ids=input_ids).logits)
 
 
 @pytest.mark.parametrize("case", list(TRAINING_CASES))
