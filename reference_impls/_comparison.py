@@ -207,6 +207,11 @@ def _vblora(model, layout):
     return model
 
 
+def _randlora(model, layout):
+    shared_bases.inject_randlora(model, [layout.attention[0], layout.attention[2]], r=32, alpha=640.0)
+    return model
+
+
 def _delora(model, layout):
     delora.inject_delora(model, [layout.attention[0], layout.attention[2]], r=8, lambda_=15.0)
     return model
@@ -327,6 +332,15 @@ METHODS = (
         True,
         False,
         "VBLORA",
+    ),
+    Method(
+        "RandLoRA",
+        "shared_bases",
+        "r = 32 (d/32 random bases), α = 640 on the query and value projections",
+        _randlora,
+        True,
+        False,
+        "RANDLORA",
     ),
     Method("AdaLoRA", "lora", "initial r = 12 on the attention projections", _adalora, True, False, "AdaLoRA"),
     Method("DeLoRA", "delora", "r = 8, λ = 15 on the query and value projections", _delora, True, False, "DELORA"),

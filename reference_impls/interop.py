@@ -16,8 +16,8 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, C3A,
-LN tuning, BEFT, SHiRA, trainable tokens, PVeRA and VB-LoRA (also its top-k form), which are
-injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
+LN tuning, BEFT, SHiRA, trainable tokens, PVeRA, VB-LoRA (also its top-k form) and RandLoRA,
+which are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
 prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change
 its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr, HiRA,
 DeLoRA, BOFT, PSOFT, DEFT, FRoD and PVeRA is loaded too: in training mode, with the same seed, the
@@ -63,6 +63,7 @@ from reference_impls.interop_layers import (
     osf_layer,
     psoft_layer,
     pvera_layer,
+    randlora_layer,
     road_layer,
     shira_layer,
     trainable_tokens_layer,
@@ -84,7 +85,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft c3a ln_tuning beft shira "
-    "trainable pvera vblora"
+    "trainable pvera vblora randlora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z_]+)??)(?:\.weight)?"
@@ -205,6 +206,10 @@ HANDLED = {
     "init_vector_bank_bound",
     "save_only_topk_weights",
     "vblora_dropout",
+    "randlora_alpha",
+    "randlora_dropout",
+    "sparse",
+    "very_sparse",
     "adapter_layers",
 }
 
@@ -238,6 +243,7 @@ SUPPORTED_TYPES = (
     "TRAINABLE_TOKENS",
     "PVERA",
     "VBLORA",
+    "RANDLORA",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -269,6 +275,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     else:
         # Tensors saved once for the whole model (VeRA's projections, FRoD's bases), not per module.
         shared_prefixes = ("base_model.vera_", "base_model.frod_", "base_model.pvera_", "base_model.vblora_")
+        shared_prefixes += ("base_model.randlora_",)  # saved with every layer too: the layers' copies are used
         shared_keys = [k for k in tensors if k.startswith(shared_prefixes)]
         shared = {key: tensors.pop(key) for key in shared_keys}
         by_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -308,6 +315,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "BEFT": beft_layer,
                 "SHIRA": shira_layer,
                 "TRAINABLE_TOKENS": trainable_tokens_layer,
+                "RANDLORA": randlora_layer,
             }[peft_type]
         planned = _plan(by_module, lambda path, found: build(model, config, path, found))
     for path, layer in planned.items():  # only now, with every layer built, is the model changed

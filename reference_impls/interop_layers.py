@@ -21,7 +21,14 @@ from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
 from reference_impls.selective import BiasTunedLinear, SHiRALinear, TrainableTokens, TunedNorm, is_norm, tied_to
-from reference_impls.shared_bases import PVeRALinear, PVeRAShared, VBLoRALinear, VectorBank
+from reference_impls.shared_bases import (
+    PVeRALinear,
+    PVeRAShared,
+    RandLoRABases,
+    RandLoRALinear,
+    VBLoRALinear,
+    VectorBank,
+)
 from reference_impls.spectral import C3ALinear, FourierFTLinear
 from reference_impls.subspace import DEFTLinear, OSFLinear, PSOFTLinear
 
@@ -425,6 +432,22 @@ def vblora_layer(config, shared):
         )
 
     return build
+
+
+def randlora_layer(model, config, path, found):
+    # PEFT saves the shared bases with every layer: A (r × 1 × d_min) and B (d_max × n × r). It pairs
+    # the layer's columns of B, flattened basis-major, with its rows of scaled A, flattened rank-major;
+    # this layer's own copy of B is renumbered so that Bⱼ's column i meets λⱼᵢ as in the paper.
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    lambda_, gamma = found["randlora_lambda"].T, found["randlora_gamma"]  # PEFT keeps λ as (r × n)
+    n, d_min = gamma.shape
+    r, d_max = lambda_.shape[1], max(base.in_features, base.out_features)
+    flat = found["randlora_B"][:d_max, :n].flatten(1)  # (d_max, n r): column j r + i is PEFT's
+    bases = RandLoRABases(r, d_min, d_max)
+    bases.A = found["randlora_A"][:, 0, :d_min].clone()
+    bases.B = flat.reshape(d_max, r, n).permute(2, 0, 1).contiguous()  # Bⱼ[:, i] = column i n + j
+    layer = RandLoRALinear(base, bases, alpha=config["randlora_alpha"], dropout=config.get("randlora_dropout", 0.0))
+    return fill(layer, {"lambda_": lambda_, "gamma": gamma})
 
 
 def adaption_prompt_layer(model, path, key, tensors):

@@ -24,8 +24,21 @@ with logits ℓ ∈ ℝ^N per piece: A ∈ ℝ^{r×d_in} is r × d_in/L pieces, 
 (each piece a column segment of B). Trained: the bank (N L numbers for the whole model) and the
 logits; stored: the bank and, per piece, k indices and k − 1 weights (`save_only_topk_weights`).
 
-Both equal PEFT 0.21 (`pvera`, `vblora`); `reference_impls.interop` loads their checkpoints (VB-LoRA
-also in its top-k form).
+**RandLoRA.** Albert, Zhang, Saratchandran, et al. "RandLoRA: Full rank parameter-efficient
+fine-tuning of large models." ICLR 2025. arXiv:2502.00987. Enough frozen random rank-r bases to span
+the full rank, n = ⌈d_min / r⌉ of them, each scaled by trained diagonals (d_min, d_max: the smaller
+and larger of d_in, d_out):
+
+    ΔW = s Σⱼ Bⱼ diag(λⱼ) A diag(γⱼ)        (j = 1…n),   s = α / r
+
+with one shared A ∈ ℝ^{r×d_min} and Bⱼ ∈ ℝ^{d_max×r} random (Kaiming-uniform, scaled to unit
+standard deviation; or ternary with `sparse`), λⱼ ∈ ℝ^r (start 0) and γⱼ ∈ ℝ^{d_min} trained; ΔW is
+transposed where d_in > d_out, so that A always acts on the smaller side. Parameters: n (r + d_min)
+per layer, about d_min + d_min²/r. PEFT pairs the bases' columns in another (flattened) order; both
+are random, so the loader only renumbers the saved Bⱼ columns.
+
+All three equal PEFT 0.21 (`pvera`, `vblora`, `randlora`); `reference_impls.interop` loads their
+checkpoints (VB-LoRA also in its top-k form).
 """
 
 import math
@@ -50,7 +63,7 @@ from reference_impls.lora import LoRALinear
 
 FAMILY = "Low-rank updates"
 
-IMPLEMENTS = ("pvera", "vb-lora")
+IMPLEMENTS = ("pvera", "vb-lora", "randlora")
 
 # The frameworks that provide these methods.
 COVERED_BY = ("hf-peft",)
@@ -199,7 +212,87 @@ def inject_vblora(
     return targets
 
 
-SHARED_BASIS_LAYERS = (PVeRALinear, VBLoRALinear)
+# ---- RandLoRA ---------------------------------------------------------------------------------
+
+
+class RandLoRABases(nn.Module):
+    """The frozen shared bases: A (r × d_min) and n of B (d_max × r), stacked as (n × d_max × r)."""
+
+    def __init__(self, r: int, d_min: int, d_max: int, seed: int = 0, sparse: bool = False):
+        super().__init__()
+        n = math.ceil(d_min / r)
+        generator = torch.Generator().manual_seed(seed)
+        if sparse:  # ternary entries, −1 and +1 each with probability 1/6 (the paper's sparse bases)
+            draw = lambda shape: torch.rand(shape, generator=generator)  # noqa: E731
+            ternary = lambda u: (u > 5 / 6).float() - (u < 1 / 6).float()  # noqa: E731
+            A, B = ternary(draw((r, d_min))), ternary(draw((n, d_max, r)))
+        else:
+            A = kaiming_uniform((r, d_min), generator)
+            B = torch.stack([kaiming_uniform((d_max, r), generator) for _ in range(n)])
+        self.register_buffer("A", A / A.std())
+        self.register_buffer("B", B / B.std())
+
+
+class RandLoRALinear(nn.Module):
+    """A frozen nn.Linear plus s Σⱼ Bⱼ diag(λⱼ) A diag(γⱼ) (transposed where d_in > d_out)."""
+
+    def __init__(self, base: nn.Linear, bases: RandLoRABases, alpha: float = 640.0, dropout: float = 0.0):
+        super().__init__()
+        d_in, d_out = base.in_features, base.out_features
+        self.base, self.bases, self.transposed = base, bases, d_in > d_out
+        self.d_min, self.d_max = min(d_in, d_out), max(d_in, d_out)
+        r = bases.A.shape[0]
+        self.n = math.ceil(self.d_min / r)
+        if bases.A.shape[1] < self.d_min or bases.B.shape[0] < self.n or bases.B.shape[1] < self.d_max:
+            raise ValueError(f"RandLoRA bases {tuple(bases.B.shape)} are too small for a {d_out} × {d_in} layer")
+        self.scale = alpha / r
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lambda_ = nn.Parameter(torch.zeros(self.n, r, **factory))
+        self.gamma = nn.Parameter(torch.full((self.n, self.d_min), 1 / max(self.n, self.d_min), **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d_max × n r) and (n r × d_min): the stacked Bⱼ and the scaled copies diag(λⱼ) A diag(γⱼ)."""
+        A = self.bases.A[:, : self.d_min].to(self.lambda_.dtype)
+        B = self.bases.B[: self.n, : self.d_max].to(self.lambda_.dtype)
+        scaled_A = self.lambda_[:, :, None] * A[None] * self.gamma[:, None, :]  # (n, r, d_min)
+        return B.permute(1, 0, 2).flatten(1), scaled_A.flatten(0, 1)
+
+    def delta_weight(self) -> torch.Tensor:
+        B, A = self.factors()
+        delta = self.scale * (B @ A)  # d_max × d_min
+        return delta.T if self.transposed else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        if self.merged:
+            return h
+        B, A = self.factors()
+        x = self.dropout(x).to(A.dtype)
+        # Thin products either way round: A (or Bᵀ) acts first, on the smaller width where it can.
+        update = F.linear(F.linear(x, B.T), A.T) if self.transposed else F.linear(F.linear(x, A), B)
+        return h + (self.scale * update).to(h.dtype)
+
+    merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
+
+
+def inject_randlora(
+    model: nn.Module, target_names: list[str], r: int = 32, alpha: float = 640.0, seed: int = 0, sparse: bool = False
+) -> list[str]:
+    """RandLoRA on the named layers: one set of bases for the model, sized for the widest layers."""
+    targets = find_targets(model, target_names)
+    layers = [model.get_submodule(name) for name in targets]
+    d_min = max(min(layer.in_features, layer.out_features) for layer in layers)
+    d_max = max(max(layer.in_features, layer.out_features) for layer in layers)
+    bases = RandLoRABases(r, d_min, d_max, seed, sparse)
+    for name, base in zip(targets, layers):
+        replace_module(model, name, RandLoRALinear(base, bases, alpha))
+    freeze_all_but(model, RandLoRALinear, ("lambda_", "gamma"))
+    return targets
+
+
+SHARED_BASIS_LAYERS = (PVeRALinear, VBLoRALinear, RandLoRALinear)
 
 
 def merge_shared(model: nn.Module) -> None:
@@ -211,7 +304,7 @@ def unmerge_shared(model: nn.Module) -> None:
 
 
 def demo() -> None:
-    """PVeRA (sampled in training, its mean in evaluation) and VB-LoRA on the toy task."""
+    """PVeRA (sampled in training, its mean in evaluation), VB-LoRA and RandLoRA on the toy task."""
     x, y = toy_task()
     model = toy_model()
     inject_pvera(model, ["0", "2", "4"], r=256, d_initial=0.5)
@@ -230,6 +323,15 @@ def demo() -> None:
     report("vb-lora (r = 4, a bank of 64 × 16) on 3 layers", model, before, after)
     trainable, _ = count_parameters(model)
     print(f"  the bank is {64 * 16} of the {trainable:,} trained numbers; stored per piece: 2 indices, 1 weight")
+    report_merge(model, x, merge_shared)
+
+    model = toy_model()
+    inject_randlora(model, ["0", "2", "4"], r=8, alpha=16.0)
+    before, after = train(model, x, y, lr=1e-2)
+    report("randlora (r = 8, 8 bases a layer) on 3 layers", model, before, after)
+    with torch.no_grad():
+        rank = torch.linalg.matrix_rank(model[0].delta_weight()).item()
+    print(f"  rank of the first layer's update: {rank} of 64")
     report_merge(model, x, merge_shared)
 
 

@@ -26,6 +26,7 @@ from peft import (
     PromptEncoderConfig,
     PsoftConfig,
     PveraConfig,
+    RandLoraConfig,
     RoadConfig,
     ShiraConfig,
     TrainableTokensConfig,
@@ -197,6 +198,9 @@ CASES = {
         tiny_llama,
         VBLoRAConfig(r=2, num_vectors=10, vector_length=4, save_only_topk_weights=True, target_modules=["q_proj"]),
     ),
+    # q_proj 32 → 32 (4 bases), k_proj 32 → 16 (d_in > d_out: transposed, 2 bases), down_proj 44 → 32.
+    "randlora": (tiny_llama, RandLoraConfig(r=8, randlora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"])),
+    "randlora_sparse": (tiny_llama, RandLoraConfig(r=6, sparse=True, target_modules=["v_proj", "up_proj"])),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
@@ -259,6 +263,7 @@ TRAINING_CASES = {
     "psoft_dropout": (tiny_llama, PsoftConfig(r=4, psoft_dropout=0.3, target_modules=["q_proj", "v_proj"])),
     "deft_dropout": (tiny_llama, DeftConfig(r=4, deft_dropout=0.3, target_modules=["q_proj", "v_proj"])),
     "pvera_sampling": (tiny_llama, PveraConfig(r=4, pvera_dropout=0.2, target_modules=["q_proj", "v_proj"])),
+    "randlora_dropout": (tiny_llama, RandLoraConfig(r=8, randlora_dropout=0.3, target_modules=["q_proj"])),
     "frod_dropout": (tiny_llama, FrodConfig(sparse_rate=0.05, frod_dropout=0.3, target_modules=["q_proj", "v_proj"])),
 }
 

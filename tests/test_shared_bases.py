@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from peft import PveraConfig, VBLoRAConfig, get_peft_model
+from peft import PveraConfig, RandLoraConfig, VBLoRAConfig, get_peft_model
 from test_lora import Tiny
 from torch import nn
 
@@ -13,8 +13,10 @@ from reference_impls._plumbing import count_parameters
 from reference_impls.interop import load_peft_adapter
 from reference_impls.shared_bases import (
     PVeRALinear,
+    RandLoRALinear,
     VBLoRALinear,
     inject_pvera,
+    inject_randlora,
     inject_vblora,
     merge_shared,
     unmerge_shared,
@@ -30,7 +32,7 @@ def tiny():
 def randomise(model):
     with torch.no_grad():
         for layer in model.modules():
-            if isinstance(layer, (PVeRALinear, VBLoRALinear)):
+            if isinstance(layer, (PVeRALinear, VBLoRALinear, RandLoRALinear)):
                 for parameter in layer.parameters(recurse=False):
                     parameter.normal_(0, 0.5)
 
@@ -94,13 +96,19 @@ def test_vblora_pieces_are_top_k_mixtures_of_the_bank():
     torch.testing.assert_close(B[20:24, 1], (top.values.softmax(0)[:, None] * bank[top.indices]).sum(0))
 
 
-@pytest.mark.parametrize("method", ["pvera", "vblora"])
-def test_gradients_reach_only_the_trained_tensors(method):
-    model = tiny()
+def inject(model, method):
     if method == "pvera":
         inject_pvera(model, ["up", "down"], r=6)
-    else:
+    elif method == "vblora":
         inject_vblora(model, ["up", "down"], r=2, n=16, length=4)
+    else:
+        inject_randlora(model, ["up", "down"], r=5, alpha=10.0)
+
+
+@pytest.mark.parametrize("method", ["pvera", "vblora", "randlora"])
+def test_gradients_reach_only_the_trained_tensors(method):
+    model = tiny()
+    inject(model, method)
     randomise(model)
     model.eval()(torch.randn(3, 12)).pow(2).sum().backward()
     trained = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
@@ -108,20 +116,35 @@ def test_gradients_reach_only_the_trained_tensors(method):
     assert trained == expected
 
 
-@pytest.mark.parametrize("method", ["pvera", "vblora"])
+@pytest.mark.parametrize("method", ["pvera", "vblora", "randlora"])
 def test_merge_unmerge_round_trip(method):
     model = tiny()
-    if method == "pvera":
-        inject_pvera(model, ["up", "down"], r=6)
-    else:
-        inject_vblora(model, ["up", "down"], r=2, n=16, length=4)
+    inject(model, method)
     randomise(model)
     assert_merge_round_trip(model.eval(), merge_shared, unmerge_shared, torch.randn(4, 12))
+
+
+def test_randlora_is_a_sum_of_scaled_random_bases_of_full_rank():
+    torch.manual_seed(5)
+    model = tiny()
+    inject_randlora(model, ["up", "down"], r=5, alpha=10.0)
+    randomise(model)
+    up, down = model.up, model.down  # up: 12 → 36 (d_min = d_in), down: 36 → 8 (transposed)
+    assert (up.n, down.n) == (3, 2) and not up.transposed and down.transposed
+    assert count_parameters(model)[0] == 3 * (5 + 12) + 2 * (5 + 8)  # n (r + d_min) per layer
+    for layer, d_min, d_max in ((up, 12, 36), (down, 8, 36)):
+        A, B = layer.bases.A[:, :d_min], layer.bases.B[:, :d_max]
+        expected = sum(B[j] @ torch.diag(layer.lambda_[j]) @ A @ torch.diag(layer.gamma[j]) for j in range(layer.n))
+        expected = 2.0 * (expected.T if layer.transposed else expected)
+        torch.testing.assert_close(layer.delta_weight(), expected)
+        assert torch.linalg.matrix_rank(layer.delta_weight().detach()) == d_min  # full rank from few numbers
+    assert up.bases is down.bases
 
 
 CONFIGS = {
     "pvera": PveraConfig(r=4, target_modules=["up", "down"]),
     "vblora": VBLoRAConfig(r=2, num_vectors=16, vector_length=4, target_modules=["up", "down"]),
+    "randlora": RandLoraConfig(r=5, randlora_alpha=10, target_modules=["up", "down"]),
 }
 
 
@@ -148,7 +171,7 @@ def test_equals_peft_in_both_dtypes(case, dtype, tolerance, tmp_path):
 
 def test_demo_learns():
     losses = demo_losses(run_demo("reference_impls.shared_bases"))
-    assert len(losses) == 2 and all(after < 0.6 * before for before, after in losses)
+    assert len(losses) == 3 and all(after < 0.6 * before for before, after in losses)
 
 
 def test_a_bank_vector_length_that_does_not_divide_is_named():
