@@ -24,6 +24,7 @@ from reference_impls import (
     orthogonal,
     phm,
     products,
+    projections,
     prompts,
     reft,
     road,
@@ -212,6 +213,11 @@ def _randlora(model, layout):
     return model
 
 
+def _unilora(model, layout):
+    projections.inject_unilora(model, [layout.attention[0], layout.attention[2]], r=4, d=256)
+    return model
+
+
 def _delora(model, layout):
     delora.inject_delora(model, [layout.attention[0], layout.attention[2]], r=8, lambda_=15.0)
     return model
@@ -341,6 +347,15 @@ METHODS = (
         True,
         False,
         "RANDLORA",
+    ),
+    Method(
+        "Uni-LoRA",
+        "projections",
+        "one θ_d of 256 for rank-4 LoRA on the query and value projections",
+        _unilora,
+        True,
+        False,
+        "UNILORA",
     ),
     Method("AdaLoRA", "lora", "initial r = 12 on the attention projections", _adalora, True, False, "AdaLoRA"),
     Method("DeLoRA", "delora", "r = 8, λ = 15 on the query and value projections", _delora, True, False, "DELORA"),

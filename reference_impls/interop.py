@@ -16,8 +16,8 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, C3A,
-LN tuning, BEFT, SHiRA, trainable tokens, PVeRA, VB-LoRA (also its top-k form) and RandLoRA,
-which are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
+LN tuning, BEFT, SHiRA, trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA and
+Uni-LoRA, which are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
 prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change
 its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr, HiRA,
 DeLoRA, BOFT, PSOFT, DEFT, FRoD and PVeRA is loaded too: in training mode, with the same seed, the
@@ -67,6 +67,7 @@ from reference_impls.interop_layers import (
     road_layer,
     shira_layer,
     trainable_tokens_layer,
+    unilora_layers,
     vblora_layer,
     vera_layer,
 )
@@ -85,7 +86,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft c3a ln_tuning beft shira "
-    "trainable pvera vblora randlora"
+    "trainable pvera vblora randlora unilora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z_]+)??)(?:\.weight)?"
@@ -210,6 +211,11 @@ HANDLED = {
     "randlora_dropout",
     "sparse",
     "very_sparse",
+    "theta_d_length",
+    "proj_seed",
+    "init_theta_d_bound",
+    "save_indices",
+    "unilora_dropout",
     "adapter_layers",
 }
 
@@ -244,6 +250,7 @@ SUPPORTED_TYPES = (
     "PVERA",
     "VBLORA",
     "RANDLORA",
+    "UNILORA",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -273,9 +280,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         }
         planned = _plan(prompts, lambda path, found: adaption_prompt_layer(model, path, found["key"], tensors))
     else:
-        # Tensors saved once for the whole model (VeRA's projections, FRoD's bases), not per module.
-        shared_prefixes = ("base_model.vera_", "base_model.frod_", "base_model.pvera_", "base_model.vblora_")
-        shared_prefixes += ("base_model.randlora_",)  # saved with every layer too: the layers' copies are used
+        # Tensors saved once for the whole model (VeRA's projections, FRoD's bases, Uni-LoRA's θ_d), not per
+        # module; RandLoRA's bases are saved with every layer too, and the layers' copies are the ones used.
+        shared_prefixes = tuple(f"base_model.{m}_" for m in ("vera", "frod", "pvera", "vblora", "randlora", "unilora"))
         shared_keys = [k for k in tensors if k.startswith(shared_prefixes)]
         shared = {key: tensors.pop(key) for key in shared_keys}
         by_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -293,6 +300,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             build = pvera_layer(config, shared)
         elif peft_type == "VBLORA":
             build = vblora_layer(config, shared)
+        elif peft_type == "UNILORA":
+            build = None  # all layers at once, below
         else:
             build = {
                 "LORA": lora_layer,
@@ -317,7 +326,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "TRAINABLE_TOKENS": trainable_tokens_layer,
                 "RANDLORA": randlora_layer,
             }[peft_type]
-        planned = _plan(by_module, lambda path, found: build(model, config, path, found))
+        if peft_type == "UNILORA":  # one θ_d for all layers, whose indices may not be in the file
+            planned = _plan({"every adapted layer": None}, lambda *_: unilora_layers(model, config, shared, by_module))
+            planned = planned["every adapted layer"]
+        else:
+            planned = _plan(by_module, lambda path, found: build(model, config, path, found))
     for path, layer in planned.items():  # only now, with every layer built, is the model changed
         layer.train(model.get_submodule(path).training)  # a new module is in training mode: take the model's
         replace_module(model, path, layer)

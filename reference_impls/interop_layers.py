@@ -18,6 +18,7 @@ from reference_impls.ia3 import IA3Linear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
+from reference_impls.projections import SharedVector, UniLoRALinear, assign
 from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
 from reference_impls.selective import BiasTunedLinear, SHiRALinear, TrainableTokens, TunedNorm, is_norm, tied_to
@@ -448,6 +449,35 @@ def randlora_layer(model, config, path, found):
     bases.B = flat.reshape(d_max, r, n).permute(2, 0, 1).contiguous()  # Bⱼ[:, i] = column i n + j
     layer = RandLoRALinear(base, bases, alpha=config["randlora_alpha"], dropout=config.get("randlora_dropout", 0.0))
     return fill(layer, {"lambda_": lambda_, "gamma": gamma})
+
+
+def targeted_modules(model: nn.Module, targets) -> list[str]:
+    """The paths PEFT's `target_modules` selects, in model order: a string is a regex over the whole
+    path, a list names paths or path endings."""
+    if isinstance(targets, str):
+        return [path for path, _ in model.named_modules() if re.fullmatch(targets, path)]
+    return [path for path, _ in model.named_modules() if any(path == t or path.endswith("." + t) for t in targets)]
+
+
+def unilora_layers(model, config, shared, by_module) -> dict[str, nn.Module]:
+    """Uni-LoRA's θ_d is saved once (`base_model.unilora_theta_d`); each layer's entries of it are saved
+    only with `save_indices`, and otherwise drawn again as PEFT draws them (the same seed, layer order)."""
+    theta = shared["base_model.unilora_theta_d"]
+    vector = SharedVector(theta.shape[0])
+    vector.theta.copy_(theta)
+    paths = list(by_module) or targeted_modules(model, config["target_modules"])
+    layers = {
+        path: UniLoRALinear(base_linear(model, path, config.get("fan_in_fan_out", False)), vector, r=config["r"])
+        for path in paths
+    }
+    if not by_module:
+        assign(list(layers.values()), theta.shape[0], config["proj_seed"])
+        return layers
+    names = {"index_A": "unilora_indices_A", "index_B": "unilora_indices_B"}
+    names |= {"scale_A": "unilora_scales_A", "scale_B": "unilora_scales_B"}
+    for path, layer in layers.items():
+        fill(layer, {ours: by_module[path][theirs] for ours, theirs in names.items()})
+    return layers
 
 
 def adaption_prompt_layer(model, path, key, tensors):

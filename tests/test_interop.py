@@ -30,6 +30,7 @@ from peft import (
     RoadConfig,
     ShiraConfig,
     TrainableTokensConfig,
+    UniLoraConfig,
     VBLoRAConfig,
     VeraConfig,
     get_peft_model,
@@ -201,6 +202,14 @@ CASES = {
     # q_proj 32 → 32 (4 bases), k_proj 32 → 16 (d_in > d_out: transposed, 2 bases), down_proj 44 → 32.
     "randlora": (tiny_llama, RandLoraConfig(r=8, randlora_alpha=16, target_modules=["q_proj", "k_proj", "down_proj"])),
     "randlora_sparse": (tiny_llama, RandLoraConfig(r=6, sparse=True, target_modules=["v_proj", "up_proj"])),
+    "unilora_indices_redrawn": (
+        tiny_llama,
+        UniLoraConfig(r=2, theta_d_length=50, target_modules=["q_proj", "v_proj", "down_proj"], proj_seed=7),
+    ),
+    "unilora_indices_saved": (
+        tiny_llama,
+        UniLoraConfig(r=3, theta_d_length=40, save_indices=True, target_modules=["k_proj", "up_proj"]),
+    ),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
