@@ -33,6 +33,7 @@ from reference_impls import (
     shared_bases,
     sparse,
     spectral,
+    structured,
     subspace,
     unified,
 )
@@ -218,6 +219,14 @@ def _unilora(model, layout):
     return model
 
 
+def _structured(method, **options):
+    def apply(model, layout):
+        structured.inject_structured(model, [layout.attention[0], layout.attention[2]], method, **options)
+        return model
+
+    return apply
+
+
 def _delora(model, layout):
     delora.inject_delora(model, [layout.attention[0], layout.attention[2]], r=8, lambda_=15.0)
     return model
@@ -356,6 +365,24 @@ METHODS = (
         True,
         False,
         "UNILORA",
+    ),
+    Method(
+        "MiSS",
+        "structured",
+        "r = 64 (PEFT's default) on the query and value projections",
+        _structured("miss", r=64),
+        True,
+        False,
+        "MISS",
+    ),
+    Method(
+        "GraLoRA",
+        "structured",
+        "r = 8, a 2 × 2 grid, α = 16 on the query and value projections",
+        _structured("gralora", r=8, alpha=16.0, k=2),
+        True,
+        False,
+        "GRALORA",
     ),
     Method("AdaLoRA", "lora", "initial r = 12 on the attention projections", _adalora, True, False, "AdaLoRA"),
     Method("DeLoRA", "delora", "r = 8, λ = 15 on the query and value projections", _delora, True, False, "DELORA"),

@@ -16,13 +16,14 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, C3A,
-LN tuning, BEFT, SHiRA, trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA and
-Uni-LoRA, which are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
-prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change
-its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr, HiRA,
-DeLoRA, BOFT, PSOFT, DEFT, FRoD and PVeRA is loaded too: in training mode, with the same seed, the
-loaded model draws the same masks and samples as PEFT's (LoRA's `lora_dropout` is not, yet: its
-loaded layers never drop).
+LN tuning, BEFT, SHiRA, trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA,
+Uni-LoRA, MiSS (its three variants) and GraLoRA, which are injected into the model in place; and
+prompt tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix
+tuning return a wrapper around the model (they change its inputs), so always use the returned
+module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA,
+RandLoRA, MiSS and GraLoRA is loaded too: in training mode, with the same seed, the loaded model
+draws the same masks and samples as PEFT's (LoRA's `lora_dropout` is not, yet: its loaded layers
+never drop).
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -52,6 +53,7 @@ from reference_impls.interop_layers import (
     delora_layer,
     fourierft_layer,
     frod_layer,
+    gralora_layer,
     hira_layer,
     hra_layer,
     ia3_layer,
@@ -59,6 +61,7 @@ from reference_impls.interop_layers import (
     loha_layer,
     lokr_layer,
     lora_layer,
+    miss_layer,
     oft_layer,
     osf_layer,
     psoft_layer,
@@ -86,7 +89,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft c3a ln_tuning beft shira "
-    "trainable pvera vblora randlora unilora"
+    "trainable pvera vblora randlora unilora miss gralora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z_]+)??)(?:\.weight)?"
@@ -216,6 +219,11 @@ HANDLED = {
     "init_theta_d_bound",
     "save_indices",
     "unilora_dropout",
+    "mini_r",
+    "miss_dropout",
+    "gralora_k",
+    "hybrid_r",
+    "gralora_dropout",
     "adapter_layers",
 }
 
@@ -251,6 +259,8 @@ SUPPORTED_TYPES = (
     "VBLORA",
     "RANDLORA",
     "UNILORA",
+    "MISS",
+    "GRALORA",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -325,6 +335,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "SHIRA": shira_layer,
                 "TRAINABLE_TOKENS": trainable_tokens_layer,
                 "RANDLORA": randlora_layer,
+                "MISS": miss_layer,
+                "GRALORA": gralora_layer,
             }[peft_type]
         if peft_type == "UNILORA":  # one θ_d for all layers, whose indices may not be in the file
             planned = _plan({"every adapted layer": None}, lambda *_: unilora_layers(model, config, shared, by_module))

@@ -31,6 +31,7 @@ from reference_impls.shared_bases import (
     VectorBank,
 )
 from reference_impls.spectral import C3ALinear, FourierFTLinear
+from reference_impls.structured import GraLoRALinear, MiSSLinear
 from reference_impls.subspace import DEFTLinear, OSFLinear, PSOFTLinear
 
 FAMILY = "Interoperability with PEFT"
@@ -478,6 +479,38 @@ def unilora_layers(model, config, shared, by_module) -> dict[str, nn.Module]:
     for path, layer in layers.items():
         fill(layer, {ours: by_module[path][theirs] for ours, theirs in names.items()})
     return layers
+
+
+def miss_layer(model, config, path, found):
+    # PEFT picks MiSS's variant with init_weights: True (balance), "mini" or "bat".
+    variant = {True: "balance", "mini": "mini", "bat": "bat"}.get(config.get("init_weights", True))
+    if variant is None:
+        raise UnsupportedAdapter(f"MiSS init_weights = {config['init_weights']!r} is not supported")
+    D = found["miss_block"]
+    r = D.shape[-1] if variant == "bat" else D.shape[0]
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    mini_r = config.get("mini_r", 1)
+    layer = MiSSLinear(base, r=r, variant=variant, mini_r=mini_r, dropout=config.get("miss_dropout", 0.0))
+    return fill(layer, {"D": D})
+
+
+def gralora_layer(model, config, path, found):
+    # PEFT stores A as (k, d_in/k, r), row group m of A_n serving block (m, n), and B as (k, r, d_out/k),
+    # column group n of B_m serving block (m, n); ours holds each block's own pair.
+    A, B = found["gralora_A"], found["gralora_B"]
+    k, r = A.shape[0], A.shape[2]
+    hybrid_r = found["gralora_A_general"].shape[0] if "gralora_A_general" in found else 0
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    layer = GraLoRALinear(
+        base, r=r, alpha=config["alpha"], k=k, hybrid_r=hybrid_r, dropout=config.get("gralora_dropout", 0.0)
+    )
+    values = {
+        "A": A.unflatten(2, (k, r // k)).permute(2, 0, 3, 1),  # [n, i, m, s] → [m, n, s, i]
+        "B": B.unflatten(1, (k, r // k)).permute(0, 1, 3, 2),  # [m, n, s, o] → [m, n, o, s]
+    }
+    if hybrid_r:
+        values |= {"A_h": found["gralora_A_general"], "B_h": found["gralora_B_general"]}
+    return fill(layer, values)
 
 
 def adaption_prompt_layer(model, path, key, tensors):

@@ -14,6 +14,7 @@ from peft import (
     DeloraConfig,
     FourierFTConfig,
     FrodConfig,
+    GraloraConfig,
     HiraConfig,
     HRAConfig,
     IA3Config,
@@ -21,6 +22,7 @@ from peft import (
     LoHaConfig,
     LoKrConfig,
     LoraConfig,
+    MissConfig,
     OFTConfig,
     OSFConfig,
     PromptEncoderConfig,
@@ -210,6 +212,18 @@ CASES = {
         tiny_llama,
         UniLoraConfig(r=3, theta_d_length=40, save_indices=True, target_modules=["k_proj", "up_proj"]),
     ),
+    # 44 = 5·8 + 4: down_proj's last shard is zero-padded.
+    "miss": (tiny_llama, MissConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "miss_mini": (tiny_llama, MissConfig(r=4, init_weights="mini", mini_r=8, target_modules=["q_proj", "o_proj"])),
+    "miss_bat": (tiny_llama, MissConfig(r=4, init_weights="bat", target_modules=["q_proj", "k_proj", "down_proj"])),
+    "gralora": (
+        tiny_llama,
+        GraloraConfig(r=8, alpha=16, gralora_k=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    "gralora_hybrid": (
+        tiny_llama,
+        GraloraConfig(r=8, alpha=12, gralora_k=4, hybrid_r=2, target_modules=["q_proj", "up_proj"]),
+    ),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
@@ -273,6 +287,11 @@ TRAINING_CASES = {
     "deft_dropout": (tiny_llama, DeftConfig(r=4, deft_dropout=0.3, target_modules=["q_proj", "v_proj"])),
     "pvera_sampling": (tiny_llama, PveraConfig(r=4, pvera_dropout=0.2, target_modules=["q_proj", "v_proj"])),
     "randlora_dropout": (tiny_llama, RandLoraConfig(r=8, randlora_dropout=0.3, target_modules=["q_proj"])),
+    "miss_dropout": (tiny_llama, MissConfig(r=8, miss_dropout=0.3, target_modules=["q_proj", "v_proj"])),
+    "gralora_dropout": (
+        tiny_llama,
+        GraloraConfig(r=4, gralora_k=2, hybrid_r=2, gralora_dropout=0.3, target_modules=["q_proj"]),
+    ),
     "frod_dropout": (tiny_llama, FrodConfig(sparse_rate=0.05, frod_dropout=0.3, target_modules=["q_proj", "v_proj"])),
 }
 
