@@ -384,6 +384,15 @@ METHODS = (
         False,
         "GRALORA",
     ),
+    Method(
+        "PEANuT",
+        "structured",
+        "r = 32, no hidden layers (PEFT's defaults) on the query and value projections",
+        _structured("peanut", r=32),
+        True,
+        False,
+        "PEANUT",
+    ),
     Method("AdaLoRA", "lora", "initial r = 12 on the attention projections", _adalora, True, False, "AdaLoRA"),
     Method("DeLoRA", "delora", "r = 8, λ = 15 on the query and value projections", _delora, True, False, "DELORA"),
     Method(

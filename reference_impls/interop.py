@@ -17,7 +17,7 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, C3A,
 LN tuning, BEFT, SHiRA, trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA,
-Uni-LoRA, MiSS (its three variants) and GraLoRA, which are injected into the model in place; and
+Uni-LoRA, MiSS (its three variants), GraLoRA and PEANuT, which are injected into the model in place; and
 prompt tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix
 tuning return a wrapper around the model (they change its inputs), so always use the returned
 module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA,
@@ -64,6 +64,7 @@ from reference_impls.interop_layers import (
     miss_layer,
     oft_layer,
     osf_layer,
+    peanut_layer,
     psoft_layer,
     pvera_layer,
     randlora_layer,
@@ -89,10 +90,10 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft c3a ln_tuning beft shira "
-    "trainable pvera vblora randlora unilora miss gralora"
+    "trainable pvera vblora randlora unilora miss gralora peanut"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
-TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z_]+)??)(?:\.weight)?"
+TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z0-9_]+)??)(?:\.weight)?"
 
 
 # Fields we read, or whose value cannot change what the loaded model computes: bookkeeping,
@@ -224,6 +225,8 @@ HANDLED = {
     "gralora_k",
     "hybrid_r",
     "gralora_dropout",
+    "depth",
+    "act_fn",
     "adapter_layers",
 }
 
@@ -261,6 +264,7 @@ SUPPORTED_TYPES = (
     "UNILORA",
     "MISS",
     "GRALORA",
+    "PEANUT",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -337,6 +341,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "RANDLORA": randlora_layer,
                 "MISS": miss_layer,
                 "GRALORA": gralora_layer,
+                "PEANUT": peanut_layer,
             }[peft_type]
         if peft_type == "UNILORA":  # one θ_d for all layers, whose indices may not be in the file
             planned = _plan({"every adapted layer": None}, lambda *_: unilora_layers(model, config, shared, by_module))

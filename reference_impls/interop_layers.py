@@ -31,7 +31,7 @@ from reference_impls.shared_bases import (
     VectorBank,
 )
 from reference_impls.spectral import C3ALinear, FourierFTLinear
-from reference_impls.structured import GraLoRALinear, MiSSLinear
+from reference_impls.structured import ACTIVATIONS, GraLoRALinear, MiSSLinear, PEANuTLinear
 from reference_impls.subspace import DEFTLinear, OSFLinear, PSOFTLinear
 
 FAMILY = "Interoperability with PEFT"
@@ -139,7 +139,7 @@ def fill(layer: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
     """Copy each tensor into the layer's parameter of that name, shapes equal (copy_ would broadcast).
     A Conv1d core saved with a trailing kernel axis of 1 (PEFT keeps the Conv2d shape) loses it."""
     for name, value in values.items():
-        target = getattr(layer, name)
+        target = layer.get_parameter(name) if "." in name else getattr(layer, name)
         if value.dim() == target.dim() + 1 and value.shape[-1] == 1:
             value = value.squeeze(-1)
         if value.shape != target.shape:
@@ -510,6 +510,20 @@ def gralora_layer(model, config, path, found):
     }
     if hybrid_r:
         values |= {"A_h": found["gralora_A_general"], "B_h": found["gralora_B_general"]}
+    return fill(layer, values)
+
+
+def peanut_layer(model, config, path, found):
+    activation = config.get("act_fn", "relu")
+    if activation not in ACTIVATIONS:
+        raise UnsupportedAdapter(f"PEANuT act_fn = {activation!r} is not supported (only {sorted(ACTIVATIONS)})")
+    depth = sum(name.startswith("peanut_encoders.") for name in found)
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    r = found["peanut_A"].shape[0]
+    layer = PEANuTLinear(base, r=r, depth=depth, activation=activation, scale=config.get("scaling", 1.0))
+    values = {"A.weight": found["peanut_A"], "B.weight": found["peanut_B"]}
+    for side in ("encoders", "decoders"):
+        values |= {f"{side}.{i}.weight": found[f"peanut_{side}.{i}"] for i in range(depth)}
     return fill(layer, values)
 
 

@@ -1,8 +1,8 @@
-"""Structured low-rank variants: MiSS (one small matrix shared across the weight's shards) and GraLoRA
-(a k × k grid of small LoRAs).
+"""Structured low-rank variants: MiSS (one matrix shared across shards), GraLoRA (a grid of small
+LoRAs) and PEANuT (a small network computing ΔW from W₀).
 
-Both keep LoRA's budget of about r (d_in + d_out) numbers but arrange them differently, and both add
-ΔW to the frozen weight, so they merge.
+Each keeps a budget near LoRA's r (d_in + d_out) numbers but arranges it differently, and each
+adds ΔW to the frozen weight, so they merge.
 
 **MiSS** (formerly Bone). Kang, Yin. "MiSS: Revisiting the Trade-off in LoRA with an Efficient
 Shard-Sharing Structure." 2024. arXiv:2409.15371. One matrix D ∈ ℝ^{r×d_out} (start 0) is shared by
@@ -25,8 +25,18 @@ rank-r/k LoRA, so that a gradient spike in one input block no longer reaches eve
 Parameters: r (d_in + d_out), as LoRA of rank r, for an update of rank up to k r. B = 0 at the
 start. With `hybrid_r` = r_h > 0 a plain LoRA of rank r_h is added, with the same scale.
 
-Both equal PEFT 0.21 (`miss` with its three variants, `gralora`); `reference_impls.interop` loads
-their checkpoints.
+**PEANuT.** Zhong, Jiang, Li, et al. "PEANuT: Parameter-Efficient Adaptation with Weight-aware Neural
+Tweakers." 2024. arXiv:2410.01870. The update is a function of the frozen weight itself: each input
+feature's column of W₀ passes through a small residual network of width r,
+
+    Z₀ = φ(W₀ᵀ Aᵀ),   Zᵢ = φ(Eᵢ Zᵢ₋₁) (i = 1…L),   Y_L = Z_L,   Yᵢ₋₁ = φ(Dᵢ Yᵢ) + Zᵢ₋₁,   ΔW = s (Y₀ Bᵀ)ᵀ
+
+with A ∈ ℝ^{r×d_out}, B ∈ ℝ^{d_out×r} (start 0), L encoder and decoder matrices Eᵢ, Dᵢ ∈ ℝ^{r×r}
+(applied on the right: Zᵢ₋₁ Eᵢᵀ), the activation φ (ReLU by default) and a scale s. Parameters:
+2 r d_out + 2 L r². ΔW is computed from the original W₀, also while merged.
+
+All three equal PEFT 0.21 (`miss` with its three variants, `gralora`, `peanut`);
+`reference_impls.interop` loads their checkpoints.
 """
 
 import math
@@ -36,6 +46,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from reference_impls._plumbing import (
+    ReplacingMerge,
     find_targets,
     freeze_all_but,
     replace_module,
@@ -50,7 +61,7 @@ from reference_impls.lora import LoRALinear
 
 FAMILY = "Low-rank updates"
 
-IMPLEMENTS = ("miss", "gralora")
+IMPLEMENTS = ("miss", "gralora", "peanut")
 
 # The frameworks that provide these methods.
 COVERED_BY = ("hf-peft",)
@@ -169,37 +180,83 @@ class GraLoRALinear(nn.Module):
     merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
 
 
+# ---- PEANuT -----------------------------------------------------------------------------------
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+class PEANuTLinear(ReplacingMerge, nn.Module):
+    """A frozen nn.Linear plus ΔW = s · f(W₀): a residual network of width r over W₀'s columns."""
+
+    def __init__(self, base: nn.Linear, r: int = 32, depth: int = 0, activation: str = "relu", scale: float = 1.0):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"PEANuT activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        d_out = base.out_features
+        self.base, self.scale, self.activation = base, scale, ACTIVATIONS[activation]
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        linear = lambda d_in, d_out: nn.Linear(d_in, d_out, bias=False, **factory)  # noqa: E731  (Kaiming init)
+        self.A, self.B = linear(d_out, r), linear(r, d_out)
+        nn.init.zeros_(self.B.weight)
+        self.encoders = nn.ModuleList([linear(r, r) for _ in range(depth)])
+        self.decoders = nn.ModuleList([linear(r, r) for _ in range(depth)])
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        W0 = self.base.weight if self.W0 is None else self.W0  # the original weight, merged or not
+        z = self.activation(self.A(W0.T.to(self.A.weight.dtype)))  # one row per input feature: (d_in, r)
+        skips = []
+        for encoder in self.encoders:
+            skips.append(z)
+            z = self.activation(encoder(z))
+        for decoder, skip in zip(self.decoders, reversed(skips)):
+            z = self.activation(decoder(z)) + skip
+        return self.scale * self.B(z).T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        if self.merged:
+            return h
+        delta = self.delta_weight()
+        return h + F.linear(x.to(delta.dtype), delta).to(h.dtype)
+
+    def merged_weight(self) -> torch.Tensor:
+        return (self.base.weight + self.delta_weight()).to(self.base.weight.dtype)
+
+
 # ---- Injection, merge, demo ---------------------------------------------------------------------
 
-LAYERS = {"miss": MiSSLinear, "gralora": GraLoRALinear}
+LAYERS = {"miss": MiSSLinear, "gralora": GraLoRALinear, "peanut": PEANuTLinear}
 
 
 def inject_structured(model: nn.Module, target_names: list[str], method: str = "miss", **options) -> list[str]:
-    """Wrap the named nn.Linear layers with the method's layer ("miss" or "gralora"; options go to
-    its constructor) and freeze everything else."""
+    """Wrap the named nn.Linear layers with the method's layer ("miss", "gralora" or "peanut"; options
+    go to its constructor) and freeze everything else."""
     layer_type = LAYERS[method]
     targets = find_targets(model, target_names)
     for name in targets:
         replace_module(model, name, layer_type(model.get_submodule(name), **options))
-    freeze_all_but(model, layer_type)
+    trained = ("A", "B", "encoders", "decoders") if layer_type is PEANuTLinear else None  # its own modules
+    freeze_all_but(model, layer_type, trained)
     return targets
 
 
 def merge_structured(model: nn.Module) -> None:
-    set_merged(model, (MiSSLinear, GraLoRALinear), True)
+    set_merged(model, tuple(LAYERS.values()), True)
 
 
 def unmerge_structured(model: nn.Module) -> None:
-    set_merged(model, (MiSSLinear, GraLoRALinear), False)
+    set_merged(model, tuple(LAYERS.values()), False)
 
 
 def demo() -> None:
-    """MiSS (balance and bat) and GraLoRA (k = 2, with a hybrid LoRA) on the toy task."""
+    """MiSS (balance and bat), GraLoRA (k = 2, with a hybrid LoRA) and PEANuT on the toy task."""
     x, y = toy_task()
     for label, method, options in [
         ("miss (r = 8)", "miss", {"r": 8}),
         ("miss, bat (r = 8)", "miss", {"r": 8, "variant": "bat"}),
         ("gralora (r = 8, k = 2, hybrid rank 2)", "gralora", {"r": 8, "alpha": 16.0, "k": 2, "hybrid_r": 2}),
+        ("peanut (r = 8, depth 1)", "peanut", {"r": 8, "depth": 1}),
     ]:
         model = toy_model()
         inject_structured(model, ["0", "2", "4"], method, **options)

@@ -41,7 +41,10 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["RandLoRA"] == L * 2 * (d // 32) * (32 + d)  # n (r + d_min), n = d_min / r
     assert counts["Uni-LoRA"] == 256  # one vector for the whole model
     assert counts["MiSS"] == L * 2 * 64 * d  # r · d_out
-    assert counts["GraLoRA"] == counts["LoRA"]  # k² blocks of rank r/k: r (d_in + d_out)
+    assert counts["GraLoRA"] == counts["LoRA"]
+    assert (
+        counts["PEANuT"] == L * 2 * 2 * 32 * d
+    )  # A and B: 2 r d_out (depth 0)  # k² blocks of rank r/k: r (d_in + d_out)
     assert counts["FourierFT"] == L * 2 * 1000  # n coefficients per layer
     assert counts["C3A"] == L * 2 * d * d // 256  # d_out · d_in / b
     assert counts["FRoD"] == L * 2 * (d + int(d * d * 0.01))  # λ (d_in) and ⌊ρ d_in²⌋ rotational degrees

@@ -25,6 +25,7 @@ from peft import (
     MissConfig,
     OFTConfig,
     OSFConfig,
+    PeanutConfig,
     PromptEncoderConfig,
     PsoftConfig,
     PveraConfig,
@@ -223,6 +224,11 @@ CASES = {
     "gralora_hybrid": (
         tiny_llama,
         GraloraConfig(r=8, alpha=12, gralora_k=4, hybrid_r=2, target_modules=["q_proj", "up_proj"]),
+    ),
+    "peanut": (tiny_llama, PeanutConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "peanut_deep_gelu": (
+        tiny_llama,
+        PeanutConfig(r=4, depth=2, act_fn="gelu", scaling=0.5, target_modules=["k_proj", "up_proj"]),
     ),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from peft import GraloraConfig, MissConfig, get_peft_model
+from peft import GraloraConfig, MissConfig, PeanutConfig, get_peft_model
 from test_lora import Tiny
 from torch import nn
 
@@ -14,6 +14,7 @@ from reference_impls.interop import load_peft_adapter
 from reference_impls.structured import (
     GraLoRALinear,
     MiSSLinear,
+    PEANuTLinear,
     inject_structured,
     merge_structured,
     unmerge_structured,
@@ -27,6 +28,7 @@ CASES = {  # Tiny(d_in=12, d_hidden=36, d_out=8)
     "miss_bat": ("miss", {"r": 4, "variant": "bat"}),
     "gralora": ("gralora", {"r": 4, "alpha": 8.0, "k": 2}),
     "gralora_hybrid": ("gralora", {"r": 4, "alpha": 8.0, "k": 4, "hybrid_r": 3}),
+    "peanut": ("peanut", {"r": 3, "depth": 2, "activation": "gelu", "scale": 0.5}),
 }
 
 
@@ -43,9 +45,10 @@ def model_for(case):
 def randomise(model):
     with torch.no_grad():
         for layer in model.modules():
-            if isinstance(layer, (MiSSLinear, GraLoRALinear)):
-                for parameter in layer.parameters(recurse=False):
-                    parameter.normal_(0, 0.3)
+            if isinstance(layer, (MiSSLinear, GraLoRALinear, PEANuTLinear)):
+                for name, parameter in layer.named_parameters():
+                    if not name.startswith("base."):
+                        parameter.normal_(0, 0.3)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -65,6 +68,7 @@ def test_parameter_counts_follow_the_formulas():
     assert counts["miss_bat"] == 36 * 4 + 8 * 4  # d_out/r blocks of r × r
     assert counts["gralora"] == 4 * (12 + 36) + 4 * (36 + 8)  # LoRA's r (d_in + d_out)
     assert counts["gralora_hybrid"] == counts["gralora"] + 3 * (12 + 36) + 3 * (36 + 8)
+    assert counts["peanut"] == (2 * 3 * 36 + 2 * 2 * 9) + (2 * 3 * 8 + 2 * 2 * 9)  # 2 r d_out + 2 L r²
 
 
 def test_miss_shares_one_matrix_across_the_input_shards():
@@ -103,6 +107,22 @@ def test_gralora_blocks_are_independent_low_rank_updates():
     torch.testing.assert_close(layer(x), layer.base(x) + x @ delta.T)
 
 
+def test_peanut_computes_its_update_from_the_frozen_weight():
+    torch.manual_seed(2)
+    layer = PEANuTLinear(nn.Linear(10, 6), r=3, depth=1, activation="relu", scale=2.0)
+    randomise(layer)
+    W0 = layer.base.weight.detach()
+    A, B = layer.A.weight.detach(), layer.B.weight.detach()
+    E, D = layer.encoders[0].weight.detach(), layer.decoders[0].weight.detach()
+    z0 = torch.relu(W0.T @ A.T)
+    z1 = torch.relu(z0 @ E.T)
+    y0 = torch.relu(z1 @ D.T) + z0
+    torch.testing.assert_close(layer.delta_weight().detach(), 2.0 * (y0 @ B.T).T)
+    with torch.no_grad():
+        layer.base.weight.mul_(2.0)
+    assert not torch.allclose(layer.delta_weight().detach(), 2.0 * (y0 @ B.T).T)  # a function of W₀
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_gradients_reach_only_the_method_s_parameters(case):
     model = model_for(case)
@@ -124,6 +144,7 @@ CONFIGS = {
     "miss": MissConfig(r=5, target_modules=["up", "down"]),
     "miss_bat": MissConfig(r=4, init_weights="bat", target_modules=["up", "down"]),
     "gralora_hybrid": GraloraConfig(r=4, alpha=8, gralora_k=4, hybrid_r=2, target_modules=["up", "down"]),
+    "peanut": PeanutConfig(r=3, depth=1, target_modules=["up", "down"]),
 }
 
 
@@ -150,4 +171,4 @@ def test_equals_peft_in_both_dtypes(case, dtype, tolerance, tmp_path):
 
 def test_demo_learns():
     losses = demo_losses(run_demo("reference_impls.structured"))
-    assert len(losses) == 3 and all(after < 0.6 * before for before, after in losses)
+    assert len(losses) == 4 and all(after < 0.6 * before for before, after in losses)
