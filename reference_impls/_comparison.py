@@ -20,6 +20,7 @@ from reference_impls import (
     delora,
     frod,
     ia3,
+    lily,
     lora,
     orthogonal,
     phm,
@@ -225,6 +226,11 @@ def _structured(method, **options):
         return model
 
     return apply
+
+
+def _lily(model, layout):
+    lily.inject_lily(model, [layout.attention[0], layout.attention[2]], r=32, stride=1, experts=2)
+    return model
 
 
 def _delora(model, layout):
@@ -498,6 +504,15 @@ METHODS = (
         "SHIRA",
     ),
     Method("BitFit", "sparse", "every bias", _bitfit, True, False, ""),
+    Method(
+        "Lily",
+        "lily",
+        "r = 32, 2 shared experts per projection type, query and value (PEFT's defaults)",
+        _lily,
+        False,
+        False,
+        "LILY",
+    ),
     Method("MoV", "routing", "10 (IA)³ experts on keys and values, a router per layer", _mov, False, False, ""),
     Method("Polytropon", "routing", "4 LoRA skills of rank 8 on query and value, 1 task", _poly, False, False, "POLY"),
     Method(

@@ -17,7 +17,7 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, C3A,
 LN tuning, BEFT, SHiRA, trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA,
-Uni-LoRA, MiSS (its three variants), GraLoRA and PEANuT, which are injected into the model in place; and
+Uni-LoRA, MiSS (its three variants), GraLoRA, PEANuT and Lily, which are injected into the model in place; and
 prompt tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix
 tuning return a wrapper around the model (they change its inputs), so always use the returned
 module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA,
@@ -57,6 +57,7 @@ from reference_impls.interop_layers import (
     hira_layer,
     hra_layer,
     ia3_layer,
+    lily_layer,
     ln_tuning_layer,
     loha_layer,
     lokr_layer,
@@ -90,7 +91,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft c3a ln_tuning beft shira "
-    "trainable pvera vblora randlora unilora miss gralora peanut"
+    "trainable pvera vblora randlora unilora miss gralora peanut lily"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z0-9_]+)??)(?:\.weight)?"
@@ -227,6 +228,8 @@ HANDLED = {
     "gralora_dropout",
     "depth",
     "act_fn",
+    "stride_A",
+    "num_B",
     "adapter_layers",
 }
 
@@ -265,6 +268,7 @@ SUPPORTED_TYPES = (
     "MISS",
     "GRALORA",
     "PEANUT",
+    "LILY",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -342,6 +346,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "MISS": miss_layer,
                 "GRALORA": gralora_layer,
                 "PEANUT": peanut_layer,
+                "LILY": lily_layer,
             }[peft_type]
         if peft_type == "UNILORA":  # one θ_d for all layers, whose indices may not be in the file
             planned = _plan({"every adapted layer": None}, lambda *_: unilora_layers(model, config, shared, by_module))

@@ -15,6 +15,7 @@ from torch import nn
 from reference_impls.delora import DeLoRALinear
 from reference_impls.frod import FRoDLinear, layer_role
 from reference_impls.ia3 import IA3Linear
+from reference_impls.lily import LilyDown, LilyExperts, LilyLinear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
@@ -525,6 +526,17 @@ def peanut_layer(model, config, path, found):
     for side in ("encoders", "decoders"):
         values |= {f"{side}.{i}.weight": found[f"peanut_{side}.{i}"] for i in range(depth)}
     return fill(layer, values)
+
+
+def lily_layer(model, config, path, found):
+    # PEFT saves the shared A and experts with every layer that uses them: each gets its own copy here.
+    A, B, router = found["lily_A"], found["lily_B"], found["lily_router"]
+    experts, r = router.shape
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    down, shared = LilyDown(base.in_features, r), LilyExperts(r, base.out_features, experts)
+    fill(down, {"A": A})
+    fill(shared, {"B": B.reshape(experts, r, -1)})
+    return fill(LilyLinear(base, down, shared, scale=config.get("scaling", 1.0)), {"router": router})
 
 
 def adaption_prompt_layer(model, path, key, tensors):

@@ -18,6 +18,7 @@ from peft import (
     HiraConfig,
     HRAConfig,
     IA3Config,
+    LilyConfig,
     LNTuningConfig,
     LoHaConfig,
     LoKrConfig,
@@ -230,6 +231,7 @@ CASES = {
         tiny_llama,
         PeanutConfig(r=4, depth=2, act_fn="gelu", scaling=0.5, target_modules=["k_proj", "up_proj"]),
     ),
+    "lily": (tiny_llama, LilyConfig(r=4, num_B=3, stride_A=2, target_modules=["q_proj", "v_proj", "down_proj"])),
     "hra_gram_schmidt": (tiny_llama, HRAConfig(r=3, apply_GS=True, target_modules=["k_proj", "up_proj"])),
 }
 
