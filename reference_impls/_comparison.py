@@ -19,6 +19,7 @@ from reference_impls import (
     bottleneck,
     delora,
     frod,
+    glora,
     ia3,
     lily,
     lora,
@@ -233,6 +234,11 @@ def _lily(model, layout):
     return model
 
 
+def _glora(model, layout):
+    glora.inject_glora(model, [layout.attention[0], layout.attention[2]], r=4)
+    return model
+
+
 def _delora(model, layout):
     delora.inject_delora(model, [layout.attention[0], layout.attention[2]], r=8, lambda_=15.0)
     return model
@@ -398,6 +404,15 @@ METHODS = (
         True,
         False,
         "PEANUT",
+    ),
+    Method(
+        "GLoRA",
+        "glora",
+        "rank-4 weight and prompt supports, constant bias supports, on the query and value projections",
+        _glora,
+        True,
+        False,
+        "GLORA",
     ),
     Method("AdaLoRA", "lora", "initial r = 12 on the attention projections", _adalora, True, False, "AdaLoRA"),
     Method("DeLoRA", "delora", "r = 8, λ = 15 on the query and value projections", _delora, True, False, "DELORA"),

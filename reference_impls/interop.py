@@ -17,7 +17,7 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, C3A,
 LN tuning, BEFT, SHiRA, trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA,
-Uni-LoRA, MiSS (its three variants), GraLoRA, PEANuT and Lily, which are injected into the model in place; and
+Uni-LoRA, MiSS (its three variants), GraLoRA, PEANuT, Lily and GLoRA, which are injected into the model in place; and
 prompt tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix
 tuning return a wrapper around the model (they change its inputs), so always use the returned
 module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA,
@@ -53,6 +53,7 @@ from reference_impls.interop_layers import (
     delora_layer,
     fourierft_layer,
     frod_layer,
+    glora_layer,
     gralora_layer,
     hira_layer,
     hra_layer,
@@ -91,7 +92,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft c3a ln_tuning beft shira "
-    "trainable pvera vblora randlora unilora miss gralora peanut lily"
+    "trainable pvera vblora randlora unilora miss gralora peanut lily glora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z0-9_]+)??)(?:\.weight)?"
@@ -230,6 +231,9 @@ HANDLED = {
     "act_fn",
     "stride_A",
     "num_B",
+    "config_A_B",
+    "config_C",
+    "config_D_E",
     "adapter_layers",
 }
 
@@ -269,6 +273,7 @@ SUPPORTED_TYPES = (
     "GRALORA",
     "PEANUT",
     "LILY",
+    "GLORA",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -347,6 +352,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "GRALORA": gralora_layer,
                 "PEANUT": peanut_layer,
                 "LILY": lily_layer,
+                "GLORA": glora_layer,
             }[peft_type]
         if peft_type == "UNILORA":  # one θ_d for all layers, whose indices may not be in the file
             planned = _plan({"every adapted layer": None}, lambda *_: unilora_layers(model, config, shared, by_module))

@@ -14,6 +14,7 @@ from torch import nn
 
 from reference_impls.delora import DeLoRALinear
 from reference_impls.frod import FRoDLinear, layer_role
+from reference_impls.glora import GLoRALinear
 from reference_impls.ia3 import IA3Linear
 from reference_impls.lily import LilyDown, LilyExperts, LilyLinear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
@@ -537,6 +538,18 @@ def lily_layer(model, config, path, found):
     fill(down, {"A": A})
     fill(shared, {"B": B.reshape(experts, r, -1)})
     return fill(LilyLinear(base, down, shared, scale=config.get("scaling", 1.0)), {"router": router})
+
+
+def glora_layer(model, config, path, found):
+    supports = {"weight_supports": config.get("config_A_B", "lora"), "prompt": config.get("config_C", "lora")}
+    supports["bias_supports"] = config.get("config_D_E", "constant")
+    layer = GLoRALinear(base_linear(model, path, False), r=config["r"], **supports)
+    parts = {"Xd": "down", "Xu": "up", "X": "value"}  # PEFT's names of a support's tensors
+    values = {}
+    for name, tensor in found.items():  # e.g. glora_A.Xd
+        support, part = name.removeprefix("glora_").split(".")
+        values[f"{support}.{parts[part]}"] = tensor
+    return fill(layer, values)
 
 
 def adaption_prompt_layer(model, path, key, tensors):
