@@ -1,5 +1,6 @@
 """Checks that several test modules share."""
 
+import copy
 import re
 
 import torch
@@ -37,6 +38,38 @@ def assert_merge_round_trip(model, merge, unmerge, x, rtol=1e-5, atol=1e-5, weig
     unmerge(model)
     for name, parameter in model.named_parameters():
         torch.testing.assert_close(parameter, weights[name], rtol=weight_rtol, atol=weight_atol)
+
+
+def peft_and_ours(make_model, config, directory, std: float = 0.3, positive: tuple[str, ...] = ()):
+    """PEFT's model of `config` on make_model(), every trainable tensor drawn non-zero (N(0, std²), or
+    U(0.5, 1.5) where the name holds one of `positive`: scales that must stay away from 0) and saved with
+    save_pretrained; and ours, that checkpoint loaded by load_peft_adapter onto an untouched copy of the base.
+    Both come back in evaluation mode."""
+    from peft import get_peft_model
+
+    from reference_impls.interop import load_peft_adapter
+
+    base = make_model()
+    fresh = copy.deepcopy(base)
+    theirs = get_peft_model(base, copy.deepcopy(config))
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if parameter.requires_grad:
+                parameter.uniform_(0.5, 1.5) if any(part in name for part in positive) else parameter.normal_(0, std)
+    theirs.save_pretrained(directory)
+    return theirs.eval(), load_peft_adapter(fresh, directory).eval()
+
+
+def assert_equal_in_both_dtypes(ours, theirs, x, dtype, tolerance: float):
+    """PEFT's output moves away from its base model's; ours equals it in fp32 (relative error ≤ 1e-5) and,
+    both models cast to `dtype`, within `tolerance`. Casts the models in place."""
+    with torch.no_grad():
+        expected = theirs(x)
+        with theirs.disable_adapter():
+            assert (expected - theirs(x)).abs().max() > 1e-2
+        assert relative_error(ours(x), expected) <= 1e-5
+        ours, theirs = ours.to(dtype), theirs.to(dtype)
+        assert relative_error(ours(x.to(dtype)), theirs(x.to(dtype))) <= tolerance
 
 
 def tiny_bert(hidden: int = 32, intermediate: int = 37):

@@ -14,7 +14,13 @@ from reference_impls._plumbing import count_parameters
 from reference_impls.frod import FRoDLinear, inject_frod, joint_basis, layer_role, merge_frod, unmerge_frod
 from reference_impls.interop import UnsupportedAdapter, load_peft_adapter
 
-from helpers import assert_merge_round_trip, demo_losses, relative_error, run_demo
+from helpers import (
+    assert_equal_in_both_dtypes,
+    assert_merge_round_trip,
+    demo_losses,
+    relative_error,
+    run_demo,
+)
 
 
 def randomise(model):
@@ -115,13 +121,7 @@ def test_equals_peft_in_both_dtypes_with_peft_s_basis(dtype, tolerance, tmp_path
     inject_frod(ours_injected, ["up", "down"])  # our own basis for the same weights is PEFT's
     torch.testing.assert_close(ours_injected.up.V, peft_model.base_model.frod_V["up"]["default"])
     ours = load_peft_adapter(fresh, tmp_path)
-    x = torch.randn(3, 5, 13)
-    with torch.no_grad():
-        expected = peft_model(x)
-        assert (expected - Tiny()(x)).abs().max() > 1e-2
-        assert relative_error(ours(x), expected) <= 1e-5
-        ours, peft_model = ours.to(dtype), peft_model.to(dtype)
-        assert relative_error(ours(x.to(dtype)), peft_model(x.to(dtype))) <= tolerance
+    assert_equal_in_both_dtypes(ours, peft_model, torch.randn(3, 5, 13), dtype, tolerance)
 
 
 def test_a_checkpoint_without_its_bases_is_refused(tmp_path):

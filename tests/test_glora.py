@@ -4,14 +4,19 @@ import copy
 
 import pytest
 import torch
-from peft import GloraConfig, get_peft_model
+from peft import GloraConfig
 from test_lora import Tiny
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.glora import inject_glora, merge_glora, unmerge_glora
-from reference_impls.interop import load_peft_adapter
 
-from helpers import assert_merge_round_trip, demo_losses, relative_error, run_demo
+from helpers import (
+    assert_equal_in_both_dtypes,
+    assert_merge_round_trip,
+    demo_losses,
+    peft_and_ours,
+    run_demo,
+)
 
 SUPPORTS = {
     "default": {},
@@ -71,19 +76,8 @@ CONFIGS = {
 @pytest.mark.parametrize("case", list(CONFIGS))
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_equals_peft_in_both_dtypes(case, dtype, tolerance, tmp_path):
-    base = Tiny()
-    fresh = copy.deepcopy(base)
-    peft_model = get_peft_model(base, copy.deepcopy(CONFIGS[case])).eval()
-    randomise(peft_model)
-    peft_model.save_pretrained(tmp_path)
-    ours = load_peft_adapter(fresh, tmp_path)
-    x = torch.randn(3, 5, 13)
-    with torch.no_grad():
-        expected = peft_model(x)
-        assert (expected - Tiny()(x)).abs().max() > 1e-2
-        assert relative_error(ours(x), expected) <= 1e-5
-        ours, peft_model = ours.to(dtype), peft_model.to(dtype)
-        assert relative_error(ours(x.to(dtype)), peft_model(x.to(dtype))) <= tolerance
+    peft_model, ours = peft_and_ours(Tiny, CONFIGS[case], tmp_path)
+    assert_equal_in_both_dtypes(ours, peft_model, torch.randn(3, 5, 13), dtype, tolerance)
 
 
 def test_demo_learns():

@@ -6,14 +6,13 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from peft import LilyConfig, get_peft_model
+from peft import LilyConfig
 from torch import nn
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.interop import load_peft_adapter
 from reference_impls.lily import LilyLinear, inject_lily
 
-from helpers import demo_losses, relative_error, run_demo
+from helpers import assert_equal_in_both_dtypes, demo_losses, peft_and_ours, run_demo
 
 
 def stack(blocks=4):
@@ -79,22 +78,9 @@ def test_gradients_reach_the_shared_and_own_parts_only():
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_equals_peft_in_both_dtypes(dtype, tolerance, tmp_path):
-    base = stack()
-    fresh = copy.deepcopy(base)
-    peft_model = get_peft_model(base, LilyConfig(r=3, num_B=2, stride_A=2, target_modules=["proj", "back"]))
-    with torch.no_grad():
-        for parameter in peft_model.parameters():
-            if parameter.requires_grad:
-                parameter.normal_(0, 0.5)
-    peft_model.save_pretrained(tmp_path)
-    ours = load_peft_adapter(fresh, tmp_path)
-    x = torch.randn(3, 5, 12)
-    with torch.no_grad():
-        expected = peft_model(x)
-        assert (expected - stack()(x)).abs().max() > 1e-2
-        assert relative_error(ours(x), expected) <= 1e-5
-        ours, peft_model = ours.to(dtype), peft_model.to(dtype)
-        assert relative_error(ours(x.to(dtype)), peft_model(x.to(dtype))) <= tolerance
+    config = LilyConfig(r=3, num_B=2, stride_A=2, target_modules=["proj", "back"])
+    peft_model, ours = peft_and_ours(stack, config, tmp_path, std=0.5)
+    assert_equal_in_both_dtypes(ours, peft_model, torch.randn(3, 5, 12), dtype, tolerance)
 
 
 def test_demo_learns():

@@ -25,7 +25,14 @@ from reference_impls.orthogonal import (
     unmerge_orthogonal,
 )
 
-from helpers import assert_merge_round_trip, demo_losses, relative_error, run_demo
+from helpers import (
+    assert_equal_in_both_dtypes,
+    assert_merge_round_trip,
+    demo_losses,
+    peft_and_ours,
+    relative_error,
+    run_demo,
+)
 
 LAYERS = (OFTLinear, BOFTLinear, HRALinear)
 
@@ -189,22 +196,10 @@ CONFIGS = {
 @pytest.mark.parametrize("case", list(CONFIGS))
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_equals_peft_in_both_dtypes(case, dtype, tolerance, tmp_path):
-    base = Tiny(d_in=12, d_hidden=36, d_out=7)
-    fresh = copy.deepcopy(base)
-    peft_model = get_peft_model(base, copy.deepcopy(CONFIGS[case])).eval()
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if parameter.requires_grad:
-                parameter.uniform_(0.5, 1.5) if "boft_s" in name else parameter.normal_(0, 0.3)
-    peft_model.save_pretrained(tmp_path)
-    ours = load_peft_adapter(fresh, tmp_path)
-    x = torch.randn(3, 5, 12)
-    with torch.no_grad():
-        expected = peft_model(x)
-        assert (expected - Tiny(d_in=12, d_hidden=36, d_out=7)(x)).abs().max() > 1e-2
-        assert relative_error(ours(x), expected) <= 1e-5
-        ours, peft_model = ours.to(dtype), peft_model.to(dtype)
-        assert relative_error(ours(x.to(dtype)), peft_model(x.to(dtype))) <= tolerance
+    peft_model, ours = peft_and_ours(
+        lambda: Tiny(d_in=12, d_hidden=36, d_out=7), CONFIGS[case], tmp_path, positive=("boft_s",)
+    )
+    assert_equal_in_both_dtypes(ours, peft_model, torch.randn(3, 5, 12), dtype, tolerance)
 
 
 def test_a_convolution_and_peft_s_three_term_series_are_refused(tmp_path):

@@ -5,15 +5,20 @@ import copy
 
 import pytest
 import torch
-from peft import UniLoraConfig, get_peft_model
+from peft import UniLoraConfig
 from peft.tuners.unilora.model import UniLoraModel
 from test_lora import Tiny
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.interop import load_peft_adapter
 from reference_impls.projections import balanced_indices, inject_unilora, merge_unilora, unmerge_unilora
 
-from helpers import assert_merge_round_trip, demo_losses, relative_error, run_demo
+from helpers import (
+    assert_equal_in_both_dtypes,
+    assert_merge_round_trip,
+    demo_losses,
+    peft_and_ours,
+    run_demo,
+)
 
 
 @pytest.mark.parametrize("count, d, seed", [(100, 7, 0), (64, 64, 3), (1000, 256, 42), (5, 9, 1)])
@@ -70,23 +75,9 @@ def test_merge_unmerge_round_trip():
 @pytest.mark.parametrize("save_indices", [False, True])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_equals_peft_in_both_dtypes(save_indices, dtype, tolerance, tmp_path):
-    base = Tiny()
-    fresh = copy.deepcopy(base)
     config = UniLoraConfig(r=3, theta_d_length=30, target_modules=["up", "down"], save_indices=save_indices)
-    peft_model = get_peft_model(base, config).eval()
-    with torch.no_grad():
-        for parameter in peft_model.parameters():
-            if parameter.requires_grad:
-                parameter.normal_(0, 1.0)
-    peft_model.save_pretrained(tmp_path)
-    ours = load_peft_adapter(fresh, tmp_path)
-    x = torch.randn(3, 5, 13)
-    with torch.no_grad():
-        expected = peft_model(x)
-        assert (expected - Tiny()(x)).abs().max() > 1e-2
-        assert relative_error(ours(x), expected) <= 1e-5
-        ours, peft_model = ours.to(dtype), peft_model.to(dtype)
-        assert relative_error(ours(x.to(dtype)), peft_model(x.to(dtype))) <= tolerance
+    peft_model, ours = peft_and_ours(Tiny, config, tmp_path, std=1.0)
+    assert_equal_in_both_dtypes(ours, peft_model, torch.randn(3, 5, 13), dtype, tolerance)
 
 
 def test_demo_learns():

@@ -11,7 +11,6 @@ from test_lora import Tiny
 from torch import nn
 
 from reference_impls._plumbing import count_parameters
-from reference_impls.interop import load_peft_adapter
 from reference_impls.spectral import (
     C3ALinear,
     FourierFTLinear,
@@ -22,7 +21,13 @@ from reference_impls.spectral import (
     unmerge_spectral,
 )
 
-from helpers import assert_merge_round_trip, demo_losses, relative_error, run_demo
+from helpers import (
+    assert_equal_in_both_dtypes,
+    assert_merge_round_trip,
+    demo_losses,
+    peft_and_ours,
+    run_demo,
+)
 
 CASES = {"fourierft": ("fourierft", {"n": 40, "alpha": 50.0}), "c3a": ("c3a", {"block_size": 4})}
 
@@ -116,22 +121,8 @@ CONFIGS = {
 @pytest.mark.parametrize("case", list(CONFIGS))
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_equals_peft_in_both_dtypes(case, dtype, tolerance, tmp_path):
-    base = tiny()
-    fresh = copy.deepcopy(base)
-    peft_model = get_peft_model(base, copy.deepcopy(CONFIGS[case])).eval()
-    with torch.no_grad():
-        for parameter in peft_model.parameters():
-            if parameter.requires_grad:
-                parameter.normal_(0, 1.0)
-    peft_model.save_pretrained(tmp_path)
-    ours = load_peft_adapter(fresh, tmp_path)
-    x = torch.randn(3, 5, 12)
-    with torch.no_grad():
-        expected = peft_model(x)
-        assert (expected - tiny()(x)).abs().max() > 1e-2
-        assert relative_error(ours(x), expected) <= 1e-5
-        ours, peft_model = ours.to(dtype), peft_model.to(dtype)
-        assert relative_error(ours(x.to(dtype)), peft_model(x.to(dtype))) <= tolerance
+    peft_model, ours = peft_and_ours(tiny, CONFIGS[case], tmp_path, std=1.0)
+    assert_equal_in_both_dtypes(ours, peft_model, torch.randn(3, 5, 12), dtype, tolerance)
 
 
 def test_demo_learns():

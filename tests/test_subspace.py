@@ -20,7 +20,14 @@ from reference_impls.subspace import (
     unmerge_subspace,
 )
 
-from helpers import assert_merge_round_trip, demo_losses, relative_error, run_demo
+from helpers import (
+    assert_equal_in_both_dtypes,
+    assert_merge_round_trip,
+    demo_losses,
+    peft_and_ours,
+    relative_error,
+    run_demo,
+)
 
 LAYERS = (OSFLinear, PSOFTLinear, DEFTLinear)
 
@@ -75,13 +82,15 @@ def test_parameter_counts_follow_the_formulas():
 
 
 def test_osf_gradients_are_orthogonal_to_the_frozen_directions_and_sgd_keeps_them_untouched():
+    torch.manual_seed(0)
     model = model_for("osf")
     randomise(model)
     x = torch.randn(6, 13)
     model(x).pow(2).sum().backward()
-    for layer in (model.up, model.down):  # zero up to fp32 rounding of gradients of size ~10
-        assert (layer.U_high.T @ layer.U_low.grad).abs().max() < 1e-6 * layer.U_low.grad.abs().max()
-        assert (layer.V_low.grad @ layer.V_high.T).abs().max() < 1e-6 * layer.V_low.grad.abs().max()
+    # Zero up to fp32 rounding: over 200 seeds the worst ratio was 2e-6 (unprojected it is of order 1).
+    for layer in (model.up, model.down):
+        assert (layer.U_high.T @ layer.U_low.grad).abs().max() < 1e-5 * layer.U_low.grad.abs().max()
+        assert (layer.V_low.grad @ layer.V_high.T).abs().max() < 1e-5 * layer.V_low.grad.abs().max()
     before = {layer: layer.U_low.detach().clone() for layer in (model.up, model.down)}
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3).step()
     for layer, U_low in before.items():  # the step moved U_l only within the complement of U_h
@@ -148,29 +157,14 @@ CONFIGS = {
 
 
 def peft_pair(config, tmp_path):
-    base = Tiny()
-    fresh = copy.deepcopy(base)
-    peft_model = get_peft_model(base, copy.deepcopy(config))
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if parameter.requires_grad:
-                parameter.uniform_(0.5, 1.5) if ("vector" in name or "S_low" in name) else parameter.normal_(0, 0.3)
-    peft_model.save_pretrained(tmp_path)
-    return peft_model, load_peft_adapter(fresh, tmp_path)
+    return peft_and_ours(Tiny, config, tmp_path, positive=("vector", "S_low"))
 
 
 @pytest.mark.parametrize("case", list(CONFIGS))
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_equals_peft_in_both_dtypes(case, dtype, tolerance, tmp_path):
     peft_model, ours = peft_pair(CONFIGS[case], tmp_path)
-    peft_model.eval()
-    x = torch.randn(3, 5, 13)
-    with torch.no_grad():
-        expected = peft_model(x)
-        assert (expected - Tiny()(x)).abs().max() > 1e-2
-        assert relative_error(ours(x), expected) <= 1e-5
-        ours, peft_model = ours.to(dtype), peft_model.to(dtype)
-        assert relative_error(ours(x.to(dtype)), peft_model(x.to(dtype))) <= tolerance
+    assert_equal_in_both_dtypes(ours, peft_model, torch.randn(3, 5, 13), dtype, tolerance)
 
 
 def test_one_osf_training_step_equals_peft_s(tmp_path):
