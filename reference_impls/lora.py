@@ -192,16 +192,18 @@ class DoRALinear(LoRALinear):
             self.merged = False
 
 
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """U(−b, b) with b = √(6 / fan_in), fan_in = shape[1] (Kaiming, gain √2), drawn from `generator`:
+    the frozen random bases of VeRA and its relatives, restored from their seed alone."""
+    bound = math.sqrt(6.0 / shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
 def vera_projections(r: int, d_in: int, d_out: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shared frozen A (r × d_in) and B (d_out × r): Kaiming-uniform from a seeded generator,
+    """The shared frozen A (r × d_in) and B (d_out × r), Kaiming-uniform from one seeded generator,
     so that storing the seed is enough to restore them."""
     generator = torch.Generator().manual_seed(seed)
-
-    def kaiming_uniform(shape):
-        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])  # gain √2, fan_in = shape[1]
-        return torch.empty(shape).uniform_(-bound, bound, generator=generator)
-
-    return kaiming_uniform((r, d_in)), kaiming_uniform((d_out, r))
+    return kaiming_uniform((r, d_in), generator), kaiming_uniform((d_out, r), generator)
 
 
 class VeRALinear(nn.Module):

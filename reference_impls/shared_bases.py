@@ -59,7 +59,7 @@ from reference_impls._plumbing import (
     toy_task,
     train,
 )
-from reference_impls.lora import LoRALinear
+from reference_impls.lora import LoRALinear, kaiming_uniform
 
 FAMILY = "Low-rank updates"
 
@@ -70,11 +70,6 @@ COVERED_BY = ("hf-peft",)
 
 
 # ---- PVeRA ------------------------------------------------------------------------------------
-
-
-def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
-    bound = math.sqrt(6.0 / shape[1])  # gain √2, fan_in = shape[1]
-    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
 class PVeRAShared(nn.Module):
