@@ -70,7 +70,7 @@ COVERED_BY = ("hf-peft",)
 # ---- MiSS -------------------------------------------------------------------------------------
 
 
-class MiSSLinear(nn.Module):
+class MiSSLinear(ReplacingMerge, nn.Module):
     """A frozen nn.Linear plus MiSS's shared-shard update ("balance", "mini" or "bat")."""
 
     def __init__(self, base: nn.Linear, r: int = 64, variant: str = "balance", mini_r: int = 1, dropout: float = 0.0):
@@ -88,7 +88,6 @@ class MiSSLinear(nn.Module):
         self.base, self.r, self.variant = base, r, variant
         shape = {"balance": (r, d_out), "mini": (r, mini_r), "bat": (d_out // r, r, r)}[variant]
         self.D = nn.Parameter(torch.zeros(shape, device=base.weight.device, dtype=base.weight.dtype))
-        self.merged = False
 
     def shared(self) -> torch.Tensor:
         """D as r × d_out (the "mini" D repeated along the output)."""
@@ -97,7 +96,8 @@ class MiSSLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         d_out, d_in, r = self.base.out_features, self.base.in_features, self.r
         if self.variant == "bat":
-            W = self.base.weight.to(self.D.dtype).reshape(d_out // r, r, d_in // r, r)  # blocks W[i, :, j, :]
+            W0 = self.base.weight if self.W0 is None else self.W0  # the original weight, merged or not
+            W = W0.to(self.D.dtype).reshape(d_out // r, r, d_in // r, r)  # blocks W[i, :, j, :]
             return (torch.einsum("iajb,ibc->iajc", W, self.D) + self.D[:, :, None, :]).reshape(d_out, d_in)
         D = self.shared()
         return D[torch.arange(d_in) % r].T  # column j is D[j mod r]
@@ -113,22 +113,8 @@ class MiSSLinear(nn.Module):
         folded = padded.unflatten(-1, (-1, self.r)).sum(-2)  # Σ over shards: (…, r)
         return h + (folded @ self.shared()).to(h.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.variant != "bat":
-            return LoRALinear.merge(self)
-        if not self.merged:  # the update depends on W₀: keep it to unmerge exactly
-            self.W0 = self.base.weight.detach().clone()
-            self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.variant != "bat":
-            return LoRALinear.unmerge(self)
-        if self.merged:
-            self.base.weight.copy_(self.W0)
-            self.merged = False
+    def merged_weight(self) -> torch.Tensor:  # kept W₀ makes unmerge exact ("bat"'s update depends on it)
+        return self.base.weight + self.delta_weight().to(self.base.weight.dtype)
 
 
 # ---- GraLoRA ----------------------------------------------------------------------------------
