@@ -90,7 +90,7 @@ IMPL_FAMILIES: dict[str, str] = {
     "Hadamard and Kronecker products": "Weight updates from elementwise or Kronecker products of small factors.",
     "Orthogonal and rotational updates": "Frozen weights or features multiplied by learned rotations and reflections.",
     "Subspace updates": "Updates confined to, or projected out of, a subspace of the frozen weight.",
-    "Transformed-domain updates": "Weight updates written as a few coefficients in a Fourier or circulant domain.",
+    "Transformed-domain updates": "Weight updates as a few coefficients in a Fourier, wavelet or circulant domain.",
     "Activation scaling": "Learned vectors that rescale activations inside the frozen network.",
     "Bottleneck adapters": "Small trained modules inserted into every layer, for Transformers and ConvNets.",
     "Prompts and prefixes": "Trained vectors prepended to the input or to the attention's keys and values.",

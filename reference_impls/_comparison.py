@@ -492,6 +492,15 @@ METHODS = (
         "FOURIERFT",
     ),
     Method(
+        "WaveFT",
+        "spectral",
+        "n = 2592 Haar-wavelet coefficients, s = 25 on the query and value projections",
+        _spectral("waveft", n=2592, scale=25.0),
+        True,
+        False,
+        "WAVEFT",
+    ),
+    Method(
         "C3A",
         "spectral",
         "circulant blocks of b = 256 (PEFT's default) on the query and value projections",

@@ -15,10 +15,11 @@ naming the field.
 Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
 (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
-(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, C3A,
-LN tuning, BEFT, SHiRA, trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA,
-Uni-LoRA, MiSS (its three variants), GraLoRA, PEANuT, Lily and GLoRA, which are injected into the model in place; and
-prompt tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix
+(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT,
+WaveFT (db1, db2, sym2; with or without the inverse transform), C3A, LN tuning, BEFT, SHiRA,
+trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA, Uni-LoRA, MiSS (its three
+variants), GraLoRA, PEANuT, Lily and GLoRA, which are injected into the model in place; and prompt
+tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix
 tuning return a wrapper around the model (they change its inputs), so always use the returned
 module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA,
 RandLoRA, MiSS and GraLoRA is loaded too: in training mode, with the same seed, the loaded model
@@ -76,6 +77,7 @@ from reference_impls.interop_layers import (
     unilora_layers,
     vblora_layer,
     vera_layer,
+    waveft_layer,
 )
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear
 from reference_impls.prompts import PrefixTuning, PromptTuning
@@ -91,8 +93,8 @@ WRAPPER_PREFIX = "base_model.model."
 # "<module path>.<method>_<name>[.<part>][.weight]", e.g. "layers.0.q_proj.lora_A.weight" or
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
-    "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft c3a ln_tuning beft shira "
-    "trainable pvera vblora randlora unilora miss gralora peanut lily glora"
+    "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft waveft c3a ln_tuning beft "
+    "shira trainable pvera vblora randlora unilora miss gralora peanut lily glora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z0-9_]+)??)(?:\.weight)?"
@@ -200,6 +202,9 @@ HANDLED = {
     "n_frequency_pattern",
     "scaling",
     "random_loc_seed",
+    "wavelet_family",
+    "use_idwt",
+    "proportional_parameters",
     "block_size",
     "block_size_pattern",
     "mask_type",
@@ -260,6 +265,7 @@ SUPPORTED_TYPES = (
     "DEFT",
     "FROD",
     "FOURIERFT",
+    "WAVEFT",
     "C3A",
     "LN_TUNING",
     "BEFT",
@@ -342,6 +348,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "PSOFT": psoft_layer,
                 "DEFT": deft_layer,
                 "FOURIERFT": fourierft_layer,
+                "WAVEFT": waveft_layer,
                 "C3A": c3a_layer,
                 "LN_TUNING": ln_tuning_layer,
                 "BEFT": beft_layer,

@@ -32,7 +32,7 @@ from reference_impls.shared_bases import (
     VBLoRALinear,
     VectorBank,
 )
-from reference_impls.spectral import C3ALinear, FourierFTLinear
+from reference_impls.spectral import C3ALinear, FourierFTLinear, WaveFTLinear
 from reference_impls.structured import ACTIVATIONS, GraLoRALinear, MiSSLinear, PEANuTLinear
 from reference_impls.subspace import DEFTLinear, OSFLinear, PSOFTLinear
 
@@ -334,6 +334,22 @@ def fourierft_layer(model, config, path, found):
     spectrum = found["fourierft_spectrum"]
     base = base_linear(model, path, config.get("fan_in_fan_out", False))
     layer = FourierFTLinear(base, n=spectrum.shape[0], alpha=config["scaling"], seed=config["random_loc_seed"])
+    return fill(layer, {"c": spectrum})
+
+
+def waveft_layer(model, config, path, found):
+    # As FourierFT: the positions follow from random_loc_seed; n (n_frequency_pattern, proportional_parameters
+    # included) from the saved coefficients.
+    spectrum = found["waveft_spectrum"]
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    layer = WaveFTLinear(
+        base,
+        n=spectrum.shape[0],
+        scale=config["scaling"],
+        wavelet=config["wavelet_family"],
+        seed=config["random_loc_seed"],
+        idwt=config["use_idwt"],
+    )
     return fill(layer, {"c": spectrum})
 
 

@@ -44,11 +44,10 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     glora_bias = 4 * (d + 1) + 2 if layout.add_norm else 0  # BERT's projections have biases, Llama's none
     assert counts["GLoRA"] == L * 2 * (2 * 4 * (d + d) + glora_bias)
     assert counts["MiSS"] == L * 2 * 64 * d  # r · d_out
-    assert counts["GraLoRA"] == counts["LoRA"]
-    assert (
-        counts["PEANuT"] == L * 2 * 2 * 32 * d
-    )  # A and B: 2 r d_out (depth 0)  # k² blocks of rank r/k: r (d_in + d_out)
+    assert counts["GraLoRA"] == counts["LoRA"]  # k² blocks of rank r/k: r (d_in + d_out)
+    assert counts["PEANuT"] == L * 2 * 2 * 32 * d  # A and B: 2 r d_out (depth 0)
     assert counts["FourierFT"] == L * 2 * 1000  # n coefficients per layer
+    assert counts["WaveFT"] == L * 2 * 2592
     assert counts["C3A"] == L * 2 * d * d // 256  # d_out · d_in / b
     assert counts["FRoD"] == L * 2 * (d + int(d * d * 0.01))  # λ (d_in) and ⌊ρ d_in²⌋ rotational degrees
     assert counts["PSOFT"] == L * 2 * (8 * 7 // 2 + 2 * 8)  # r(r−1)/2 angles and two scalings of r

@@ -37,6 +37,7 @@ from peft import (
     UniLoraConfig,
     VBLoRAConfig,
     VeraConfig,
+    WaveFTConfig,
     get_peft_model,
 )
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -187,6 +188,14 @@ CASES = {
         FourierFTConfig(
             n_frequency=80, scaling=300.0, random_loc_seed=5, target_modules=["c_attn"], fan_in_fan_out=True
         ),
+    ),
+    "waveft": (
+        tiny_llama,
+        WaveFTConfig(n_frequency=60, scaling=20.0, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    "waveft_gpt2_fan_in_fan_out": (
+        tiny_gpt2,
+        WaveFTConfig(n_frequency=80, wavelet_family="db2", target_modules=["c_attn"], fan_in_fan_out=True),
     ),
     "c3a": (tiny_llama, C3AConfig(block_size=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "ln_tuning": (tiny_llama, LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])),
