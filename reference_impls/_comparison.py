@@ -221,6 +221,11 @@ def _unilora(model, layout):
     return model
 
 
+def _tinylora(model, layout):
+    projections.inject_tinylora(model, [layout.attention[0], layout.attention[2]], r=2, u=64)
+    return model
+
+
 def _structured(method, **options):
     def apply(model, layout):
         structured.inject_structured(model, [layout.attention[0], layout.attention[2]], method, **options)
@@ -377,6 +382,15 @@ METHODS = (
         True,
         False,
         "UNILORA",
+    ),
+    Method(
+        "TinyLoRA",
+        "projections",
+        "r = 2, u = 64 (PEFT's defaults), one v per layer, on the query and value projections",
+        _tinylora,
+        True,
+        False,
+        "TINYLORA",
     ),
     Method(
         "MiSS",

@@ -17,12 +17,12 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT,
 WaveFT (db1, db2, sym2; with or without the inverse transform), C3A, LN tuning, BEFT, SHiRA,
-trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA, Uni-LoRA, MiSS (its three
-variants), GraLoRA, PEANuT, Lily and GLoRA, which are injected into the model in place; and prompt
-tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt and prefix
-tuning return a wrapper around the model (they change its inputs), so always use the returned
-module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA,
-RandLoRA, MiSS and GraLoRA is loaded too: in training mode, with the same seed, the loaded model
+trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA, Uni-LoRA, TinyLoRA (with weight
+tying), MiSS (its three variants), GraLoRA, PEANuT, Lily and GLoRA, which are injected into the model
+in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt
+and prefix tuning return a wrapper around the model (they change its inputs), so always use the
+returned module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD,
+PVeRA, RandLoRA, TinyLoRA, MiSS and GraLoRA is loaded too: in training mode, with the same seed, the loaded model
 draws the same masks and samples as PEFT's (LoRA's `lora_dropout` is not, yet: its loaded layers
 never drop).
 
@@ -73,6 +73,7 @@ from reference_impls.interop_layers import (
     randlora_layer,
     road_layer,
     shira_layer,
+    tinylora_layers,
     trainable_tokens_layer,
     unilora_layers,
     vblora_layer,
@@ -94,7 +95,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft waveft c3a ln_tuning beft "
-    "shira trainable pvera vblora randlora unilora miss gralora peanut lily glora"
+    "shira trainable pvera vblora randlora unilora tinylora miss gralora peanut lily glora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z0-9_]+)??)(?:\.weight)?"
@@ -227,6 +228,11 @@ HANDLED = {
     "init_theta_d_bound",
     "save_indices",
     "unilora_dropout",
+    "u",
+    "weight_tying",
+    "projection_seed",
+    "init_v_bound",
+    "tinylora_dropout",
     "mini_r",
     "miss_dropout",
     "gralora_k",
@@ -275,6 +281,7 @@ SUPPORTED_TYPES = (
     "VBLORA",
     "RANDLORA",
     "UNILORA",
+    "TINYLORA",
     "MISS",
     "GRALORA",
     "PEANUT",
@@ -309,9 +316,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         }
         planned = _plan(prompts, lambda path, found: adaption_prompt_layer(model, path, found["key"], tensors))
     else:
-        # Tensors saved once for the whole model (VeRA's projections, FRoD's bases, Uni-LoRA's θ_d), not per
-        # module; RandLoRA's bases are saved with every layer too, and the layers' copies are the ones used.
-        shared_prefixes = tuple(f"base_model.{m}_" for m in ("vera", "frod", "pvera", "vblora", "randlora", "unilora"))
+        # Tensors saved once for the whole model (VeRA's projections, FRoD's bases, Uni-LoRA's θ_d, TinyLoRA's
+        # vectors), not per module; RandLoRA's bases are saved with every layer too, and the layers' copies are
+        # the ones used.
+        owners = ("vera", "frod", "pvera", "vblora", "randlora", "unilora", "tinylora")
+        shared_prefixes = tuple(f"base_model.{m}_" for m in owners)
         shared_keys = [k for k in tensors if k.startswith(shared_prefixes)]
         shared = {key: tensors.pop(key) for key in shared_keys}
         by_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -329,7 +338,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             build = pvera_layer(config, shared)
         elif peft_type == "VBLORA":
             build = vblora_layer(config, shared)
-        elif peft_type == "UNILORA":
+        elif peft_type in ("UNILORA", "TINYLORA"):
             build = None  # all layers at once, below
         else:
             build = {
@@ -361,8 +370,9 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "LILY": lily_layer,
                 "GLORA": glora_layer,
             }[peft_type]
-        if peft_type == "UNILORA":  # one θ_d for all layers, whose indices may not be in the file
-            planned = _plan({"every adapted layer": None}, lambda *_: unilora_layers(model, config, shared, by_module))
+        if peft_type in ("UNILORA", "TINYLORA"):  # vectors shared across layers, seeds that follow layer order
+            layers = unilora_layers if peft_type == "UNILORA" else tinylora_layers
+            planned = _plan({"every adapted layer": None}, lambda *_: layers(model, config, shared, by_module))
             planned = planned["every adapted layer"]
         else:
             planned = _plan(by_module, lambda path, found: build(model, config, path, found))

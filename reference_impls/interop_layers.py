@@ -20,7 +20,7 @@ from reference_impls.lily import LilyDown, LilyExperts, LilyLinear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
-from reference_impls.projections import SharedVector, UniLoRALinear, assign
+from reference_impls.projections import SharedVector, TinyLoRALinear, UniLoRALinear, assign, tinylora_groups
 from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
 from reference_impls.selective import BiasTunedLinear, SHiRALinear, TrainableTokens, TunedNorm, is_norm, tied_to
@@ -496,6 +496,30 @@ def unilora_layers(model, config, shared, by_module) -> dict[str, nn.Module]:
     names |= {"scale_A": "unilora_scales_A", "scale_B": "unilora_scales_B"}
     for path, layer in layers.items():
         fill(layer, {ours: by_module[path][theirs] for ours, theirs in names.items()})
+    return layers
+
+
+def tinylora_layers(model, config, shared, by_module) -> dict[str, nn.Module]:
+    """TinyLoRA's trained vectors are saved once per group (`base_model.tinylora_v.<group>`), each layer's
+    frozen SVD factors with the layer, and its random cores too unless `save_projection` is off; then
+    they are drawn again as PEFT draws them, from projection_seed plus the layer's index in model order."""
+    order = {path: index for index, (path, _) in enumerate(model.named_modules())}
+    paths = sorted(by_module, key=order.__getitem__)
+    groups = tinylora_groups(len(paths), config["weight_tying"])
+    vectors = {}
+    for key, tensor in shared.items():  # base_model.tinylora_v.<group>
+        vectors[int(key.rsplit(".", 1)[1])] = fill(SharedVector(tensor.shape[0], bound=0.0), {"theta": tensor})
+    if set(vectors) != set(groups):
+        raise ValueError(
+            f"TinyLoRA's weight tying gives groups {sorted(set(groups))}, the checkpoint {sorted(vectors)}"
+        )
+    layers = {}
+    for index, (path, group) in enumerate(zip(paths, groups)):
+        found, base = by_module[path], base_linear(model, path, config.get("fan_in_fan_out", False))
+        seed, dropout = config["projection_seed"] + index, config.get("tinylora_dropout", 0.0)
+        layer = TinyLoRALinear(base, vectors[group], r=found["tinylora_A"].shape[0], seed=seed, dropout=dropout)
+        saved = {"A": found["tinylora_A"], "B": found["tinylora_B"]}
+        layers[path] = fill(layer, saved | ({"P": found["tinylora_P"]} if "tinylora_P" in found else {}))
     return layers
 
 

@@ -1,6 +1,7 @@
-"""One trained vector for the whole model: Uni-LoRA projects it into every layer's LoRA factors.
+"""Tiny trained vectors projected into LoRA's parameters: Uni-LoRA (one vector for the whole model)
+and TinyLoRA (a few numbers mixing fixed random cores between frozen SVD factors).
 
-"Uni-LoRA: One Vector Is All You Need." 2025. arXiv:2506.00799.
+**Uni-LoRA.** "Uni-LoRA: One Vector Is All You Need." 2025. arXiv:2506.00799.
 
 Put every LoRA parameter of the model — each adapted layer's A ∈ ℝ^{r×d_in} and B ∈ ℝ^{d_out×r},
 all flattened and concatenated — into one long vector θ_D of length D. Uni-LoRA trains a short
@@ -16,8 +17,23 @@ uniform in ±0.02, so ΔW is small but not 0 at the start. The assignment is PEF
 indices`, from a seed, over the layers in model order, A then B), so a checkpoint that does not
 save it is rebuilt here exactly.
 
-Equal to PEFT 0.21 `unilora`; `reference_impls.interop` loads its checkpoints.
+**TinyLoRA.** "Learning to Reason in 13 Parameters." 2026. arXiv:2602.04118. LoRA-XS (frozen
+factors from the truncated SVD W₀ ≈ U_r Σ_r V_rᵀ around a trained r × r core R) with the core itself
+reduced to u numbers v through u fixed random matrices Pᵢ ∈ ℝ^{r×r}, Pᵢ ~ N(0, 1/r):
+
+    ΔW = B R A,        R = Σᵢ vᵢ Pᵢ,        B = U_r Σ_r^½,   A = Σ_r^½ V_rᵀ
+
+Layers may share v ("weight tying" τ ∈ [0, 1]): the L adapted layers, in model order, form
+max(1, round(L (1 − τ))) groups of consecutive layers, each with one v. Trained: u per group (u = 13
+and τ = 1 is the paper's 13 parameters for a whole model). v = 0 at the start, so ΔW = 0. Each
+layer's Pᵢ are drawn from the seed plus the layer's index. Splitting Σ_r evenly between B and A is
+PEFT's choice (LoRA-XS keeps it on one side); with R confined to the span of the Pᵢ the two give
+different u-dimensional families of updates, and the reference follows PEFT.
+
+Both equal PEFT 0.21 (`unilora`, `tinylora`); `reference_impls.interop` loads their checkpoints.
 """
+
+import copy
 
 import numpy as np
 import torch
@@ -39,9 +55,9 @@ from reference_impls.lora import LoRALinear
 
 FAMILY = "Low-rank updates"
 
-IMPLEMENTS = ("uni-lora",)
+IMPLEMENTS = ("uni-lora", "tinylora")
 
-# The frameworks that provide the method.
+# The frameworks that provide these methods.
 COVERED_BY = ("hf-peft",)
 
 
@@ -57,11 +73,11 @@ def balanced_indices(count: int, d: int, seed: int) -> torch.Tensor:
 
 
 class SharedVector(nn.Module):
-    """θ_d, the one trained vector (each adapted layer holds this same module)."""
+    """A trained vector θ that several layers hold (Uni-LoRA's θ_d, TinyLoRA's v): uniform in ±bound, or 0."""
 
     def __init__(self, d: int, bound: float = 0.02):
         super().__init__()
-        self.theta = nn.Parameter(torch.empty(d).uniform_(-bound, bound))
+        self.theta = nn.Parameter(torch.empty(d).uniform_(-bound, bound) if bound else torch.zeros(d))
 
 
 class UniLoRALinear(nn.Module):
@@ -122,23 +138,116 @@ def inject_unilora(model: nn.Module, target_names: list[str], r: int = 4, d: int
     return targets
 
 
-def merge_unilora(model: nn.Module) -> None:
-    set_merged(model, UniLoRALinear, True)
+class TinyLoRALinear(nn.Module):
+    """A frozen nn.Linear plus B (Σᵢ vᵢ Pᵢ) A x: frozen SVD factors B, A and random cores Pᵢ, trained v."""
+
+    def __init__(self, base: nn.Linear, vector: SharedVector, r: int = 2, seed: int = 42, dropout: float = 0.0):
+        super().__init__()
+        self.base, self.vector = base, vector
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the input, in training
+        d_out, d_in = base.weight.shape
+        r, u = min(r, d_out, d_in), vector.theta.shape[0]
+        if base.weight.is_meta:  # counting parameters only: no SVD, no draw
+            A, B, P = (torch.empty(shape, device="meta") for shape in ((r, d_in), (d_out, r), (u, r, r)))
+        else:
+            U, S, Vh = torch.linalg.svd(base.weight.detach().float(), full_matrices=False)
+            root = S[:r].sqrt()
+            A, B = (root[:, None] * Vh[:r]).to(base.weight.dtype), (U[:, :r] * root).to(base.weight.dtype)
+            P = torch.normal(0.0, r**-0.5, size=(u, r, r), generator=torch.Generator().manual_seed(seed))
+        self.register_buffer("A", A)
+        self.register_buffer("B", B)
+        self.register_buffer("P", P.to(base.weight.device))
+        self.merged = False
+
+    def core(self) -> torch.Tensor:
+        v = self.vector.theta
+        return torch.einsum("i,ijk->jk", v, self.P.to(v.dtype))  # R = Σᵢ vᵢ Pᵢ
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        if self.merged:
+            return h
+        x = self.dropout(x).to(self.A.dtype)
+        return h + F.linear(F.linear(F.linear(x, self.A), self.core().to(self.A.dtype)), self.B).to(h.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.B @ self.core().to(self.A.dtype) @ self.A
+
+    merge, unmerge = LoRALinear.merge, LoRALinear.unmerge
 
 
-def unmerge_unilora(model: nn.Module) -> None:
-    set_merged(model, UniLoRALinear, False)
+def tinylora_groups(count: int, tying: float) -> list[int]:
+    """The group (index of the shared v) of each of `count` layers in model order: max(1, round(count (1 − τ)))
+    groups of ⌊count / groups⌋ consecutive layers, the last group taking the remainder."""
+    groups = max(1, round(count * (1.0 - tying)))
+    size = max(1, count // groups)
+    return [min(index // size, groups - 1) for index in range(count)]
+
+
+def inject_tinylora(
+    model: nn.Module,
+    target_names: list[str],
+    r: int = 2,
+    u: int = 64,
+    tying: float = 0.0,
+    seed: int = 42,
+    dropout: float = 0.0,
+) -> list[str]:
+    """TinyLoRA on the named layers: u trained numbers per group of layers (tying τ), v = 0 at the start."""
+    targets = find_targets(model, target_names)
+    groups = tinylora_groups(len(targets), tying)
+    vectors = [SharedVector(u, bound=0.0) for _ in range(max(groups) + 1)]
+    for index, (name, group) in enumerate(zip(targets, groups)):
+        layer = TinyLoRALinear(model.get_submodule(name), vectors[group], r, seed=seed + index, dropout=dropout)
+        replace_module(model, name, layer)
+    freeze_all_but(model, TinyLoRALinear, ("vector",))
+    return targets
+
+
+def merge_projections(model: nn.Module) -> None:
+    set_merged(model, (UniLoRALinear, TinyLoRALinear), True)
+
+
+def unmerge_projections(model: nn.Module) -> None:
+    set_merged(model, (UniLoRALinear, TinyLoRALinear), False)
+
+
+def top_singular_task(model: nn.Module, layers: list[str], r: int = 2, seed: int = 1):
+    """Inputs, and the outputs of `model` with each named layer's top-r singular block W[U_r, V_r]
+    changed at random: a task TinyLoRA can reach, since it moves only those directions."""
+    generator = torch.Generator().manual_seed(seed)
+    teacher = copy.deepcopy(model)
+    with torch.no_grad():
+        for name in layers:
+            W = teacher.get_submodule(name).weight
+            U, S, Vh = torch.linalg.svd(W)
+            change = torch.randn(r, r, generator=generator) * S[:r, None]
+            W += U[:, :r] @ change @ Vh[:r]
+        x = torch.randn(512, W.shape[1], generator=generator)
+        return x, teacher(x)
 
 
 def demo() -> None:
-    """Uni-LoRA on the toy task with θ_d of 256 and of 1,024 numbers for three rank-8 layers (3,072 LoRA numbers)."""
+    """Uni-LoRA with θ_d of 256 and of 1,024 numbers for three rank-8 layers (3,072 LoRA numbers);
+    TinyLoRA (r = 2) with u = 13 per layer and with one v of 13 for all three layers."""
     x, y = toy_task()
     for d in (256, 1024):
         model = toy_model()
         inject_unilora(model, ["0", "2", "4"], r=8, d=d)
         before, after = train(model, x, y, lr=5e-2)
         report(f"uni-lora (θ_d of {d}) on 3 layers", model, before, after)
-        report_merge(model, x, merge_unilora)
+        report_merge(model, x, merge_projections)
+    # TinyLoRA moves only each layer's top-r singular directions: the shared toy task lies mostly
+    # outside them, so it trains here on a task inside them (and shows the toy task for contrast).
+    x_top, y_top = top_singular_task(toy_model(), ["0", "2", "4"])
+    for tying in (0.0, 1.0):
+        model = toy_model()
+        inject_tinylora(model, ["0", "2", "4"], r=2, u=13, tying=tying)
+        before, after = train(copy.deepcopy(model), x, y, lr=5e-2)
+        print(f"tinylora, tying {tying:g}, on the toy task (outside its reach): {before:.4g} → {after:.4g}")
+        before, after = train(model, x_top, y_top, lr=5e-2)
+        report(f"tinylora (u = 13, tying {tying:g}) on 3 layers, top-2 singular task", model, before, after)
+        report_merge(model, x_top, merge_projections)
 
 
 if __name__ == "__main__":

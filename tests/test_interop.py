@@ -33,6 +33,7 @@ from peft import (
     RandLoraConfig,
     RoadConfig,
     ShiraConfig,
+    TinyLoraConfig,
     TrainableTokensConfig,
     UniLoraConfig,
     VBLoRAConfig,
@@ -197,6 +198,14 @@ CASES = {
         tiny_gpt2,
         WaveFTConfig(n_frequency=80, wavelet_family="db2", target_modules=["c_attn"], fan_in_fan_out=True),
     ),
+    "tinylora": (
+        tiny_llama,
+        TinyLoraConfig(r=2, u=7, weight_tying=0.5, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    "tinylora_gpt2_fan_in_fan_out": (
+        tiny_gpt2,
+        TinyLoraConfig(r=3, u=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    ),
     "c3a": (tiny_llama, C3AConfig(block_size=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "ln_tuning": (tiny_llama, LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])),
     "ln_tuning_gpt2_layernorm": (tiny_gpt2, LNTuningConfig(target_modules=["ln_1", "ln_f"])),
@@ -310,6 +319,10 @@ TRAINING_CASES = {
         GraloraConfig(r=4, gralora_k=2, hybrid_r=2, gralora_dropout=0.3, target_modules=["q_proj"]),
     ),
     "frod_dropout": (tiny_llama, FrodConfig(sparse_rate=0.05, frod_dropout=0.3, target_modules=["q_proj", "v_proj"])),
+    "tinylora_dropout": (
+        tiny_llama,
+        TinyLoraConfig(r=2, u=5, tinylora_dropout=0.3, target_modules=["q_proj", "o_proj"]),
+    ),
 }
 
 
