@@ -70,7 +70,7 @@ class Entry(BaseModel):
     code: Link | None = None
     website: Link | None = None
     tags: Annotated[list[str], Field(max_length=20)]
-    impl: Annotated[list[str], Field(max_length=20)]
+    impl: Annotated[list[str], Field(max_length=60)]  # a framework lists every module it provides (PEFT: 20+)
     # Corrections: they win over the metadata record, for the few records the API gets wrong.
     authors: Annotated[list[Line], Field(max_length=500)] | None = None
     venue: Line | None = None

@@ -295,6 +295,11 @@ def _bitfit(model, layout):
     return model
 
 
+def _supertuning(model, layout):
+    sparse.inject_supertuning(model, [layout.attention[0], layout.attention[2]], sparsity=0.99)
+    return model
+
+
 def _prompt_tuning(model, layout):
     return prompts.PromptTuning(model, n=20)
 
@@ -542,6 +547,15 @@ METHODS = (
         "SHIRA",
     ),
     Method("BitFit", "sparse", "every bias", _bitfit, True, False, ""),
+    Method(
+        "Super-Tuning",
+        "sparse",
+        "the 1% of entries of largest magnitude (PEFT's default) of the query and value projections",
+        _supertuning,
+        True,
+        False,
+        "SUPERTUNING",
+    ),
     Method(
         "Lily",
         "lily",

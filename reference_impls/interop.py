@@ -17,14 +17,14 @@ Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pat
 in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT,
 WaveFT (db1, db2, sym2; with or without the inverse transform), C3A, LN tuning, BEFT, SHiRA,
-trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA, Uni-LoRA, TinyLoRA (with weight
-tying), MiSS (its three variants), GraLoRA, PEANuT, Lily and GLoRA, which are injected into the model
-in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompt
-and prefix tuning return a wrapper around the model (they change its inputs), so always use the
-returned module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD,
-PVeRA, RandLoRA, TinyLoRA, MiSS and GraLoRA is loaded too: in training mode, with the same seed, the loaded model
-draws the same masks and samples as PEFT's (LoRA's `lora_dropout` is not, yet: its loaded layers
-never drop).
+Super-Tuning (with Supra), trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA,
+Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants), GraLoRA, PEANuT, Lily and GLoRA,
+which are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and
+adaption prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they
+change its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr,
+HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS and
+GraLoRA is loaded too: in training mode, with the same seed, the loaded model draws the same masks
+and samples as PEFT's (LoRA's `lora_dropout` is not, yet: its loaded layers never drop).
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -73,6 +73,7 @@ from reference_impls.interop_layers import (
     randlora_layer,
     road_layer,
     shira_layer,
+    supertuning_layer,
     tinylora_layers,
     trainable_tokens_layer,
     unilora_layers,
@@ -95,7 +96,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft waveft c3a ln_tuning beft "
-    "shira trainable pvera vblora randlora unilora tinylora miss gralora peanut lily glora"
+    "shira supertuning trainable pvera vblora randlora unilora tinylora miss gralora peanut lily glora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z0-9_]+)??)(?:\.weight)?"
@@ -233,6 +234,9 @@ HANDLED = {
     "projection_seed",
     "init_v_bound",
     "tinylora_dropout",
+    "sparsity",
+    "select_top",
+    "save_precomputed_indices",
     "mini_r",
     "miss_dropout",
     "gralora_k",
@@ -276,6 +280,7 @@ SUPPORTED_TYPES = (
     "LN_TUNING",
     "BEFT",
     "SHIRA",
+    "SUPERTUNING",
     "TRAINABLE_TOKENS",
     "PVERA",
     "VBLORA",
@@ -362,6 +367,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "LN_TUNING": ln_tuning_layer,
                 "BEFT": beft_layer,
                 "SHIRA": shira_layer,
+                "SUPERTUNING": supertuning_layer,
                 "TRAINABLE_TOKENS": trainable_tokens_layer,
                 "RANDLORA": randlora_layer,
                 "MISS": miss_layer,

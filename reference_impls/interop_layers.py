@@ -32,6 +32,7 @@ from reference_impls.shared_bases import (
     VBLoRALinear,
     VectorBank,
 )
+from reference_impls.sparse import SuperTuningLinear
 from reference_impls.spectral import C3ALinear, FourierFTLinear, WaveFTLinear
 from reference_impls.structured import ACTIVATIONS, GraLoRALinear, MiSSLinear, PEANuTLinear
 from reference_impls.subspace import DEFTLinear, OSFLinear, PSOFTLinear
@@ -380,6 +381,24 @@ def shira_layer(model, config, path, found):
     # The mask is saved (whatever mask function made it), so no seed is needed to rebuild it.
     base = base_linear(model, path, config.get("fan_in_fan_out", False))
     return fill(SHiRALinear(base, positions=found["shira_indices"]), {"s": found["shira_weight"]})
+
+
+def supertuning_layer(model, config, path, found):
+    # The support is saved unless save_precomputed_indices is off; then it is scored again from the weight,
+    # as PEFT does (ties in |W| could then order differently).
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    positions = found.get("supertuning_indices")
+    lora = {"A": found["supertuning_lora_A"], "B": found["supertuning_lora_B"]} if config.get("r") else {}
+    layer = SuperTuningLinear(
+        base,
+        sparsity=config["sparsity"],
+        top=config["select_top"],
+        r=config.get("r") or 0,
+        alpha=config.get("lora_alpha"),
+        dropout=config.get("lora_dropout", 0.0),
+        positions=positions,
+    )
+    return fill(layer, {"s": found["supertuning_values"]} | lora)
 
 
 def trainable_tokens_layer(model, config, path, found):

@@ -41,6 +41,7 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["RandLoRA"] == L * 2 * (d // 32) * (32 + d)  # n (r + d_min), n = d_min / r
     assert counts["Uni-LoRA"] == 256  # one vector for the whole model
     assert counts["TinyLoRA"] == L * 2 * 64  # u per layer (no tying)
+    assert counts["Super-Tuning"] == L * 2 * int(d * d * (1 - 0.99))  # ⌊(1 − sparsity) d_out d_in⌋ per layer
     assert counts["Lily"] == 2 * (L * 32 * d + 2 * 32 * d + L * 2 * 32)  # per role: L A's, E experts, L routers
     glora_bias = 4 * (d + 1) + 2 if layout.add_norm else 0  # BERT's projections have biases, Llama's none
     assert counts["GLoRA"] == L * 2 * (2 * 4 * (d + d) + glora_bias)

@@ -33,6 +33,7 @@ from peft import (
     RandLoraConfig,
     RoadConfig,
     ShiraConfig,
+    SupertuningConfig,
     TinyLoraConfig,
     TrainableTokensConfig,
     UniLoraConfig,
@@ -206,6 +207,10 @@ CASES = {
         tiny_gpt2,
         TinyLoraConfig(r=3, u=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
     ),
+    "supertuning_supra": (
+        tiny_llama,
+        SupertuningConfig(sparsity=0.95, r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
     "c3a": (tiny_llama, C3AConfig(block_size=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "ln_tuning": (tiny_llama, LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])),
     "ln_tuning_gpt2_layernorm": (tiny_gpt2, LNTuningConfig(target_modules=["ln_1", "ln_f"])),
@@ -319,6 +324,10 @@ TRAINING_CASES = {
         GraloraConfig(r=4, gralora_k=2, hybrid_r=2, gralora_dropout=0.3, target_modules=["q_proj"]),
     ),
     "frod_dropout": (tiny_llama, FrodConfig(sparse_rate=0.05, frod_dropout=0.3, target_modules=["q_proj", "v_proj"])),
+    "supra_dropout": (
+        tiny_llama,
+        SupertuningConfig(sparsity=0.95, r=2, lora_dropout=0.3, target_modules=["q_proj", "o_proj"]),
+    ),
     "tinylora_dropout": (
         tiny_llama,
         TinyLoraConfig(r=2, u=5, tinylora_dropout=0.3, target_modules=["q_proj", "o_proj"]),

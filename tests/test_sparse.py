@@ -1,11 +1,15 @@
-"""BitFit, Diff pruning (hard-concrete L0) and LT-SFT against their papers' definitions."""
+"""BitFit, Diff pruning (hard-concrete L0), LT-SFT and Super-Tuning against their papers' definitions,
+and Super-Tuning against HF PEFT in both dtypes (a tiny-Llama checkpoint is in test_interop.py)."""
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
+from peft import SupertuningConfig
 from test_bottleneck import Net
+from test_lora import Tiny
 from torch import nn
 
 from reference_impls._plumbing import count_parameters
@@ -14,16 +18,21 @@ from reference_impls.sparse import (
     GAMMA,
     ZETA,
     DiffLinear,
+    SuperTuningLinear,
     bitfit,
     compose,
     inject_diff_pruning,
+    inject_supertuning,
+    input_norms,
     l0_penalty,
     lottery_ticket_masks,
+    merge_supertuning,
     restrict_training,
     sparse_difference,
+    unmerge_supertuning,
 )
 
-from helpers import demo_losses
+from helpers import assert_equal_in_both_dtypes, assert_merge_round_trip, demo_losses, peft_and_ours
 
 
 def test_bitfit_trains_exactly_the_biases_or_the_chosen_subset():
@@ -129,7 +138,8 @@ def test_demo_runs(capsys):
 
     demo()
     losses = demo_losses(capsys.readouterr().out)
-    assert len(losses) == 3 and all(after < before for before, after in losses)
+    assert len(losses) == 6 and all(after < before for before, after in losses)
+    assert all(after < 0.8 * before for before, after in losses[3:])  # Super-Tuning's three
 
 
 def test_diff_pruning_in_bf16_matches_fp32():
@@ -145,3 +155,105 @@ def test_diff_pruning_in_bf16_matches_fp32():
     torch.testing.assert_close(
         copy.deepcopy(model).to(torch.bfloat16)(x.to(torch.bfloat16)).float(), expected, rtol=5e-2, atol=5e-2
     )
+
+
+# ---- Super-Tuning ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top", [True, False])
+def test_supertuning_trains_the_entries_of_largest_or_smallest_magnitude(top):
+    torch.manual_seed(0)
+    layer = SuperTuningLinear(nn.Linear(13, 9), sparsity=0.9, top=top)
+    W0 = layer.base.weight.detach()
+    k = int(13 * 9 * 0.1)
+    chosen = torch.zeros(9 * 13, dtype=torch.bool)
+    chosen[layer.positions] = True
+    assert layer.s.numel() == k == chosen.sum()
+    magnitude = W0.abs().flatten()
+    inside, outside = magnitude[chosen], magnitude[~chosen]
+    assert (inside.min() >= outside.max()) if top else (inside.max() <= outside.min())
+
+
+def test_wanda_scores_weigh_magnitudes_by_the_input_norms():
+    torch.manual_seed(1)
+    model = Tiny()
+    x = torch.randn(40, 13) * torch.linspace(0.1, 5.0, 13)  # features of very different scales
+    norms = input_norms(model, ["up"], x)["up"]
+    torch.testing.assert_close(norms, x.norm(dim=0))
+    inject_supertuning(model, ["up"], sparsity=0.8, calibration=x)
+    scores = (model.up.base.weight.detach().abs() * x.norm(dim=0)).flatten()
+    expected = torch.topk(scores, int(29 * 13 * 0.2)).indices
+    assert set(model.up.positions.tolist()) == set(expected.tolist())
+    magnitude_only = torch.topk(model.up.base.weight.detach().abs().flatten(), expected.numel()).indices
+    assert set(expected.tolist()) != set(magnitude_only.tolist())  # the activations change the choice
+
+
+@pytest.mark.parametrize("supra", [{}, {"r": 2, "alpha": 3.0}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_supertuning_starts_as_the_identity_and_trains_only_its_parts(supra, dtype):
+    plain = Tiny().to(dtype)
+    model = copy.deepcopy(plain)
+    inject_supertuning(model, ["up", "down"], sparsity=0.9, **supra)
+    x = torch.randn(3, 13, dtype=dtype)
+    assert torch.equal(model(x), plain(x))
+    k = int(29 * 13 * 0.1) + int(7 * 29 * 0.1)
+    lora = 2 * (13 + 29) + 2 * (29 + 7) if supra else 0
+    assert count_parameters(model)[0] == k + lora
+    with torch.no_grad():
+        for layer in (model.up, model.down):
+            layer.s.normal_()
+            if supra:
+                layer.B.normal_()
+    model(x).float().pow(2).sum().backward()
+    trained = {name.split(".", 1)[1] for name, p in model.named_parameters() if p.grad is not None}
+    assert trained == ({"s", "A", "B"} if supra else {"s"})
+    assert model.up.sparse_delta().count_nonzero() == int(29 * 13 * 0.1)  # S lives on the support alone
+
+
+def test_the_sparse_update_touches_only_the_support_and_supra_adds_its_lora():
+    torch.manual_seed(2)
+    layer = SuperTuningLinear(nn.Linear(11, 6), sparsity=0.7, r=2, alpha=6.0)
+    with torch.no_grad():
+        layer.s.normal_()
+        layer.B.normal_()
+    sparse = torch.zeros(66)
+    sparse[layer.positions] = layer.s.detach()
+    expected = sparse.view(6, 11) + 3.0 * layer.B.detach() @ layer.A.detach()
+    torch.testing.assert_close(layer.delta_weight().detach(), expected)
+    x = torch.randn(4, 11)
+    torch.testing.assert_close(layer(x).detach(), layer.base(x) + x @ expected.T)
+
+
+@pytest.mark.parametrize("supra", [{}, {"r": 3}])
+def test_supertuning_merge_unmerge_round_trip(supra):
+    model = Tiny()
+    inject_supertuning(model, ["up", "down"], sparsity=0.85, **supra)
+    with torch.no_grad():
+        for layer in (model.up, model.down):
+            for parameter in layer.parameters(recurse=False):
+                parameter.normal_()
+    assert_merge_round_trip(model, merge_supertuning, unmerge_supertuning, torch.randn(4, 13), rtol=1e-4, atol=1e-4)
+
+
+def test_supertuning_refuses_a_sparsity_that_leaves_nothing():
+    with pytest.raises(ValueError, match="leaves no trained entry"):
+        SuperTuningLinear(nn.Linear(4, 3), sparsity=0.95)
+
+
+with warnings.catch_warnings():  # PEFT warns that unsaved indices are scored again from the weight: tested here
+    warnings.simplefilter("ignore", UserWarning)
+    SUPERTUNING_CONFIGS = {
+        "magnitude_top": SupertuningConfig(sparsity=0.9, target_modules=["up", "down"]),
+        "magnitude_bottom": SupertuningConfig(sparsity=0.8, select_top=False, target_modules=["up", "down"]),
+        "supra": SupertuningConfig(sparsity=0.9, r=3, lora_alpha=5.0, target_modules=["up", "down"]),
+        "indices_scored_again": SupertuningConfig(
+            sparsity=0.9, save_precomputed_indices=False, target_modules=["up", "down"]
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(SUPERTUNING_CONFIGS))
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_supertuning_equals_peft_in_both_dtypes(case, dtype, tolerance, tmp_path):
+    peft_model, ours = peft_and_ours(Tiny, SUPERTUNING_CONFIGS[case], tmp_path, std=0.3)
+    assert_equal_in_both_dtypes(ours, peft_model, torch.randn(3, 5, 13), dtype, tolerance)
