@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from reference_impls import (
+    adamss,
     bottleneck,
     delora,
     frod,
@@ -161,6 +162,11 @@ def _orthogonal(method, **options):
 
 def _road(model, layout):
     road.inject_road(model, [layout.attention[0], layout.attention[2]], variant="road_1", group_size=64)
+    return model
+
+
+def _adamss(model, layout):
+    adamss.inject_adamss(model, [layout.attention[0], layout.attention[2]], R=100, K=5, r=1)
     return model
 
 
@@ -492,6 +498,15 @@ METHODS = (
         "PSOFT",
     ),
     Method("DEFT", "subspace", "r = 8 on the query and value projections", _subspace("deft", r=8), True, False, "DEFT"),
+    Method(
+        "AdaMSS",
+        "adamss",
+        "R = 100, K = 5 clusters of rank 1 (PEFT's defaults) on the query and value projections",
+        _adamss,
+        True,
+        False,
+        "ADAMSS",
+    ),
     Method(
         "OSF",
         "subspace",

@@ -18,7 +18,8 @@ in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neuman
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT,
 WaveFT (db1, db2, sym2; with or without the inverse transform), C3A, LN tuning, BEFT, SHiRA,
 Super-Tuning (with Supra), trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA,
-Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants), GraLoRA, PEANuT, Lily and GLoRA,
+Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants), GraLoRA, PEANuT, Lily, GLoRA and
+AdaMSS,
 which are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and
 adaption prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they
 change its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr,
@@ -46,6 +47,7 @@ from reference_impls.ia3 import IA3Linear
 from reference_impls.interop_layers import (
     UnsupportedAdapter,
     adalora_layer,
+    adamss_layer,
     adaption_prompt_layer,
     beft_layer,
     boft_layer,
@@ -96,7 +98,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft waveft c3a ln_tuning beft "
-    "shira supertuning trainable pvera vblora randlora unilora tinylora miss gralora peanut lily glora"
+    "shira supertuning trainable pvera adamss vblora randlora unilora tinylora miss gralora peanut lily glora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z0-9_]+)??)(?:\.weight)?"
@@ -237,6 +239,18 @@ HANDLED = {
     "sparsity",
     "select_top",
     "save_precomputed_indices",
+    "num_subspaces",
+    "subspace_rank",
+    "use_dynamic_rank",
+    "svd_threshold",
+    "use_asa",
+    "asa_target_subspaces",
+    "init_warmup",
+    "final_warmup",
+    "mask_interval",
+    "asa_importance_beta",
+    "asa_uncertainty_beta",
+    "asa_schedule_exponent",
     "mini_r",
     "miss_dropout",
     "gralora_k",
@@ -292,6 +306,7 @@ SUPPORTED_TYPES = (
     "PEANUT",
     "LILY",
     "GLORA",
+    "ADAMSS",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -375,6 +390,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "PEANUT": peanut_layer,
                 "LILY": lily_layer,
                 "GLORA": glora_layer,
+                "ADAMSS": adamss_layer,
             }[peft_type]
         if peft_type in ("UNILORA", "TINYLORA"):  # vectors shared across layers, seeds that follow layer order
             layers = unilora_layers if peft_type == "UNILORA" else tinylora_layers

@@ -12,6 +12,7 @@ import re
 import torch
 from torch import nn
 
+from reference_impls.adamss import AdaMSSLinear
 from reference_impls.delora import DeLoRALinear
 from reference_impls.frod import FRoDLinear, layer_role
 from reference_impls.glora import GLoRALinear
@@ -540,6 +541,20 @@ def tinylora_layers(model, config, shared, by_module) -> dict[str, nn.Module]:
         saved = {"A": found["tinylora_A"], "B": found["tinylora_B"]}
         layers[path] = fill(layer, saved | ({"P": found["tinylora_P"]} if "tinylora_P" in found else {}))
     return layers
+
+
+def adamss_layer(model, config, path, found):
+    # The clusters are not saved: PEFT finds them again from the weight (its SVD seed, its k-means), and so
+    # do we; the basis Vᵀ and every cluster's A and B are saved, and the ranks read from them.
+    count = len([name for name in found if name.startswith("adamss_A.")])
+    A = [found[f"adamss_A.{k}"] for k in range(count)]
+    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    R, ranks = found["adamss_newB"].shape[0], [a.shape[0] for a in A]
+    layer = AdaMSSLinear(base, R=R, K=config["num_subspaces"], r=ranks, seed=config["random_seed"])
+    if len(layer.A) != count:
+        raise ValueError(f"the weight clusters into {len(layer.A)} subspaces here, {count} in the checkpoint")
+    saved = {"Vt": found["adamss_newB"]} | {f"A.{k}": A[k] for k in range(count)}
+    return fill(layer, saved | {f"B.{k}": found[f"adamss_B.{k}"] for k in range(count)})
 
 
 def miss_layer(model, config, path, found):

@@ -54,6 +54,7 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["FRoD"] == L * 2 * (d + int(d * d * 0.01))  # λ (d_in) and ⌊ρ d_in²⌋ rotational degrees
     assert counts["PSOFT"] == L * 2 * (8 * 7 // 2 + 2 * 8)  # r(r−1)/2 angles and two scalings of r
     assert counts["DEFT"] == counts["LoRA"]  # P (d_out × r) and R (r × d_in)
+    assert counts["AdaMSS"] == L * 2 * (5 * 1 * 100 + 1 * d)  # K r R + r d_out
     assert counts["OSF"] == L * 2 * (d // 2) * (d + d + 1)  # (n − k)(d_out + d_in + 1), k = n/2
     assert counts["HiRA"] == counts["LoRA"]  # the same factors as LoRA, modulating W₀
     a, b = kronecker_factors(d)  # d = a·b: 768 = 24·32, 4096 = 64·64

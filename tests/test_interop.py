@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import (
     AdaLoraConfig,
+    AdamssConfig,
     BeftConfig,
     BOFTConfig,
     C3AConfig,
@@ -210,6 +211,10 @@ CASES = {
     "supertuning_supra": (
         tiny_llama,
         SupertuningConfig(sparsity=0.95, r=2, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
+    "adamss_without_biases": (
+        tiny_llama,
+        AdamssConfig(r=12, num_subspaces=3, subspace_rank=2, target_modules=["q_proj", "v_proj", "down_proj"]),
     ),
     "c3a": (tiny_llama, C3AConfig(block_size=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     "ln_tuning": (tiny_llama, LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm", "norm"])),
