@@ -18,14 +18,14 @@ in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neuman
 (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT,
 WaveFT (db1, db2, sym2; with or without the inverse transform), C3A, LN tuning, BEFT, SHiRA,
 Super-Tuning (with Supra), trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA,
-Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants), GraLoRA, PEANuT, Lily, GLoRA and
-AdaMSS,
-which are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and
-adaption prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they
-change its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr,
-HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS and
-GraLoRA is loaded too: in training mode, with the same seed, the loaded model draws the same masks
-and samples as PEFT's (LoRA's `lora_dropout` is not, yet: its loaded layers never drop).
+Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants), GraLoRA, PEANuT, Lily, GLoRA,
+AdaMSS and Poly (Polytropon and MHR: name each row's task with `routing.use_tasks`), which are
+injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
+prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change its
+inputs), so always use the returned module. The training-time randomness of LoHa, LoKr, HiRA,
+DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS, GraLoRA and
+Poly is loaded too: in training mode, with the same seed, the loaded model draws the same masks and
+samples as PEFT's (LoRA's `lora_dropout` is not, yet: its loaded layers never drop).
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -70,6 +70,7 @@ from reference_impls.interop_layers import (
     oft_layer,
     osf_layer,
     peanut_layer,
+    poly_layer,
     psoft_layer,
     pvera_layer,
     randlora_layer,
@@ -98,7 +99,7 @@ WRAPPER_PREFIX = "base_model.model."
 # "layers.0.q_proj.osf_svd_params.U_low"; the tensor's name is what follows the module's path.
 METHOD_PREFIXES = (
     "lora vera ia3 hada lokr hira delora oft boft hra road osf psoft deft frod fourierft waveft c3a ln_tuning beft "
-    "shira supertuning trainable pvera adamss vblora randlora unilora tinylora miss gralora peanut lily glora"
+    "shira supertuning trainable pvera adamss poly vblora randlora unilora tinylora miss gralora peanut lily glora"
 ).split()
 PREFIXES = "|".join(METHOD_PREFIXES)
 TENSOR_NAME = rf"(.+?)\.((?:{PREFIXES})_[A-Za-z0-9_]+?(?:\.[A-Za-z0-9_]+)??)(?:\.weight)?"
@@ -251,6 +252,10 @@ HANDLED = {
     "asa_importance_beta",
     "asa_uncertainty_beta",
     "asa_schedule_exponent",
+    "poly_type",
+    "n_tasks",
+    "n_skills",
+    "n_splits",
     "mini_r",
     "miss_dropout",
     "gralora_k",
@@ -307,6 +312,7 @@ SUPPORTED_TYPES = (
     "LILY",
     "GLORA",
     "ADAMSS",
+    "POLY",
     "PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
@@ -391,6 +397,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 "LILY": lily_layer,
                 "GLORA": glora_layer,
                 "ADAMSS": adamss_layer,
+                "POLY": poly_layer,
             }[peft_type]
         if peft_type in ("UNILORA", "TINYLORA"):  # vectors shared across layers, seeds that follow layer order
             layers = unilora_layers if peft_type == "UNILORA" else tinylora_layers

@@ -24,6 +24,7 @@ from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.projections import SharedVector, TinyLoRALinear, UniLoRALinear, assign, tinylora_groups
 from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
+from reference_impls.routing import PolyLoRALinear
 from reference_impls.selective import BiasTunedLinear, SHiRALinear, TrainableTokens, TunedNorm, is_norm, tied_to
 from reference_impls.shared_bases import (
     PVeRALinear,
@@ -541,6 +542,17 @@ def tinylora_layers(model, config, shared, by_module) -> dict[str, nn.Module]:
         saved = {"A": found["tinylora_A"], "B": found["tinylora_B"]}
         layers[path] = fill(layer, saved | ({"P": found["tinylora_P"]} if "tinylora_P" in found else {}))
     return layers
+
+
+def poly_layer(model, config, path, found):
+    # PEFT's router keeps the logits as (tasks, heads · skills); ours as (tasks, heads, skills).
+    if config.get("poly_type", "poly") != "poly":
+        raise UnsupportedAdapter(f"Poly poly_type {config['poly_type']!r} is not supported (only 'poly')")
+    A, B, logits = found["poly_lora_A"], found["poly_lora_B"], found["poly_router.module_logits"]
+    heads, skills, _, r = A.shape
+    base = base_linear(model, path, False)
+    layer = PolyLoRALinear(base, tasks=logits.shape[0], skills=skills, r=r, heads=heads)
+    return fill(layer, {"A": A, "B": B, "logits": logits.view(-1, heads, skills)})
 
 
 def adamss_layer(model, config, path, found):

@@ -1,4 +1,5 @@
-"""Polytropon and MHR against HF PEFT's Poly; MoV and AdaMix against their equations."""
+"""Polytropon and MHR against HF PEFT's Poly (also through its checkpoints); MoV and AdaMix against
+their equations."""
 
 import copy
 
@@ -18,7 +19,7 @@ from reference_impls.routing import (
     use_tasks,
 )
 
-from helpers import demo_losses
+from helpers import demo_losses, peft_and_ours, relative_error
 
 
 class Net(nn.Module):
@@ -69,6 +70,29 @@ def test_poly_equals_peft(heads, training):
             got = ours(x)
     assert (expected - base(x)).abs().max() > 1e-2
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_a_peft_poly_checkpoint_loads_and_gives_peft_s_outputs_in_both_modes(heads, dtype, tolerance, tmp_path):
+    from peft import PolyConfig
+
+    config = PolyConfig(r=2, n_tasks=3, n_skills=4, n_splits=heads, target_modules=["q", "o"])
+    theirs, ours = peft_and_ours(Net, config, tmp_path, std=0.5)
+    theirs, ours = theirs.to(dtype), ours.to(dtype)
+    x, task_ids = torch.randn(4, 5, 12, dtype=dtype), torch.tensor([2, 0, 1, 2])
+    with torch.no_grad():
+        with theirs.disable_adapter():
+            plain = theirs.base_model(x, task_ids=task_ids)
+        for training in (False, True):  # sigmoid weights, then relaxed Bernoulli samples
+            theirs.train(training), ours.train(training)
+            torch.manual_seed(3)
+            expected = theirs.base_model(x, task_ids=task_ids)
+            torch.manual_seed(3)
+            with use_tasks(ours, task_ids):
+                got = ours(x)
+            assert (expected - plain).abs().max() > 1e-2
+            assert relative_error(got, expected) <= tolerance
 
 
 def test_poly_counts_starts_as_the_base_model_and_needs_tasks():
