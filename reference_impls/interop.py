@@ -12,20 +12,20 @@ PEFT matches it (the pattern must match the end of the module's path). Fields of
 would change what the model computes and that we do not implement raise `UnsupportedAdapter`,
 naming the field.
 
-Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`), DoRA
-(`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or
-in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA
-(with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT,
-WaveFT (db1, db2, sym2; with or without the inverse transform), C3A, LN tuning, BEFT, SHiRA,
-Super-Tuning (with Supra), trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA,
-Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants), GraLoRA, PEANuT, Lily, GLoRA,
-AdaMSS and Poly (Polytropon and MHR: name each row's task with `routing.use_tasks`), which are
-injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
+Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`, `lora_bias`),
+DoRA (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers,
+flattened or in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann
+series), BOFT, HRA (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa),
+FRoD, FourierFT, WaveFT (db1, db2, sym2; with or without the inverse transform), C3A, LN tuning,
+BEFT, SHiRA, Super-Tuning (with Supra), trainable tokens, PVeRA, VB-LoRA (also its top-k form),
+RandLoRA, Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants), GraLoRA, PEANuT, Lily,
+GLoRA, AdaMSS and Poly (Polytropon and MHR: name each row's task with `routing.use_tasks`), which
+are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
 prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change its
 inputs), so always use the returned module. The training-time randomness of LoHa, LoKr, HiRA,
 DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS, GraLoRA and
 Poly is loaded too: in training mode, with the same seed, the loaded model draws the same masks and
-samples as PEFT's (LoRA's `lora_dropout` is not, yet: its loaded layers never drop).
+samples as PEFT's, and LoRA's and DoRA's `lora_dropout` drops as PEFT's does.
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -130,6 +130,7 @@ HANDLED = {
     "rank_pattern",
     "use_rslora",
     "use_dora",
+    "lora_bias",
     "fan_in_fan_out",
     "feedforward_modules",
     "lora_dropout",
@@ -474,8 +475,12 @@ def save_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
         )
     dora = {type(layer) is DoRALinear for layer in layers.values()}
     rslora = {layer.scale != layer.alpha / layer.r for layer in layers.values()}  # α/√r rather than α/r
-    if len(dora) > 1 or len(rslora) > 1:
-        raise UnsupportedAdapter("PEFT keeps use_dora and use_rslora for the whole adapter: the layers mix them")
+    biases = {layer.B_bias is not None for layer in layers.values()}
+    dropouts = {getattr(layer.dropout, "p", 0.0) for layer in layers.values()}
+    if len(dora) > 1 or len(rslora) > 1 or len(biases) > 1 or len(dropouts) > 1:
+        raise UnsupportedAdapter(
+            "PEFT keeps use_dora, use_rslora, lora_bias and lora_dropout for the whole adapter: the layers mix them"
+        )
     r = Counter(layer.r for layer in layers.values()).most_common(1)[0][0]
     alpha = Counter(layer.alpha for layer in layers.values()).most_common(1)[0][0]
     config = {
@@ -488,7 +493,8 @@ def save_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
         "target_modules": sorted(layers),
         "use_dora": dora.pop(),
         "use_rslora": rslora.pop(),
-        "lora_dropout": 0.0,
+        "lora_dropout": dropouts.pop(),
+        "lora_bias": biases.pop(),
         "bias": "none",
         "fan_in_fan_out": False,
         # PEFT matches a pattern against the end of a module's path: the full path, escaped, is exact.
@@ -500,6 +506,8 @@ def save_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
         key = WRAPPER_PREFIX + path
         tensors[f"{key}.lora_A.weight"] = layer.A.detach().contiguous()
         tensors[f"{key}.lora_B.weight"] = layer.B.detach().contiguous()
+        if layer.B_bias is not None:
+            tensors[f"{key}.lora_B.bias"] = layer.B_bias.detach().contiguous()
         if isinstance(layer, DoRALinear):
             tensors[f"{key}.lora_magnitude_vector"] = layer.m.detach().contiguous()
     adapter_dir = Path(adapter_dir)

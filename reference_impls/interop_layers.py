@@ -81,12 +81,17 @@ def lora_layer(model, config, path, found):
     base = base_linear(model, path, config.get("fan_in_fan_out", False))
     r = found["lora_A"].shape[0]
     alpha = pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
-    layer_type = DoRALinear if config.get("use_dora") else LoRALinear
-    layer = layer_type(base, r=r, alpha=alpha, use_rslora=config.get("use_rslora", False))
+    options = {"r": r, "alpha": alpha, "use_rslora": config.get("use_rslora", False)}
+    options["dropout"] = config.get("lora_dropout", 0.0)  # in training, as PEFT drops
+    if config.get("use_dora"):
+        layer = DoRALinear(base, **options)
+        layer.m.copy_(found["lora_magnitude_vector"].flatten())
+    else:
+        layer = LoRALinear(base, **options, bias=config.get("lora_bias", False))
+        if layer.B_bias is not None:
+            layer.B_bias.copy_(found["lora_B.bias"])
     layer.A.copy_(found["lora_A"])
     layer.B.copy_(found["lora_B"])
-    if config.get("use_dora"):
-        layer.m.copy_(found["lora_magnitude_vector"].flatten())
     return layer
 
 

@@ -15,7 +15,9 @@ is tuned). After training, the update can be folded into the weight, so inferenc
 
     merge:    W ← W₀ + s · B A          unmerge:   W₀ ← W − s · B A
 
-Trainable parameters per adapted d_in → d_out layer: r · (d_in + d_out).
+Trainable parameters per adapted d_in → d_out layer: r · (d_in + d_out). Two options as PEFT has
+them: dropout on the update's input in training (s · B A dropout(x)), and a trainable bias on B
+(PEFT's `lora_bias`: s · (B A x + β), β = 0 at the start, + d_out parameters, merged into b).
 
 DoRA: Liu, Wang, Yin, Molchanov, Wang, Cheng, Chen. "DoRA: Weight-Decomposed Low-Rank
 Adaptation." ICML 2024. arXiv:2402.09353. The weight is split into a magnitude m (one number per
@@ -93,7 +95,13 @@ class LoRALinear(nn.Module):
     use_kernels = True  # False: always the plain PyTorch path (the kernel tests compare the two)
 
     def __init__(
-        self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False
+        self,
+        base: nn.Linear,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        bias: bool = False,
     ):
         super().__init__()
         if r <= 0:
@@ -107,6 +115,7 @@ class LoRALinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(base.out_features, r, **factory))
         # A as nn.Linear initialises its weight (Kaiming-uniform); B = 0 makes BA = 0 at the start.
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B_bias = nn.Parameter(torch.zeros(base.out_features, **factory)) if bias else None  # PEFT's lora_bias
         self.merged = False
 
     def takes_kernel(self, x: torch.Tensor) -> bool:
@@ -117,6 +126,7 @@ class LoRALinear(nn.Module):
         return (
             self.use_kernels
             and not self.merged
+            and self.B_bias is None
             and isinstance(self.dropout, nn.Identity)
             and not self.base.weight.requires_grad
             and (bias is None or not bias.requires_grad)
@@ -132,21 +142,31 @@ class LoRALinear(nn.Module):
             return h
         # (x Aᵀ) Bᵀ: two thin matrix products, never the full d_out × d_in matrix BA.
         update = (self.dropout(x).to(self.A.dtype) @ self.A.T) @ self.B.T
+        if self.B_bias is not None:
+            update = update + self.B_bias
         return h + (self.scale * update).to(h.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scale * (self.B @ self.A)
 
+    # Many layers of other methods borrow these two (W ← W ± ΔW); only LoRA's own may carry a bias on B.
     @torch.no_grad()
     def merge(self) -> None:
+        bias = getattr(self, "B_bias", None)
+        if bias is not None and self.base.bias is None:
+            raise ValueError("a LoRA bias merges into the layer's bias, and this layer has none")
         if not self.merged:
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            if bias is not None:
+                self.base.bias += (self.scale * bias).to(self.base.bias.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
             self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            if getattr(self, "B_bias", None) is not None:
+                self.base.bias -= (self.scale * self.B_bias).to(self.base.bias.dtype)
             self.merged = False
 
 
@@ -156,7 +176,7 @@ class DoRALinear(LoRALinear):
     def __init__(
         self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora: bool = False
     ):
-        super().__init__(base, r, alpha, dropout, use_rslora)
+        super().__init__(base, r, alpha, dropout, use_rslora)  # no bias on B: PEFT refuses it with DoRA too
         self.m = nn.Parameter(self.column_norm().detach())  # so that W' = W₀ at the start
 
     def column_norm(self) -> torch.Tensor:
@@ -171,8 +191,15 @@ class DoRALinear(LoRALinear):
             # On a GPU: the norm without forming W₀ + s·BA, the rescale inside the GEMM (kernels/dora.py).
             return fused_dora(x, self.base.weight, self.A, self.B, self.m, self.scale, self.base.bias)
         factor = (self.m / self.column_norm().detach()).to(x.dtype)  # m / ‖W₀ + s·BA‖, norm as a constant
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            # PEFT's form with dropout: the frozen path sees x, the rest of DoRA the dropped x̃,
+            # h = W₀x + b + (factor − 1) W₀x̃ + factor · s·BAx̃ (without dropout, the same as below).
+            dropped = self.dropout(x)
+            update = (dropped.to(self.A.dtype) @ self.A.T) @ self.B.T
+            rescaled = (factor - 1) * nn.functional.linear(dropped, self.base.weight)
+            return self.base(x) + rescaled + factor * (self.scale * update).to(x.dtype)
         h_without_bias = nn.functional.linear(x, self.base.weight)
-        update = (self.dropout(x).to(self.A.dtype) @ self.A.T) @ self.B.T
+        update = (x.to(self.A.dtype) @ self.A.T) @ self.B.T
         h = factor * (h_without_bias + (self.scale * update).to(x.dtype))
         return h if self.base.bias is None else h + self.base.bias
 
@@ -370,13 +397,23 @@ def inject_lora(
     dropout: float = 0.0,
     use_rslora: bool = False,
     use_dora: bool = False,
+    bias: bool = False,
 ) -> list[str]:
-    """Wrap every nn.Linear named in target_names with LoRA (or DoRA) and freeze all else."""
-    layer = DoRALinear if use_dora else LoRALinear
+    """Wrap every nn.Linear named in target_names with LoRA (or DoRA) and freeze all else; `bias` adds
+    a trainable bias to B (PEFT's lora_bias; not with DoRA, as in PEFT)."""
+    if use_dora and bias:
+        raise ValueError("a bias on B (lora_bias) does not combine with DoRA")
     targets = find_targets(model, target_names)
     for name in targets:
-        replace_module(model, name, layer(model.get_submodule(name), r, alpha, dropout, use_rslora))
-    freeze_all_but(model, layer, ("A", "B", "m") if use_dora else ("A", "B"))
+        base = model.get_submodule(name)
+        layer = (
+            DoRALinear(base, r, alpha, dropout, use_rslora)
+            if use_dora
+            else LoRALinear(base, r, alpha, dropout, use_rslora, bias)
+        )
+        replace_module(model, name, layer)
+    trained = ("A", "B", "m") if use_dora else ("A", "B", "B_bias") if bias else ("A", "B")
+    freeze_all_but(model, DoRALinear if use_dora else LoRALinear, trained)
     return targets
 
 

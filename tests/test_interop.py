@@ -80,6 +80,10 @@ CASES = {
             alpha_pattern={"v_proj": 3, "layers.1.mlp.up_proj": 12},
         ),
     ),
+    "lora_bias_gpt2": (
+        tiny_gpt2,
+        LoraConfig(r=3, lora_bias=True, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True),
+    ),
     "lora_gpt2_fan_in_fan_out": (
         tiny_gpt2,
         LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True),
@@ -333,6 +337,8 @@ TRAINING_CASES = {
         tiny_llama,
         SupertuningConfig(sparsity=0.95, r=2, lora_dropout=0.3, target_modules=["q_proj", "o_proj"]),
     ),
+    "lora_dropout": (tiny_llama, LoraConfig(r=4, lora_dropout=0.3, target_modules=["q_proj", "v_proj"])),
+    "dora_dropout": (tiny_llama, LoraConfig(r=4, lora_dropout=0.3, use_dora=True, target_modules=["q_proj", "o_proj"])),
     "tinylora_dropout": (
         tiny_llama,
         TinyLoraConfig(r=2, u=5, tinylora_dropout=0.3, target_modules=["q_proj", "o_proj"]),

@@ -21,7 +21,7 @@ from reference_impls.lora import (
     unmerge_lora,
 )
 
-from helpers import assert_merge_round_trip, demo_losses
+from helpers import assert_equal_in_both_dtypes, assert_merge_round_trip, demo_losses, peft_and_ours, relative_error
 
 
 class Tiny(nn.Module):
@@ -107,6 +107,54 @@ def test_equals_peft_on_the_same_weights(use_rslora, dtype, tolerance):
     ours, theirs = ours.to(dtype), theirs.to(dtype)
     x = torch.randn(2, 9, 13, dtype=dtype)
     torch.testing.assert_close(ours(x), theirs(x), rtol=tolerance, atol=tolerance)
+
+
+def lora_with_bias(**options):
+    model = Tiny()
+    inject_lora(model, ["up", "down"], r=3, alpha=6, bias=True, **options)
+    with torch.no_grad():
+        for layer in (model.up, model.down):
+            layer.B.normal_(), layer.B_bias.normal_()
+    return model
+
+
+def test_a_bias_on_b_adds_s_beta_trains_counts_and_merges_into_the_layer_s_bias():
+    model = lora_with_bias()
+    assert count_parameters(model)[0] == 3 * (13 + 29) + 29 + 3 * (29 + 7) + 7  # r (d_in + d_out) + d_out
+    x = torch.randn(5, 13)
+    layer = model.up
+    expected = layer.base(x) + 2.0 * (x @ layer.A.T @ layer.B.T + layer.B_bias)  # s = 6 / 3
+    torch.testing.assert_close(layer(x), expected)
+    model(x).pow(2).sum().backward()
+    assert model.up.B_bias.grad is not None and model.up.base.bias.grad is None
+    assert_merge_round_trip(model, merge_lora, unmerge_lora, x)
+    bare = LoRALinear(nn.Linear(4, 3, bias=False), r=2, bias=True)
+    with pytest.raises(ValueError, match="has none"):
+        bare.merge()
+    with pytest.raises(ValueError, match="DoRA"):
+        inject_lora(Tiny(), ["up"], use_dora=True, bias=True)
+
+
+def seeded_tiny():
+    torch.manual_seed(5)
+    return Tiny()
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_a_peft_lora_bias_checkpoint_loads_and_ours_saves_one_peft_loads(dtype, tolerance, tmp_path):
+    from peft import PeftModel
+
+    from reference_impls.interop import save_peft_adapter
+
+    config = LoraConfig(r=3, lora_alpha=6, lora_bias=True, target_modules=["up", "down"])
+    theirs, ours = peft_and_ours(seeded_tiny, config, tmp_path / "peft")
+    assert torch.equal(ours.up.B_bias, theirs.base_model.model.up.lora_B["default"].bias)
+    save_peft_adapter(ours, tmp_path / "ours")  # and back: PEFT reads our bias
+    reloaded = PeftModel.from_pretrained(seeded_tiny(), tmp_path / "ours")
+    x = torch.randn(3, 5, 13)
+    with torch.no_grad():
+        assert relative_error(reloaded(x), ours(x)) <= 1e-6
+    assert_equal_in_both_dtypes(ours, theirs, x, dtype, tolerance)
 
 
 def test_only_named_linear_layers_are_wrapped():
