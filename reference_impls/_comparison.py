@@ -24,6 +24,7 @@ from reference_impls import (
     ia3,
     lily,
     lora,
+    lora_inits,
     orthogonal,
     phm,
     products,
@@ -163,6 +164,14 @@ def _orthogonal(method, **options):
 def _road(model, layout):
     road.inject_road(model, [layout.attention[0], layout.attention[2]], variant="road_1", group_size=64)
     return model
+
+
+def _initialised_lora(init):
+    def apply(model, layout):
+        lora_inits.inject_initialised_lora(model, [layout.attention[0], layout.attention[2]], init, r=8, alpha=16)
+        return model
+
+    return apply
 
 
 def _adamss(model, layout):
@@ -348,6 +357,24 @@ def _poly(model, layout):
 
 METHODS = (
     Method("LoRA", "lora", "r = 8, α = 16 on the query and value projections", _lora(r=8), True, False, "LoRA"),
+    Method(
+        "PiSSA",
+        "lora_inits",
+        "LoRA's r = 8, α = 16, started from the top singular triplets (the base keeps the residual)",
+        _initialised_lora("pissa"),
+        True,
+        False,
+        "LoRA (init_lora_weights=pissa)",
+    ),
+    Method(
+        "OLoRA",
+        "lora_inits",
+        "LoRA's r = 8, α = 16, started from W's QR factors (the base keeps the residual)",
+        _initialised_lora("olora"),
+        True,
+        False,
+        "LoRA (init_lora_weights=olora)",
+    ),
     Method(
         "DoRA",
         "lora",

@@ -7,6 +7,7 @@ tensors' shapes where they show them, so `rank_pattern` needs no parsing; `alpha
 the way PEFT matches it (the pattern must match the end of the module's path).
 """
 
+import copy
 import re
 
 import torch
@@ -19,6 +20,7 @@ from reference_impls.glora import GLoRALinear
 from reference_impls.ia3 import IA3Linear
 from reference_impls.lily import LilyDown, LilyExperts, LilyLinear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
+from reference_impls.lora_inits import INITIALISATIONS
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.projections import SharedVector, TinyLoRALinear, UniLoRALinear, assign, tinylora_groups
@@ -77,8 +79,25 @@ def pattern_value(patterns: dict, path: str, default):
     return default
 
 
+# LoRA initialisations that leave the base weight as it was: the saved A and B are all there is.
+PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
+
+
 def lora_layer(model, config, path, found):
-    base = base_linear(model, path, config.get("fan_in_fan_out", False))
+    init = config.get("init_lora_weights", True)
+    fan_in_fan_out = config.get("fan_in_fan_out", False)
+    if init not in PLAIN_INITS and init not in INITIALISATIONS:
+        raise UnsupportedAdapter(
+            f"LoRA init_lora_weights = {init!r} is not supported: it changes the base weight in a way the "
+            f"checkpoint does not hold (supported: {', '.join(map(repr, PLAIN_INITS + tuple(INITIALISATIONS)))})"
+        )
+    if init == "olora" and fan_in_fan_out:
+        raise UnsupportedAdapter(
+            "LoRA init_lora_weights = 'olora' with fan_in_fan_out: PEFT factors the untransposed W"
+        )
+    base = base_linear(model, path, fan_in_fan_out)
+    if init in INITIALISATIONS:  # its residual replaces the base weight: work on a copy, the model stays as it is
+        base = copy.deepcopy(base)
     r = found["lora_A"].shape[0]
     alpha = pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
     options = {"r": r, "alpha": alpha, "use_rslora": config.get("use_rslora", False)}
@@ -90,6 +109,8 @@ def lora_layer(model, config, path, found):
         layer = LoRALinear(base, **options, bias=config.get("lora_bias", False))
         if layer.B_bias is not None:
             layer.B_bias.copy_(found["lora_B.bias"])
+    if init in INITIALISATIONS:  # as PEFT loads PiSSA and OLoRA: the initialisation again, on the original W
+        INITIALISATIONS[init](layer)
     layer.A.copy_(found["lora_A"])
     layer.B.copy_(found["lora_B"])
     return layer

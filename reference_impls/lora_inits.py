@@ -1,0 +1,105 @@
+"""LoRA's initialisations from the frozen weight: PiSSA (its principal singular triplets) and OLoRA
+(its QR decomposition). Both start A and B from a piece of W and leave the rest as the frozen base,
+so the model computes W x at the start, as with LoRA's zero B, but training moves W's main part.
+
+**PiSSA.** Meng, Wang, Zhang. "PiSSA: Principal Singular Values and Singular Vectors Adaptation of
+Large Language Models." NeurIPS 2024. arXiv:2404.02948. With W = U S Vᵀ and its top r triplets,
+
+    B = U_r (S_r / s)^½,    A = (S_r / s)^½ V_rᵀ,    W₀ ← W − s·B A = W − U_r S_r V_rᵀ
+
+(s the LoRA scale; dividing S by s makes s·BA the rank-r truncation whatever α is). The SVD may be
+the exact one or a randomised one with a few power iterations (PEFT's "pissa_niter_k"), which is
+much faster on large weights.
+
+**OLoRA.** Büyükakyüz. "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models." 2024.
+arXiv:2406.01775. With the QR decomposition W = Q R (Q with orthonormal columns),
+
+    B = Q[:, :r],    A = R[:r, :],    W₀ ← W − s·B A
+
+so B starts orthonormal. Both add nothing to LoRA's parameter count, r (d_in + d_out), and merge
+as LoRA does (W₀ + s·BA = W at the start).
+
+A checkpoint of either holds the trained A and B but not the residual base: PEFT, loading it, runs
+the initialisation again on the original weights, and `reference_impls.interop` does the same, so a
+PiSSA or OLoRA adapter loads onto the base model it was trained from. PEFT 0.21's `init_lora_weights`
+"pissa", "pissa_niter_k" and "olora" are these (the randomised SVD draws from the global generator,
+so PEFT's own loading of a "pissa_niter_k" checkpoint is not reproducible; the loader refuses it).
+"""
+
+import torch
+from torch import nn
+
+from reference_impls._plumbing import report, report_merge, toy_model, toy_task, train
+from reference_impls.lora import LoRALinear, inject_lora, merge_lora
+
+FAMILY = "Low-rank updates"
+
+IMPLEMENTS = ("pissa", "olora")
+
+# The frameworks that provide these methods.
+COVERED_BY = ("hf-peft",)
+
+
+@torch.no_grad()
+def pissa_init(layer: LoRALinear, niter: int | None = None) -> None:
+    """B, A from the top r singular triplets of the layer's weight (exact SVD, or randomised with `niter`
+    power iterations), and the base weight left as the residual W − s·BA. Computed in fp32."""
+    W, r = layer.base.weight.float(), layer.r
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
+        Vh = V.T
+    root = (S / layer.scale).sqrt()
+    _set_factors(layer, A=root[:, None] * Vh, B=U * root)
+
+
+@torch.no_grad()
+def olora_init(layer: LoRALinear) -> None:
+    """B = Q[:, :r], A = R[:r] from W = QR, and the base weight left as W − s·BA. Computed in fp32."""
+    Q, R = torch.linalg.qr(layer.base.weight.float())
+    _set_factors(layer, A=R[: layer.r], B=Q[:, : layer.r])
+
+
+def _set_factors(layer: LoRALinear, A: torch.Tensor, B: torch.Tensor) -> None:
+    residual = layer.base.weight.float() - layer.scale * B @ A
+    dtype = layer.base.weight.dtype
+    layer.A.copy_(A.to(dtype)), layer.B.copy_(B.to(dtype)), layer.base.weight.copy_(residual.to(dtype))
+
+
+INITIALISATIONS = {"pissa": pissa_init, "olora": olora_init}
+
+
+def inject_initialised_lora(
+    model: nn.Module, target_names: list[str], init: str = "pissa", niter: int | None = None, **lora_options
+) -> list[str]:
+    """LoRA on the named layers (options as `lora.inject_lora`), its factors from the weight: "pissa"
+    (with `niter`, the randomised SVD) or "olora"; each base weight becomes the residual."""
+    if init not in INITIALISATIONS:
+        raise ValueError(f"initialisation must be one of {sorted(INITIALISATIONS)}, got {init!r}")
+    targets = inject_lora(model, target_names, **lora_options)
+    for name in targets:
+        layer = model.get_submodule(name)
+        if layer.base.weight.is_meta:  # counting parameters only: LoRA's, nothing to factor
+            continue
+        pissa_init(layer, niter) if init == "pissa" else olora_init(layer)
+    return targets
+
+
+def demo() -> None:
+    """LoRA, PiSSA and OLoRA (rank 8, the same steps) on the toy task: the same start, different paths."""
+    x, y = toy_task()
+    for name, init in [("lora", None), ("pissa", "pissa"), ("olora", "olora")]:
+        model = toy_model()
+        if init is None:
+            inject_lora(model, ["0", "2", "4"], r=8, alpha=8)
+        else:
+            inject_initialised_lora(model, ["0", "2", "4"], init, r=8, alpha=8)
+        before, after = train(model, x, y, lr=1e-2)
+        report(f"{name} (r = 8) on 3 layers", model, before, after)
+        report_merge(model, x, merge_lora)
+
+
+if __name__ == "__main__":
+    demo()
