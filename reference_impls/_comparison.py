@@ -376,6 +376,15 @@ METHODS = (
         "LoRA (init_lora_weights=olora)",
     ),
     Method(
+        "MiCA",
+        "lora_inits",
+        "LoRA's r = 8, α = 16, B fixed to the minor singular directions, A alone trained",
+        _initialised_lora("mica"),
+        True,
+        False,
+        "LoRA (init_lora_weights=mica)",
+    ),
+    Method(
         "DoRA",
         "lora",
         "r = 8, α = 16 on the query and value projections",

@@ -1,6 +1,7 @@
-"""LoRA's initialisations from the frozen weight: PiSSA (its principal singular triplets) and OLoRA
-(its QR decomposition). Both start A and B from a piece of W and leave the rest as the frozen base,
-so the model computes W x at the start, as with LoRA's zero B, but training moves W's main part.
+"""LoRA's initialisations from the frozen weight: PiSSA (its principal singular triplets), OLoRA (its
+QR decomposition) and MiCA (its minor singular directions). PiSSA and OLoRA start A and B from a
+piece of W and leave the rest as the frozen base, so the model computes W x at the start, as with
+LoRA's zero B, but training moves W's main part; MiCA trains in the directions W uses least.
 
 **PiSSA.** Meng, Wang, Zhang. "PiSSA: Principal Singular Values and Singular Vectors Adaptation of
 Large Language Models." NeurIPS 2024. arXiv:2404.02948. With W = U S Vᵀ and its top r triplets,
@@ -19,10 +20,19 @@ arXiv:2406.01775. With the QR decomposition W = Q R (Q with orthonormal columns)
 so B starts orthonormal. Both add nothing to LoRA's parameter count, r (d_in + d_out), and merge
 as LoRA does (W₀ + s·BA = W at the start).
 
-A checkpoint of either holds the trained A and B but not the residual base: PEFT, loading it, runs
+**MiCA.** Rüdiger, Raschka. "MiCA Learns More Knowledge Than LoRA and Full Fine-Tuning." 2026.
+arXiv:2604.01694. B is fixed to the left singular vectors of W's r smallest singular values and
+frozen; only A trains, from 0:
+
+    B = U[:, −r:] (frozen),    A = 0,    ΔW = s·B A
+
+so the update writes only into the output directions the pre-trained weight barely uses. The base
+is untouched. Trained parameters: r · d_in per layer (B is fixed by W).
+
+A PiSSA or OLoRA checkpoint holds the trained A and B but not the residual base: PEFT, loading it, runs
 the initialisation again on the original weights, and `reference_impls.interop` does the same, so a
 PiSSA or OLoRA adapter loads onto the base model it was trained from. PEFT 0.21's `init_lora_weights`
-"pissa", "pissa_niter_k" and "olora" are these (the randomised SVD draws from the global generator,
+"pissa", "pissa_niter_k", "olora" and "mica" are these (the randomised SVD draws from the global generator,
 so PEFT's own loading of a "pissa_niter_k" checkpoint is not reproducible; the loader refuses it).
 """
 
@@ -34,7 +44,7 @@ from reference_impls.lora import LoRALinear, inject_lora, merge_lora
 
 FAMILY = "Low-rank updates"
 
-IMPLEMENTS = ("pissa", "olora")
+IMPLEMENTS = ("pissa", "olora", "mica")
 
 # The frameworks that provide these methods.
 COVERED_BY = ("hf-peft",)
@@ -62,35 +72,50 @@ def olora_init(layer: LoRALinear) -> None:
     _set_factors(layer, A=R[: layer.r], B=Q[:, : layer.r])
 
 
+@torch.no_grad()
+def mica_init(layer: LoRALinear) -> None:
+    """B = the left singular vectors of the r smallest singular values of W, frozen; A = 0 (trained)."""
+    W, r = layer.base.weight.float(), layer.r
+    if r > min(W.shape):
+        raise ValueError(f"MiCA needs r ≤ min(d_in, d_out) = {min(W.shape)}, got {r}")
+    U = torch.linalg.svd(W, full_matrices=False)[0]
+    layer.B.copy_(U[:, -r:].to(layer.B.dtype))
+    layer.A.zero_()
+    layer.B.requires_grad_(False)
+
+
 def _set_factors(layer: LoRALinear, A: torch.Tensor, B: torch.Tensor) -> None:
     residual = layer.base.weight.float() - layer.scale * B @ A
     dtype = layer.base.weight.dtype
     layer.A.copy_(A.to(dtype)), layer.B.copy_(B.to(dtype)), layer.base.weight.copy_(residual.to(dtype))
 
 
-INITIALISATIONS = {"pissa": pissa_init, "olora": olora_init}
+INITIALISATIONS = {"pissa": pissa_init, "olora": olora_init}  # those that leave a residual base
 
 
 def inject_initialised_lora(
     model: nn.Module, target_names: list[str], init: str = "pissa", niter: int | None = None, **lora_options
 ) -> list[str]:
     """LoRA on the named layers (options as `lora.inject_lora`), its factors from the weight: "pissa"
-    (with `niter`, the randomised SVD) or "olora"; each base weight becomes the residual."""
-    if init not in INITIALISATIONS:
-        raise ValueError(f"initialisation must be one of {sorted(INITIALISATIONS)}, got {init!r}")
+    (with `niter`, the randomised SVD) or "olora", each base weight becoming the residual; or "mica",
+    B frozen."""
+    if init not in (*INITIALISATIONS, "mica"):
+        raise ValueError(f"initialisation must be one of {sorted(INITIALISATIONS) + ['mica']}, got {init!r}")
     targets = inject_lora(model, target_names, **lora_options)
     for name in targets:
         layer = model.get_submodule(name)
-        if layer.base.weight.is_meta:  # counting parameters only: LoRA's, nothing to factor
+        if init == "mica":
+            layer.B.requires_grad_(False)  # B is W's (on the meta device too: it counts as frozen)
+        if layer.base.weight.is_meta:  # counting parameters only: nothing to factor
             continue
-        pissa_init(layer, niter) if init == "pissa" else olora_init(layer)
+        pissa_init(layer, niter) if init == "pissa" else olora_init(layer) if init == "olora" else mica_init(layer)
     return targets
 
 
 def demo() -> None:
-    """LoRA, PiSSA and OLoRA (rank 8, the same steps) on the toy task: the same start, different paths."""
+    """LoRA, PiSSA, OLoRA and MiCA (rank 8, the same steps) on the toy task: the same start, different paths."""
     x, y = toy_task()
-    for name, init in [("lora", None), ("pissa", "pissa"), ("olora", "olora")]:
+    for name, init in [("lora", None), ("pissa", "pissa"), ("olora", "olora"), ("mica", "mica")]:
         model = toy_model()
         if init is None:
             inject_lora(model, ["0", "2", "4"], r=8, alpha=8)

@@ -1,6 +1,6 @@
-"""PiSSA and OLoRA against their definitions (the truncated SVD, the QR factors, the residual base)
-and against HF PEFT: the same starting factors and residual as its `init_lora_weights`, and its
-checkpoints loading onto the original base model as PEFT itself loads them."""
+"""PiSSA, OLoRA and MiCA against their definitions (the truncated SVD, the QR factors, the residual
+base, the minor singular directions) and against HF PEFT: the same starting factors and residual as
+its `init_lora_weights`, and its checkpoints loading onto the original base model as PEFT loads them."""
 
 import copy
 import json
@@ -16,7 +16,7 @@ from torch import nn
 from reference_impls._plumbing import count_parameters
 from reference_impls.interop import UnsupportedAdapter, load_peft_adapter
 from reference_impls.lora import LoRALinear, merge_lora, unmerge_lora
-from reference_impls.lora_inits import inject_initialised_lora, olora_init, pissa_init
+from reference_impls.lora_inits import inject_initialised_lora, mica_init, olora_init, pissa_init
 
 from helpers import assert_merge_round_trip, demo_losses, relative_error, run_demo
 
@@ -64,7 +64,22 @@ def test_olora_starts_b_orthonormal():
     torch.testing.assert_close(layer.B @ layer.A, Q[:, :3] @ R[:3])
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_mica_writes_into_the_least_used_output_directions_and_trains_only_a():
+    torch.manual_seed(2)
+    layer = LoRALinear(nn.Linear(13, 9), r=3)
+    W = layer.base.weight.detach().clone()
+    mica_init(layer)
+    U = torch.linalg.svd(W)[0]
+    torch.testing.assert_close(layer.B, U[:, -3:])  # the 3 smallest singular values' directions
+    assert not layer.A.any() and not layer.B.requires_grad and torch.equal(layer.base.weight, W)
+    with pytest.raises(ValueError, match="MiCA needs r"):
+        mica_init(LoRALinear(nn.Linear(13, 4), r=5))
+    model = Tiny()
+    inject_initialised_lora(model, ["up", "down"], "mica", r=3)
+    assert count_parameters(model)[0] == 3 * 13 + 3 * 29  # r · d_in: A alone
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora", "mica"])
 def test_the_starting_factors_and_residual_are_peft_s(init):
     torch.manual_seed(1)
     base = Tiny()
@@ -76,6 +91,7 @@ def test_the_starting_factors_and_residual_are_peft_s(init):
         torch.testing.assert_close(layer.A, their.lora_A["default"].weight)
         torch.testing.assert_close(layer.B, their.lora_B["default"].weight)
         torch.testing.assert_close(layer.base.weight, their.base_layer.weight)
+        assert layer.B.requires_grad == their.lora_B["default"].weight.requires_grad  # MiCA freezes B, as PEFT
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
@@ -105,7 +121,9 @@ def test_merging_at_the_start_gives_back_the_weight(init):
     assert_merge_round_trip(model, merge_lora, unmerge_lora, torch.randn(4, 13))
 
 
-@pytest.mark.parametrize("init, dora", [("pissa", False), ("olora", False), ("pissa", True), (True, False)])
+@pytest.mark.parametrize(
+    "init, dora", [("pissa", False), ("olora", False), ("pissa", True), ("mica", False), (True, False)]
+)
 def test_a_checkpoint_loads_onto_the_original_base_as_peft_loads_it(init, dora, tmp_path):
     """PEFT's in-memory model, PEFT's reload onto a fresh base and ours give the same logits: the
     residual base is rebuilt from the original weights (without it, 5% and 11% off on this model)."""
@@ -147,4 +165,5 @@ def test_a_failed_pissa_load_leaves_every_weight_as_it_was(tmp_path):
 
 def test_demo_learns():
     losses = demo_losses(run_demo("reference_impls.lora_inits"))
-    assert len(losses) == 3 and all(after < 0.1 * before for before, after in losses)
+    assert len(losses) == 4 and all(after < 0.1 * before for before, after in losses[:3])
+    assert losses[3][1] < 0.8 * losses[3][0]  # MiCA: the toy task's shift lies mostly outside its directions
