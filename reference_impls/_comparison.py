@@ -358,6 +358,15 @@ def _poly(model, layout):
 METHODS = (
     Method("LoRA", "lora", "r = 8, α = 16 on the query and value projections", _lora(r=8), True, False, "LoRA"),
     Method(
+        "rsLoRA",
+        "lora",
+        "r = 8, α = 16, scale α/√r, on the query and value projections",
+        _lora(r=8, use_rslora=True),
+        True,
+        False,
+        "LoRA (use_rslora)",
+    ),
+    Method(
         "PiSSA",
         "lora_inits",
         "LoRA's r = 8, α = 16, started from the top singular triplets (the base keeps the residual)",

@@ -72,7 +72,7 @@ from reference_impls.kernels.fused_lora import fused_lora, kernel_takes
 FAMILY = "Low-rank updates"
 
 # The papers.yaml entries this module implements (the site and `catalog check --strict-impl` read it).
-IMPLEMENTS = ("lora", "dora", "vera", "adalora")
+IMPLEMENTS = ("lora", "rslora", "dora", "vera", "adalora")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.
 COVERED_BY = (

@@ -23,7 +23,7 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     ffn = 3072 if layout.add_norm else 11008
     counts = {name: row.trainable[layout.name] for name, row in rows.items()}
     assert counts["LoRA"] == L * 2 * 8 * (d + d)  # r (d_in + d_out) on query and value
-    assert counts["PiSSA"] == counts["OLoRA"] == counts["LoRA"]  # initialisations: LoRA's parameters
+    assert counts["PiSSA"] == counts["OLoRA"] == counts["rsLoRA"] == counts["LoRA"]  # LoRA's parameters
     assert counts["MiCA"] == L * 2 * 8 * d  # r · d_in: B is frozen
     assert counts["DoRA"] == counts["LoRA"] + L * 2 * d  # plus a magnitude per output feature
     assert counts["VeRA"] == L * 2 * (256 + d)  # r + d_out per layer
