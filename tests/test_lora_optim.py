@@ -1,0 +1,77 @@
+"""LoRA+ against its definition (B's learning rate λ times A's) and against HF PEFT's
+create_loraplus_optimizer: the same steps on the same gradients, for LoRA, LoRA with a bias on B and
+DoRA."""
+
+import pytest
+import torch
+from peft import LoraConfig
+from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+from test_lora import Tiny
+
+from reference_impls.lora import inject_lora
+from reference_impls.lora_optim import create_loraplus_optimizer, loraplus_groups
+
+from helpers import demo_losses, peft_and_ours, relative_error, run_demo
+
+
+def test_b_and_trained_vectors_get_lambda_times_the_learning_rate_and_biases_no_decay():
+    model = Tiny()
+    inject_lora(model, ["up", "down"], r=2, bias=True)
+    groups = loraplus_groups(model, lr=1e-3, ratio=8.0, weight_decay=0.1)
+    names = {id(p): name for name, p in model.named_parameters()}
+    by_group = [sorted(names[id(p)] for p in group["params"]) for group in groups]
+    assert by_group == [["down.A", "up.A"], ["down.B", "up.B"], ["down.B_bias", "up.B_bias"]]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(1e-3, 0.1), (8e-3, 0.1), (8e-3, 0.0)]
+
+
+def test_one_step_moves_b_lambda_times_further_with_sgd():
+    torch.manual_seed(0)
+    model = Tiny()
+    inject_lora(model, ["up"], r=2)
+    with torch.no_grad():
+        model.up.B.normal_()
+    before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer = create_loraplus_optimizer(model, torch.optim.SGD, lr=0.1, ratio=5.0)
+    model(torch.randn(4, 13)).pow(2).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    torch.testing.assert_close(model.up.A.detach(), before["up.A"] - 0.1 * grads["up.A"])
+    torch.testing.assert_close(model.up.B.detach(), before["up.B"] - 0.5 * grads["up.B"])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"]),
+        LoraConfig(r=3, lora_alpha=6, lora_bias=True, target_modules=["up", "down"]),
+        LoraConfig(r=3, lora_alpha=6, use_dora=True, target_modules=["up", "down"]),
+    ],
+    ids=["lora", "lora_bias", "dora"],
+)
+def test_steps_equal_peft_s_loraplus(config, tmp_path):
+    theirs, ours = peft_and_ours(Tiny, config, tmp_path)
+    theirs.train(), ours.train()
+    for name, parameter in theirs.named_parameters():  # ours comes back frozen: train what PEFT trains
+        if parameter.requires_grad:
+            path = name.removeprefix("base_model.model.").split(".lora_")[0]
+            for own in ours.get_submodule(path).parameters(recurse=False):
+                own.requires_grad_(True)
+    options = {"lr": 1e-2, "weight_decay": 0.05}
+    mine = create_loraplus_optimizer(ours, torch.optim.AdamW, ratio=16.0, **options)
+    peft = peft_loraplus(theirs, torch.optim.AdamW, loraplus_lr_ratio=16.0, loraplus_weight_decay=0.05, lr=1e-2)
+    x, y = torch.randn(8, 13), torch.randn(8, 7)
+    with torch.no_grad():
+        start = ours(x)
+    for _ in range(3):
+        for model, optimizer in ((theirs, peft), (ours, mine)):
+            optimizer.zero_grad()
+            (model(x) - y).pow(2).mean().backward()
+            optimizer.step()
+    with torch.no_grad():
+        assert relative_error(ours(x), theirs(x)) <= 1e-5
+        assert relative_error(ours(x), start) > 1e-3  # the steps moved the model
+
+
+def test_demo_shows_lora_plus_ahead_after_the_same_steps():
+    (plain, plus) = demo_losses(run_demo("reference_impls.lora_optim"))
+    assert plus[1] < plain[1] < plain[0]
