@@ -1,4 +1,5 @@
-"""LoRA's optimisers: LoRA+ (B learns faster than A).
+"""LoRA's optimisers: LoRA+ (B learns faster than A) and Riemannian preconditioning (each factor's
+gradient rescaled by the other's r × r Gram matrix).
 
 **LoRA+.** Hayou, Ghosh, Yu. "LoRA+: Efficient Low Rank Adaptation of Large Models." ICML 2024.
 arXiv:2402.12354. In LoRA's h = W₀x + s·BAx, A and B play different roles as the width n grows:
@@ -11,21 +12,31 @@ Nothing else changes: the same parameters, the same optimiser (Adam in the paper
 groups. As PEFT's `create_loraplus_optimizer` does, every trained vector (a bias on B, DoRA's
 magnitude m) goes with B, and biases get no weight decay.
 
-Equal to PEFT 0.21 `peft.optimizers.create_loraplus_optimizer`: the same steps on the same
-gradients (tested with AdamW, LoRA and DoRA).
+**Riemannian preconditioning.** Zhang, Pilanci. "Riemannian Preconditioned LoRA for Fine-Tuning
+Foundation Models." 2024. arXiv:2402.02347. The product BA lives on the manifold of rank-r matrices;
+a metric on it gives each factor's gradient an r × r preconditioner built from the other factor:
+
+    ∇_A ← (BᵀB + δI)⁻¹ ∇_A,        ∇_B ← ∇_B (AAᵀ + δI)⁻¹
+
+(δ a small damping, for factors near rank deficiency: B starts at 0), after which any optimiser
+takes its step (SGD gives the paper's scaled gradient descent, AdamW its scaled AdamW). The cost is
+two r × r inverses per layer.
+
+Both equal PEFT 0.21 (`peft.optimizers.create_loraplus_optimizer`, `create_riemannian_optimizer`):
+the same steps on the same gradients (tested with AdamW and SGD, LoRA and DoRA).
 """
 
 import torch
 from torch import nn
 
 from reference_impls._plumbing import report, toy_model, toy_task, train
-from reference_impls.lora import inject_lora
+from reference_impls.lora import LoRALinear, inject_lora
 
 FAMILY = "Low-rank updates"
 
-IMPLEMENTS = ("lora-plus",)
+IMPLEMENTS = ("lora-plus", "riemannian-lora")
 
-# The frameworks that provide the method.
+# The frameworks that provide these methods.
 COVERED_BY = ("hf-peft",)
 
 
@@ -57,8 +68,46 @@ def create_loraplus_optimizer(
     return optimizer_cls(loraplus_groups(model, lr, ratio, weight_decay), lr=lr, **options)
 
 
+@torch.no_grad()
+def precondition(pairs: list[tuple[nn.Parameter, nn.Parameter]], damping: float) -> None:
+    """Replace each (A, B)'s gradients by their Riemannian directions, in fp32 at least."""
+    for A, B in pairs:
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        a, b = A.detach().to(dtype), B.detach().to(dtype)
+        eye = torch.eye(A.shape[0], dtype=dtype, device=A.device)
+        if A.grad is not None:
+            A.grad.copy_(torch.linalg.pinv(b.T @ b + damping * eye) @ A.grad.to(dtype))
+        if B.grad is not None:
+            B.grad.copy_(B.grad.to(dtype) @ torch.linalg.pinv(a @ a.T + damping * eye))
+
+
+def create_riemannian_optimizer(
+    model: nn.Module, optimizer_cls=torch.optim.AdamW, lr: float = 1e-3, damping: float = 1e-2, **options
+) -> torch.optim.Optimizer:
+    """`optimizer_cls` over the trained parameters, each step preceded by preconditioning every trained
+    LoRA pair; other parameters (DoRA's m, a bias on B) step unchanged."""
+    pairs = [
+        (layer.A, layer.B)
+        for layer in model.modules()
+        if isinstance(layer, LoRALinear) and layer.A.requires_grad and layer.B.requires_grad
+    ]
+    if not pairs:
+        raise ValueError("Riemannian preconditioning needs trained LoRA layers (A and B), and the model has none")
+
+    class Preconditioned(optimizer_cls):
+        @torch.no_grad()
+        def step(self, closure=None):
+            if closure is not None:  # a closure would recompute the gradients after they were preconditioned
+                raise ValueError("the Riemannian-preconditioned optimiser takes no closure")
+            precondition(pairs, damping)
+            return super().step()
+
+    return Preconditioned([p for p in model.parameters() if p.requires_grad], lr=lr, **options)
+
+
 def demo() -> None:
-    """LoRA with one learning rate and with LoRA+'s λ = 16 for B, the same steps, on the toy task."""
+    """LoRA with one learning rate and with LoRA+'s λ = 16 for B, the same steps, on the toy task; then
+    Riemannian-preconditioned SGD."""
     x, y = toy_task()
     for name, ratio in [("lora, one learning rate", 1.0), ("lora+ (λ = 16)", 16.0)]:
         model = toy_model()
@@ -66,6 +115,11 @@ def demo() -> None:
         optimizer = lambda parameters, lr: create_loraplus_optimizer(model, torch.optim.Adam, lr=lr, ratio=ratio)  # noqa: E731
         before, after = train(model, x, y, steps=100, lr=1e-3, optimizer=optimizer)
         report(f"{name}, 100 steps", model, before, after)
+    model = toy_model()
+    inject_lora(model, ["0", "2", "4"], r=8, alpha=16)
+    optimizer = lambda parameters, lr: create_riemannian_optimizer(model, torch.optim.SGD, lr=lr)  # noqa: E731
+    before, after = train(model, x, y, steps=100, lr=0.05, optimizer=optimizer)
+    report("lora, Riemannian-preconditioned SGD, 100 steps", model, before, after)
 
 
 if __name__ == "__main__":

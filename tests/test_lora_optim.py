@@ -1,15 +1,22 @@
-"""LoRA+ against its definition (B's learning rate λ times A's) and against HF PEFT's
-create_loraplus_optimizer: the same steps on the same gradients, for LoRA, LoRA with a bias on B and
-DoRA."""
+"""LoRA+ and Riemannian preconditioning against their definitions (B's learning rate λ times A's;
+the r × r preconditioners) and against HF PEFT's create_loraplus_optimizer and
+create_riemannian_optimizer: the same steps on the same gradients, for LoRA, LoRA with a bias on B
+and DoRA."""
 
 import pytest
 import torch
 from peft import LoraConfig
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
+from peft.optimizers import create_riemannian_optimizer as peft_riemannian
 from test_lora import Tiny
 
 from reference_impls.lora import inject_lora
-from reference_impls.lora_optim import create_loraplus_optimizer, loraplus_groups
+from reference_impls.lora_optim import (
+    create_loraplus_optimizer,
+    create_riemannian_optimizer,
+    loraplus_groups,
+    precondition,
+)
 
 from helpers import demo_losses, peft_and_ours, relative_error, run_demo
 
@@ -39,31 +46,29 @@ def test_one_step_moves_b_lambda_times_further_with_sgd():
     torch.testing.assert_close(model.up.B.detach(), before["up.B"] - 0.5 * grads["up.B"])
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"]),
-        LoraConfig(r=3, lora_alpha=6, lora_bias=True, target_modules=["up", "down"]),
-        LoraConfig(r=3, lora_alpha=6, use_dora=True, target_modules=["up", "down"]),
-    ],
-    ids=["lora", "lora_bias", "dora"],
-)
-def test_steps_equal_peft_s_loraplus(config, tmp_path):
-    theirs, ours = peft_and_ours(Tiny, config, tmp_path)
+CONFIGS = {
+    "lora": LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"]),
+    "lora_bias": LoraConfig(r=3, lora_alpha=6, lora_bias=True, target_modules=["up", "down"]),
+    "dora": LoraConfig(r=3, lora_alpha=6, use_dora=True, target_modules=["up", "down"]),
+}
+
+
+def trained_alike(theirs, ours):
+    """Ours comes back from the checkpoint frozen: train what PEFT trains."""
     theirs.train(), ours.train()
-    for name, parameter in theirs.named_parameters():  # ours comes back frozen: train what PEFT trains
+    for name, parameter in theirs.named_parameters():
         if parameter.requires_grad:
             path = name.removeprefix("base_model.model.").split(".lora_")[0]
             for own in ours.get_submodule(path).parameters(recurse=False):
                 own.requires_grad_(True)
-    options = {"lr": 1e-2, "weight_decay": 0.05}
-    mine = create_loraplus_optimizer(ours, torch.optim.AdamW, ratio=16.0, **options)
-    peft = peft_loraplus(theirs, torch.optim.AdamW, loraplus_lr_ratio=16.0, loraplus_weight_decay=0.05, lr=1e-2)
+
+
+def steps_agree(theirs, ours, peft_optimizer, our_optimizer, steps=3):
     x, y = torch.randn(8, 13), torch.randn(8, 7)
     with torch.no_grad():
         start = ours(x)
-    for _ in range(3):
-        for model, optimizer in ((theirs, peft), (ours, mine)):
+    for _ in range(steps):
+        for model, optimizer in ((theirs, peft_optimizer), (ours, our_optimizer)):
             optimizer.zero_grad()
             (model(x) - y).pow(2).mean().backward()
             optimizer.step()
@@ -72,6 +77,39 @@ def test_steps_equal_peft_s_loraplus(config, tmp_path):
         assert relative_error(ours(x), start) > 1e-3  # the steps moved the model
 
 
+def test_the_preconditioners_are_the_inverse_gram_matrices_of_the_other_factor():
+    torch.manual_seed(1)
+    A, B = torch.nn.Parameter(torch.randn(3, 10)), torch.nn.Parameter(torch.randn(8, 3))
+    A.grad, B.grad = torch.randn(3, 10), torch.randn(8, 3)
+    expected_A = torch.linalg.inv(B.detach().T @ B.detach() + 0.1 * torch.eye(3)) @ A.grad
+    expected_B = B.grad @ torch.linalg.inv(A.detach() @ A.detach().T + 0.1 * torch.eye(3))
+    precondition([(A, B)], damping=0.1)
+    torch.testing.assert_close(A.grad, expected_A, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(B.grad, expected_B, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="has none"):
+        create_riemannian_optimizer(Tiny())
+
+
+@pytest.mark.parametrize("optimizer_cls", [torch.optim.SGD, torch.optim.AdamW])
+@pytest.mark.parametrize("case", ["lora", "dora"])
+def test_riemannian_steps_equal_peft_s(case, optimizer_cls, tmp_path):
+    theirs, ours = peft_and_ours(Tiny, CONFIGS[case], tmp_path)
+    trained_alike(theirs, ours)
+    lr = 0.05 if optimizer_cls is torch.optim.SGD else 1e-2
+    mine = create_riemannian_optimizer(ours, optimizer_cls, lr=lr, damping=1e-2)
+    peft = peft_riemannian(theirs, optimizer_cls, lr=lr, reg=1e-2)
+    steps_agree(theirs, ours, peft, mine)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
+def test_steps_equal_peft_s_loraplus(config, tmp_path):
+    theirs, ours = peft_and_ours(Tiny, config, tmp_path)
+    trained_alike(theirs, ours)
+    mine = create_loraplus_optimizer(ours, torch.optim.AdamW, lr=1e-2, ratio=16.0, weight_decay=0.05)
+    peft = peft_loraplus(theirs, torch.optim.AdamW, loraplus_lr_ratio=16.0, loraplus_weight_decay=0.05, lr=1e-2)
+    steps_agree(theirs, ours, peft, mine)
+
+
 def test_demo_shows_lora_plus_ahead_after_the_same_steps():
-    (plain, plus) = demo_losses(run_demo("reference_impls.lora_optim"))
-    assert plus[1] < plain[1] < plain[0]
+    (plain, plus, riemannian) = demo_losses(run_demo("reference_impls.lora_optim"))
+    assert plus[1] < plain[1] < plain[0] and riemannian[1] < riemannian[0]
