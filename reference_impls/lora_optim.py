@@ -1,5 +1,5 @@
-"""LoRA's optimisers: LoRA+ (B learns faster than A) and Riemannian preconditioning (each factor's
-gradient rescaled by the other's r × r Gram matrix).
+"""LoRA's optimisers: LoRA+ (B learns faster than A), Riemannian preconditioning (each factor's
+gradient rescaled by the other's r × r Gram matrix) and LoRA-FA (A frozen, B's gradient projected).
 
 **LoRA+.** Hayou, Ghosh, Yu. "LoRA+: Efficient Low Rank Adaptation of Large Models." ICML 2024.
 arXiv:2402.12354. In LoRA's h = W₀x + s·BAx, A and B play different roles as the width n grows:
@@ -22,8 +22,22 @@ a metric on it gives each factor's gradient an r × r preconditioner built from 
 takes its step (SGD gives the paper's scaled gradient descent, AdamW its scaled AdamW). The cost is
 two r × r inverses per layer.
 
-Both equal PEFT 0.21 (`peft.optimizers.create_loraplus_optimizer`, `create_riemannian_optimizer`):
-the same steps on the same gradients (tested with AdamW and SGD, LoRA and DoRA).
+**LoRA-FA.** Zhang, Zhang, Shi, et al. "LoRA-FA: Memory-efficient Low-rank Adaptation for Large
+Language Models Fine-tuning." 2023. arXiv:2308.03303. A stays frozen at its random start and only B
+trains, so the backward pass needs the r-wide activations A x, not the full inputs x. As PEFT's
+optimiser has it, B's gradient is first mapped to the one that makes s·BA follow full fine-tuning's
+gradient as closely as rank r allows,
+
+    ∇_B ← (1/s²) ∇_B (AAᵀ + δI)⁺        (δ = 10⁻⁸)
+
+then AdamW steps (Hugging Face's variant: ε = 10⁻⁶, the decay applied after the step). Trained
+parameters: r · d_out per layer. PEFT computes that product under bfloat16 autocast wherever
+bfloat16 is available (on every CPU), so its fp32 steps carry bfloat16 rounding there; the
+reference computes in the parameters' dtype (tested both ways).
+
+All three equal PEFT 0.21 (`peft.optimizers.create_loraplus_optimizer`, `create_riemannian_optimizer`,
+`create_lorafa_optimizer`): the same steps on the same gradients (tested with AdamW and SGD, LoRA and
+DoRA where PEFT allows it).
 """
 
 import torch
@@ -34,7 +48,7 @@ from reference_impls.lora import LoRALinear, inject_lora
 
 FAMILY = "Low-rank updates"
 
-IMPLEMENTS = ("lora-plus", "riemannian-lora")
+IMPLEMENTS = ("lora-plus", "riemannian-lora", "lora-fa")
 
 # The frameworks that provide these methods.
 COVERED_BY = ("hf-peft",)
@@ -105,9 +119,54 @@ def create_riemannian_optimizer(
     return Preconditioned([p for p in model.parameters() if p.requires_grad], lr=lr, **options)
 
 
+class LoRAFA(torch.optim.Optimizer):
+    """Hugging Face's AdamW over the trained parameters, each frozen-A LoRA layer's B gradient projected first."""
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0, betas=(0.9, 0.999), eps=1e-6):
+        self.projected = {
+            id(layer.B): layer for layer in model.modules() if isinstance(layer, LoRALinear) and layer.B.requires_grad
+        }
+        parameters = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(parameters, {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                grad = parameter.grad
+                if id(parameter) in self.projected:  # ∇_B (AAᵀ + δI)⁺ / s²
+                    layer = self.projected[id(parameter)]
+                    A = layer.A.detach()
+                    gram = A @ A.T + 1e-8 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+                    grad = (grad @ torch.linalg.pinv(gram) / layer.scale**2).to(parameter.grad.dtype)
+                state = self.state[parameter]
+                if not state:
+                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(parameter), torch.zeros_like(parameter)
+                state["step"] += 1
+                state["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                step = group["lr"] * (1 - beta2 ** state["step"]) ** 0.5 / (1 - beta1 ** state["step"])
+                parameter.addcdiv_(state["m"], state["v"].sqrt().add_(group["eps"]), value=-step)
+                if group["weight_decay"] > 0:
+                    parameter.add_(parameter, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+
+def create_lorafa_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0) -> LoRAFA:
+    """Freeze A in every LoRA layer and return LoRA-FA's optimiser over what still trains."""
+    for layer in model.modules():
+        if isinstance(layer, LoRALinear):
+            layer.A.requires_grad_(False)
+    return LoRAFA(model, lr, weight_decay)
+
+
 def demo() -> None:
     """LoRA with one learning rate and with LoRA+'s λ = 16 for B, the same steps, on the toy task; then
-    Riemannian-preconditioned SGD."""
+    Riemannian-preconditioned SGD and LoRA-FA."""
     x, y = toy_task()
     for name, ratio in [("lora, one learning rate", 1.0), ("lora+ (λ = 16)", 16.0)]:
         model = toy_model()
@@ -120,6 +179,11 @@ def demo() -> None:
     optimizer = lambda parameters, lr: create_riemannian_optimizer(model, torch.optim.SGD, lr=lr)  # noqa: E731
     before, after = train(model, x, y, steps=100, lr=0.05, optimizer=optimizer)
     report("lora, Riemannian-preconditioned SGD, 100 steps", model, before, after)
+    model = toy_model()
+    inject_lora(model, ["0", "2", "4"], r=8, alpha=16)
+    optimizer = lambda parameters, lr: create_lorafa_optimizer(model, lr=lr)  # noqa: E731
+    before, after = train(model, x, y, steps=100, lr=1e-2, optimizer=optimizer)
+    report("lora-fa (A frozen), 100 steps", model, before, after)
 
 
 if __name__ == "__main__":

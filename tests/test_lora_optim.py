@@ -1,17 +1,19 @@
-"""LoRA+ and Riemannian preconditioning against their definitions (B's learning rate λ times A's;
-the r × r preconditioners) and against HF PEFT's create_loraplus_optimizer and
-create_riemannian_optimizer: the same steps on the same gradients, for LoRA, LoRA with a bias on B
-and DoRA."""
+"""LoRA+, Riemannian preconditioning and LoRA-FA against their definitions (B's learning rate λ
+times A's; the r × r preconditioners; A frozen and B's projected gradient) and against HF PEFT's
+create_loraplus_optimizer, create_riemannian_optimizer and create_lorafa_optimizer: the same steps
+on the same gradients, for LoRA, LoRA with a bias on B and DoRA where PEFT allows them."""
 
 import pytest
 import torch
 from peft import LoraConfig
+from peft.optimizers import create_lorafa_optimizer as peft_lorafa
 from peft.optimizers import create_loraplus_optimizer as peft_loraplus
 from peft.optimizers import create_riemannian_optimizer as peft_riemannian
 from test_lora import Tiny
 
 from reference_impls.lora import inject_lora
 from reference_impls.lora_optim import (
+    create_lorafa_optimizer,
     create_loraplus_optimizer,
     create_riemannian_optimizer,
     loraplus_groups,
@@ -63,7 +65,7 @@ def trained_alike(theirs, ours):
                 own.requires_grad_(True)
 
 
-def steps_agree(theirs, ours, peft_optimizer, our_optimizer, steps=3):
+def steps_agree(theirs, ours, peft_optimizer, our_optimizer, steps=3, tolerance=1e-5):
     x, y = torch.randn(8, 13), torch.randn(8, 7)
     with torch.no_grad():
         start = ours(x)
@@ -73,7 +75,7 @@ def steps_agree(theirs, ours, peft_optimizer, our_optimizer, steps=3):
             (model(x) - y).pow(2).mean().backward()
             optimizer.step()
     with torch.no_grad():
-        assert relative_error(ours(x), theirs(x)) <= 1e-5
+        assert relative_error(ours(x), theirs(x)) <= tolerance
         assert relative_error(ours(x), start) > 1e-3  # the steps moved the model
 
 
@@ -101,6 +103,37 @@ def test_riemannian_steps_equal_peft_s(case, optimizer_cls, tmp_path):
     steps_agree(theirs, ours, peft, mine)
 
 
+def test_lorafa_freezes_a_and_projects_b_s_gradient():
+    torch.manual_seed(2)
+    model = Tiny()
+    inject_lora(model, ["up"], r=2, alpha=4)
+    optimizer = create_lorafa_optimizer(model, lr=0.1)
+    assert not model.up.A.requires_grad and model.up.B.requires_grad
+    model(torch.randn(6, 13)).pow(2).sum().backward()
+    A, grad = model.up.A.detach(), model.up.B.grad.clone()
+    projected = grad @ torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(2)) / 2.0**2
+    B = model.up.B.detach().clone()
+    optimizer.step()  # Adam's first step: lr · √(1−β₂) g / (√(1−β₂) |g| + ε), with g the projected gradient
+    root = (1 - 0.999) ** 0.5
+    expected = B - 0.1 * root * projected / (root * projected.abs() + 1e-6)
+    torch.testing.assert_close(model.up.B.detach(), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("peft_in_bf16", [False, True])
+def test_lorafa_steps_equal_peft_s(peft_in_bf16, tmp_path, monkeypatch):
+    """PEFT computes the projection under bfloat16 autocast wherever bfloat16 is available: with that
+    turned off the steps agree to fp32 rounding, with it (PEFT's default on a CPU) to bfloat16's."""
+    import peft.optimizers.lorafa as lorafa
+
+    if not peft_in_bf16:
+        monkeypatch.setattr(lorafa, "is_bf16_available", lambda: False)
+    theirs, ours = peft_and_ours(Tiny, CONFIGS["lora"], tmp_path)
+    trained_alike(theirs, ours)
+    mine = create_lorafa_optimizer(ours, lr=1e-2, weight_decay=0.05)
+    peft = peft_lorafa(theirs, r=3, lora_alpha=6, lr=1e-2, weight_decay=0.05)
+    steps_agree(theirs, ours, peft, mine, tolerance=3e-2 if peft_in_bf16 else 1e-5)
+
+
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
 def test_steps_equal_peft_s_loraplus(config, tmp_path):
     theirs, ours = peft_and_ours(Tiny, config, tmp_path)
@@ -111,5 +144,5 @@ def test_steps_equal_peft_s_loraplus(config, tmp_path):
 
 
 def test_demo_shows_lora_plus_ahead_after_the_same_steps():
-    (plain, plus, riemannian) = demo_losses(run_demo("reference_impls.lora_optim"))
-    assert plus[1] < plain[1] < plain[0] and riemannian[1] < riemannian[0]
+    (plain, plus, riemannian, lorafa) = demo_losses(run_demo("reference_impls.lora_optim"))
+    assert plus[1] < plain[1] < plain[0] and riemannian[1] < riemannian[0] and lorafa[1] < lorafa[0]
