@@ -12,20 +12,22 @@ PEFT matches it (the pattern must match the end of the module's path). Fields of
 would change what the model computes and that we do not implement raise `UnsupportedAdapter`,
 naming the field.
 
-Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`, `lora_bias`),
-DoRA (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers,
-flattened or in CP form), HiRA, DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann
-series), BOFT, HRA (with Gram–Schmidt), RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa),
-FRoD, FourierFT, WaveFT (db1, db2, sym2; with or without the inverse transform), C3A, LN tuning,
-BEFT, SHiRA, Super-Tuning (with Supra), trainable tokens, PVeRA, VB-LoRA (also its top-k form),
-RandLoRA, Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants), GraLoRA, PEANuT, Lily,
-GLoRA, AdaMSS and Poly (Polytropon and MHR: name each row's task with `routing.use_tasks`), which
-are injected into the model in place; and prompt tuning, prefix tuning / P-tuning v2 and adaption
-prompts (LLaMA-Adapter). Prompt and prefix tuning return a wrapper around the model (they change its
-inputs), so always use the returned module. The training-time randomness of LoHa, LoKr, HiRA,
-DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS, GraLoRA and
-Poly is loaded too: in training mode, with the same seed, the loaded model draws the same masks and
-samples as PEFT's, and LoRA's and DoRA's `lora_dropout` drops as PEFT's does.
+Supported: LoRA (with `use_rslora`, `fan_in_fan_out`, `rank_pattern`, `alpha_pattern`, `lora_bias`,
+and the PiSSA, OLoRA and MiCA initialisations: PiSSA's and OLoRA's residual base is rebuilt from the
+original weights, as PEFT rebuilds it), DoRA (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa and LoKr (on
+Linear, Conv1d and Conv2d layers, flattened or in CP form), HiRA, DeLoRA, OFT (with COFT, block
+sharing and the Cayley–Neumann series), BOFT, HRA (with Gram–Schmidt), RoAd (its three variants),
+OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, WaveFT (db1, db2, sym2; with or without the inverse
+transform), C3A, LN tuning, BEFT, SHiRA, Super-Tuning (with Supra), trainable tokens, PVeRA, VB-LoRA
+(also its top-k form), RandLoRA, Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants),
+GraLoRA, PEANuT, Lily, GLoRA, AdaMSS and Poly (Polytropon and MHR: name each row's task with
+`routing.use_tasks`), which are injected into the model in place; and prompt tuning, P-tuning
+(served as prompt tuning: the checkpoint holds the encoder's output), prefix tuning / P-tuning v2
+and adaption prompts (LLaMA-Adapter). Prompts and prefixes return a wrapper around the model (they
+change its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr,
+HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS,
+GraLoRA and Poly is loaded too: in training mode, with the same seed, the loaded model draws the
+same masks and samples as PEFT's, and LoRA's and DoRA's `lora_dropout` drops as PEFT's does.
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -170,6 +172,9 @@ HANDLED = {
     "tokenizer_kwargs",
     "encoder_hidden_size",
     "prefix_projection",
+    "encoder_reparameterization_type",
+    "encoder_num_layers",
+    "encoder_dropout",
     "adapter_len",
     "oft_block_size",
     "block_share",
@@ -315,6 +320,7 @@ SUPPORTED_TYPES = (
     "ADAMSS",
     "POLY",
     "PROMPT_TUNING",
+    "P_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
 )
@@ -333,7 +339,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         if field not in HANDLED and not _neutral(value):
             raise UnsupportedAdapter(f"adapter_config.json field {field!r} = {value!r} is not supported")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING"):
+    if peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
         return _load_prompt(model, config, tensors)
     if peft_type == "ADAPTION_PROMPT":
         prompts = {
@@ -433,7 +439,8 @@ def _plan(by_module: dict, build) -> dict[str, nn.Module]:
 
 
 def _load_prompt(model, config, tensors):
-    """Prompt tuning and prefix tuning save the final vectors (a prefix after its MLP) as one tensor."""
+    """Prompt tuning, P-tuning and prefix tuning save the final vectors (a prompt or prefix after its
+    encoder or MLP) as one tensor: a P-tuning checkpoint is served as prompt tuning."""
     if config.get("num_transformer_submodules", 1) != 1:
         raise UnsupportedAdapter(
             f"num_transformer_submodules = {config['num_transformer_submodules']} "
@@ -444,7 +451,7 @@ def _load_prompt(model, config, tensors):
     prompt = tensors["prompt_embeddings"]
     n = config["num_virtual_tokens"]
     with torch.no_grad():
-        if config["peft_type"] == "PROMPT_TUNING":
+        if config["peft_type"] in ("PROMPT_TUNING", "P_TUNING"):
             wrapper = PromptTuning(model, n=n)
             wrapper.prompt.copy_(prompt)
         else:

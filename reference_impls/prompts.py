@@ -4,6 +4,17 @@ Prompt tuning: Lester, Al-Rfou, Constant. "The Power of Scale for Parameter-Effi
 Tuning." EMNLP 2021. arXiv:2104.08691. n soft tokens P ∈ ℝ^{n×d} are prepended to the input
 embeddings: X' = [P; X]. Trainable parameters: n·d.
 
+P-tuning: Liu, Zheng, Du, et al. "GPT Understands, Too." AI Open 2023. arXiv:2103.10385. The
+prompt is not trained directly but produced by a small encoder from trained inputs E ∈ ℝ^{n×d},
+which couples the prompt tokens and eases optimisation (the paper places them among the input
+tokens by a template; PEFT, and this reference, put them first):
+
+    P = MLP(E)        or        P = MLP(BiLSTM(E)),        X' = [P; X]
+
+(PEFT's MLP: d → h → h → d with ReLUs; its LSTM variant: a bidirectional LSTM of width h, then
+2h → 2h → d.) After training only P is kept, so serving is prompt tuning's. Trainable parameters:
+n·d plus the encoder's.
+
 Prefix tuning: Li, Liang. "Prefix-Tuning: Optimizing Continuous Prompts for Generation." ACL 2021.
 arXiv:2101.00190. Every layer l attends to n extra key and value vectors:
 
@@ -49,7 +60,7 @@ from reference_impls.bottleneck import SCALED_PARALLEL, inject_adapters
 
 FAMILY = "Prompts and prefixes"
 
-IMPLEMENTS = ("prompt-tuning", "prefix-tuning", "p-tuning-v2", "llama-adapter", "unified-view-peft")
+IMPLEMENTS = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "llama-adapter", "unified-view-peft")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.
 COVERED_BY = (
@@ -92,6 +103,42 @@ class PromptTuning(nn.Module):
         prompt = self.prompt.to(x.dtype).expand(batch, -1, -1)
         mask = _with_prompt_mask(attention_mask, batch, length, len(self.prompt), x.device)
         return self.model(inputs_embeds=torch.cat([prompt, x], dim=1), attention_mask=mask, **kwargs)
+
+
+class PTuning(PromptTuning):
+    """Prompt tuning whose prompt is an encoder's output, P = MLP(E) or MLP(BiLSTM(E))."""
+
+    def __init__(
+        self, model: nn.Module, n: int = 20, hidden: int | None = None, encoder: str = "MLP", lstm_layers: int = 2
+    ):
+        nn.Module.__init__(self)  # not PromptTuning's: here the prompt is computed, not stored
+        self.model = model
+        _freeze(model)
+        d = model.get_input_embeddings().weight.shape[1]
+        h = hidden or d
+        self.prompt_input = nn.Parameter(torch.randn(n, d))  # E, as nn.Embedding starts: N(0, 1)
+        if encoder == "MLP":
+            self.lstm = None
+            self.mlp = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d))
+        elif encoder == "LSTM":
+            self.lstm = nn.LSTM(d, h, num_layers=lstm_layers, bidirectional=True, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
+        else:
+            raise ValueError(f"P-tuning's encoder is 'MLP' or 'LSTM', got {encoder!r}")
+
+    @property
+    def prompt(self) -> torch.Tensor:
+        x = self.prompt_input
+        if self.lstm is not None:
+            x = self.lstm(x[None])[0][0]  # one sequence of n tokens, read both ways
+        return self.mlp(x)
+
+    def freeze_prompt(self) -> PromptTuning:
+        """Prompt tuning with P as it is now: what serving needs (and what PEFT saves)."""
+        served = PromptTuning(self.model, n=len(self.prompt_input))
+        with torch.no_grad():
+            served.prompt.copy_(self.prompt)
+        return served
 
 
 class Prefixes(nn.Module):
@@ -285,6 +332,7 @@ def demo() -> None:
     targets = torch.full_like(tokens, 7)  # the new task: whatever came before, predict token 7
     for name, make in [
         ("Prompt tuning n=8", lambda: PromptTuning(tiny(), n=8)),
+        ("P-tuning n=8 (MLP encoder)", lambda: PTuning(tiny(), n=8, hidden=32)),
         ("Prefix tuning n=8", lambda: PrefixTuning(tiny(), n=8, hidden=64)),
         ("P-tuning v2 n=8", lambda: PrefixTuning(tiny(), n=8, hidden=None)),
         ("LLaMA-Adapter n=8", lambda: inject_llama_adapter(tiny(), n=8, top_layers=2)),

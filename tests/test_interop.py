@@ -25,10 +25,10 @@ from peft import (
     LoKrConfig,
     LoraConfig,
     MissConfig,
+    MultitaskPromptTuningConfig,
     OFTConfig,
     OSFConfig,
     PeanutConfig,
-    PromptEncoderConfig,
     PsoftConfig,
     PveraConfig,
     RandLoraConfig,
@@ -380,11 +380,11 @@ def test_training_mode_with_the_same_seed_gives_peft_s_logits(case, tmp_path):
 
 def test_unsupported_types_and_fields_are_named(tmp_path):
     peft_model = get_peft_model(
-        tiny_llama(), PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, encoder_hidden_size=8)
+        tiny_llama(), MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_tasks=2)
     )
-    peft_model.save_pretrained(tmp_path / "p_tuning_v1")
-    with pytest.raises(UnsupportedAdapter, match="peft_type 'P_TUNING' is not supported"):
-        load_peft_adapter(tiny_llama(), tmp_path / "p_tuning_v1")
+    peft_model.save_pretrained(tmp_path / "multitask")
+    with pytest.raises(UnsupportedAdapter, match="peft_type 'MULTITASK_PROMPT_TUNING' is not supported"):
+        load_peft_adapter(tiny_llama(), tmp_path / "multitask")
 
     save_with_nonzero_weights(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path / "lora")
     config_path = tmp_path / "lora" / "adapter_config.json"

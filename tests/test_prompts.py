@@ -1,15 +1,23 @@
-"""Prompt tuning, prefix tuning / P-tuning v2 and LLaMA-Adapter against their equations and HF PEFT."""
+"""Prompt tuning, P-tuning, prefix tuning / P-tuning v2 and LLaMA-Adapter against their equations and
+HF PEFT."""
 
 import copy
 
 import pytest
 import torch
-from peft import AdaptionPromptConfig, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from peft import AdaptionPromptConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
 from test_interop import tiny_llama
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.interop import load_peft_adapter
-from reference_impls.prompts import AdaptedAttention, PrefixTuning, PromptTuning, inject_llama_adapter, inject_mam
+from reference_impls.prompts import (
+    AdaptedAttention,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    inject_llama_adapter,
+    inject_mam,
+)
 
 from helpers import demo_losses
 
@@ -32,6 +40,36 @@ def test_prompt_tuning_equals_peft_and_counts_n_times_d():
     torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert count_parameters(ours)[0] == N * 32
     assert ours(input_ids=ids).logits.shape[1] == N + ids.shape[1]
+
+
+@pytest.mark.parametrize("encoder", ["MLP", "LSTM"])
+def test_p_tuning_equals_peft_and_its_checkpoint_serves_as_prompt_tuning(encoder, tmp_path):
+    config = PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=N, encoder_hidden_size=12, encoder_reparameterization_type=encoder
+    )
+    theirs, base = peft_prompt_model(config)
+    ours = PTuning(base, n=N, hidden=12, encoder=encoder).eval()
+    theirs_encoder = theirs.prompt_encoder["default"]
+    with torch.no_grad():
+        ours.prompt_input.copy_(theirs_encoder.embedding.weight)
+        ours.mlp.load_state_dict(theirs_encoder.mlp_head.state_dict())
+        if encoder == "LSTM":
+            ours.lstm.load_state_dict(theirs_encoder.lstm_head.state_dict())
+    ids = IDS()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        assert (expected[:, N:] - tiny_llama()(input_ids=ids).logits).abs().max() > 1e-2
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours.freeze_prompt()(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+    d, h = 32, 12
+    head = (d * h + h + h * h + h + h * d + d) if encoder == "MLP" else (2 * h * 2 * h + 2 * h + 2 * h * d + d)
+    lstm = 0 if encoder == "MLP" else sum(p.numel() for p in ours.lstm.parameters())
+    assert count_parameters(ours)[0] == N * d + head + lstm
+    theirs.save_pretrained(tmp_path)  # PEFT saves the encoder's output: P itself
+    loaded = load_peft_adapter(tiny_llama(), tmp_path)
+    assert type(loaded) is PromptTuning
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -139,7 +177,7 @@ def test_demo_runs_and_every_method_learns(capsys):
 
     demo()
     losses = demo_losses(capsys.readouterr().out)
-    assert len(losses) == 5 and all(after < before - 0.3 for before, after in losses), losses
+    assert len(losses) == 6 and all(after < before - 0.3 for before, after in losses), losses
 
 
 def test_bf16_matches_fp32():
