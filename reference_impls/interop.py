@@ -22,12 +22,13 @@ transform), C3A, LN tuning, BEFT, SHiRA, Super-Tuning (with Supra), trainable to
 (also its top-k form), RandLoRA, Uni-LoRA, TinyLoRA (with weight tying), MiSS (its three variants),
 GraLoRA, PEANuT, Lily, GLoRA, AdaMSS and Poly (Polytropon and MHR: name each row's task with
 `routing.use_tasks`), which are injected into the model in place; and prompt tuning, P-tuning
-(served as prompt tuning: the checkpoint holds the encoder's output), prefix tuning / P-tuning v2
-and adaption prompts (LLaMA-Adapter). Prompts and prefixes return a wrapper around the model (they
-change its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr,
-HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS,
-GraLoRA and Poly is loaded too: in training mode, with the same seed, the loaded model draws the
-same masks and samples as PEFT's, and LoRA's and DoRA's `lora_dropout` drops as PEFT's does.
+(served as prompt tuning: the checkpoint holds the encoder's output), multitask prompt tuning (pass
+each row's `task_ids`), prefix tuning / P-tuning v2 and adaption prompts (LLaMA-Adapter). Prompts
+and prefixes return a wrapper around the model (they change its inputs), so always use the returned
+module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA,
+RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS, GraLoRA and Poly is loaded too: in training mode,
+with the same seed, the loaded model draws the same masks and samples as PEFT's, and LoRA's and
+DoRA's `lora_dropout` drops as PEFT's does.
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -87,7 +88,7 @@ from reference_impls.interop_layers import (
     waveft_layer,
 )
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear
-from reference_impls.prompts import PrefixTuning, PromptTuning
+from reference_impls.prompts import MultitaskPromptTuning, PrefixTuning, PromptTuning
 
 FAMILY = "Interoperability with PEFT"
 
@@ -173,6 +174,10 @@ HANDLED = {
     "encoder_hidden_size",
     "prefix_projection",
     "encoder_reparameterization_type",
+    "num_tasks",
+    "num_ranks",
+    "prompt_tuning_init_task",
+    "prompt_tuning_init_state_dict_path",
     "encoder_num_layers",
     "encoder_dropout",
     "adapter_len",
@@ -321,6 +326,7 @@ SUPPORTED_TYPES = (
     "POLY",
     "PROMPT_TUNING",
     "P_TUNING",
+    "MULTITASK_PROMPT_TUNING",
     "PREFIX_TUNING",
     "ADAPTION_PROMPT",
 )
@@ -339,7 +345,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         if field not in HANDLED and not _neutral(value):
             raise UnsupportedAdapter(f"adapter_config.json field {field!r} = {value!r} is not supported")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    if peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING"):
+    if peft_type in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "PREFIX_TUNING"):
         return _load_prompt(model, config, tensors)
     if peft_type == "ADAPTION_PROMPT":
         prompts = {
@@ -451,7 +457,14 @@ def _load_prompt(model, config, tensors):
     prompt = tensors["prompt_embeddings"]
     n = config["num_virtual_tokens"]
     with torch.no_grad():
-        if config["peft_type"] in ("PROMPT_TUNING", "P_TUNING"):
+        if config["peft_type"] == "MULTITASK_PROMPT_TUNING":  # P*, and every task's U_k, V_k
+            U, V = tensors["prefix_task_cols"], tensors["prefix_task_rows"]
+            wrapper = MultitaskPromptTuning(model, n=n, tasks=U.shape[0], r=U.shape[2])
+            for name, value in (("prompt", prompt), ("U", U), ("V", V)):
+                if getattr(wrapper, name).shape != value.shape:
+                    raise UnsupportedAdapter(f"{name} of shape {tuple(value.shape)} does not fit this model")
+                getattr(wrapper, name).copy_(value)
+        elif config["peft_type"] in ("PROMPT_TUNING", "P_TUNING"):
             wrapper = PromptTuning(model, n=n)
             wrapper.prompt.copy_(prompt)
         else:

@@ -15,6 +15,14 @@ tokens by a template; PEFT, and this reference, put them first):
 2h → 2h → d.) After training only P is kept, so serving is prompt tuning's. Trainable parameters:
 n·d plus the encoder's.
 
+Multitask prompt tuning: Wang, Panda, Karlinsky, Feris, Sun, Kim. "Multitask Prompt Tuning Enables
+Parameter-Efficient Transfer Learning." ICLR 2023. arXiv:2303.02861. One prompt P* is shared by T
+tasks; task k's prompt is P* scaled entry by entry by a low-rank matrix of its own,
+
+    P_k = P* ⊙ (U_k V_k),        U_k ∈ ℝ^{n×r},  V_k ∈ ℝ^{r×d}        (r = 1 in the paper)
+
+each input row carrying its task id. Trainable parameters: n·d + T·r·(n + d).
+
 Prefix tuning: Li, Liang. "Prefix-Tuning: Optimizing Continuous Prompts for Generation." ACL 2021.
 arXiv:2101.00190. Every layer l attends to n extra key and value vectors:
 
@@ -60,7 +68,15 @@ from reference_impls.bottleneck import SCALED_PARALLEL, inject_adapters
 
 FAMILY = "Prompts and prefixes"
 
-IMPLEMENTS = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "llama-adapter", "unified-view-peft")
+IMPLEMENTS = (
+    "prompt-tuning",
+    "p-tuning",
+    "multitask-prompt-tuning",
+    "prefix-tuning",
+    "p-tuning-v2",
+    "llama-adapter",
+    "unified-view-peft",
+)
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.
 COVERED_BY = (
@@ -139,6 +155,31 @@ class PTuning(PromptTuning):
         with torch.no_grad():
             served.prompt.copy_(self.prompt)
         return served
+
+
+class MultitaskPromptTuning(nn.Module):
+    """X' = [P* ⊙ (U_k V_k); X] for each row's task k: one shared prompt, a low-rank scaling per task."""
+
+    def __init__(self, model: nn.Module, n: int = 20, tasks: int = 1, r: int = 1):
+        super().__init__()
+        self.model = model
+        _freeze(model)
+        embeddings = model.get_input_embeddings().weight
+        d = embeddings.shape[1]
+        self.prompt = nn.Parameter(torch.randn(n, d, dtype=embeddings.dtype) * embeddings.std())  # P*
+        self.U = nn.Parameter(torch.randn(tasks, n, r) * 0.02)
+        self.V = nn.Parameter(torch.randn(tasks, r, d) * 0.02)
+
+    def prompts(self, task_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, n, d): every row's task prompt P* ⊙ (U_k V_k)."""
+        return self.prompt * (self.U[task_ids] @ self.V[task_ids])
+
+    def forward(self, input_ids: torch.Tensor, task_ids: torch.Tensor, attention_mask=None, **kwargs):
+        x = self.model.get_input_embeddings()(input_ids)
+        batch, length = input_ids.shape
+        mask = _with_prompt_mask(attention_mask, batch, length, len(self.prompt), x.device)
+        prompts = self.prompts(task_ids).to(x.dtype)
+        return self.model(inputs_embeds=torch.cat([prompts, x], dim=1), attention_mask=mask, **kwargs)
 
 
 class Prefixes(nn.Module):
@@ -311,7 +352,8 @@ def inject_mam(
 
 
 def demo() -> None:
-    """Steer a tiny random LLaMA to answer token 7 after any input, training only the prompts."""
+    """Steer a tiny random LLaMA to answer token 7 after any input, training only the prompts; then two
+    tasks at once with one shared prompt."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     def tiny():
@@ -352,6 +394,23 @@ def demo() -> None:
         trainable, total = count_parameters(model)
         print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
         print(f"loss on the new task: {losses[0]:.4g} before, {losses[-1]:.4g} after training")
+
+    # Two tasks sharing one prompt: the first half of the rows must answer 7, the second half 3.
+    model = MultitaskPromptTuning(tiny(), n=8, tasks=2, r=1)
+    task_ids = torch.arange(64) // 32
+    targets = torch.where(task_ids[:, None] == 0, 7, 3).expand_as(tokens)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+    losses = []
+    for _ in range(60):
+        logits = model(input_ids=tokens, task_ids=task_ids).logits[:, -tokens.shape[1] :]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, 32), targets.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    trainable, total = count_parameters(model)
+    print(f"Multitask prompt tuning n=8, 2 tasks: {trainable:,} trainable of {total:,} parameters")
+    print(f"loss on the new task: {losses[0]:.4g} before, {losses[-1]:.4g} after training")
 
 
 if __name__ == "__main__":

@@ -1,17 +1,25 @@
-"""Prompt tuning, P-tuning, prefix tuning / P-tuning v2 and LLaMA-Adapter against their equations and
-HF PEFT."""
+"""Prompt tuning, P-tuning, multitask prompt tuning, prefix tuning / P-tuning v2 and LLaMA-Adapter
+against their equations and HF PEFT."""
 
 import copy
 
 import pytest
 import torch
-from peft import AdaptionPromptConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+from peft import (
+    AdaptionPromptConfig,
+    MultitaskPromptTuningConfig,
+    PrefixTuningConfig,
+    PromptEncoderConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from test_interop import tiny_llama
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.interop import load_peft_adapter
 from reference_impls.prompts import (
     AdaptedAttention,
+    MultitaskPromptTuning,
     PrefixTuning,
     PromptTuning,
     PTuning,
@@ -70,6 +78,32 @@ def test_p_tuning_equals_peft_and_its_checkpoint_serves_as_prompt_tuning(encoder
     assert type(loaded) is PromptTuning
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_multitask_prompt_tuning_equals_peft_per_task_and_loads_its_checkpoint(ranks, tmp_path):
+    config = MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, num_tasks=3, num_ranks=ranks)
+    theirs, base = peft_prompt_model(config)
+    encoder = theirs.prompt_encoder["default"]
+    with torch.no_grad():
+        for parameter in (encoder.prefix_task_cols, encoder.prefix_task_rows):
+            parameter.normal_()  # far from their 0.02 start, so that the tasks' prompts differ clearly
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft_adapter(base, tmp_path)
+    assert type(ours) is MultitaskPromptTuning
+    ids, task_ids = IDS(), torch.tensor([2, 0])
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, task_ids=task_ids).logits
+        got = ours(input_ids=ids, task_ids=task_ids).logits
+        other_tasks = ours(input_ids=ids, task_ids=torch.tensor([1, 1])).logits
+        prompt = ours.prompts(task_ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (other_tasks - got).abs().max() > 1e-2  # each task its own prompt
+    for row, task in enumerate(task_ids):  # P_k = P* ⊙ (U_k V_k)
+        torch.testing.assert_close(prompt[row], ours.prompt * (ours.U[task] @ ours.V[task]))
+    assert count_parameters(MultitaskPromptTuning(tiny_llama(), n=N, tasks=3, r=ranks))[0] == N * 32 + 3 * ranks * (
+        N + 32
+    )
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -177,7 +211,7 @@ def test_demo_runs_and_every_method_learns(capsys):
 
     demo()
     losses = demo_losses(capsys.readouterr().out)
-    assert len(losses) == 6 and all(after < before - 0.3 for before, after in losses), losses
+    assert len(losses) == 7 and all(after < before - 0.3 for before, after in losses), losses
 
 
 def test_bf16_matches_fp32():
