@@ -12,7 +12,11 @@
   function load() {
     if (!pagefind) {
       pagefind = import(new URL("pagefind/pagefind.js", root).href).then(function (module) {
-        return module.options({ baseUrl: root.pathname, excerptLength: 24 }).then(function () {
+        // Rank by where a word stands (a paper's title and method name weigh most), not by how often
+        // it recurs or how short the page is: otherwise the pages that repeat "LoRA" most (its
+        // relatives, the implementation pages) push the LoRA paper itself off the first results.
+        var ranking = { termFrequency: 0.0, pageLength: 0.0 };
+        return module.options({ baseUrl: root.pathname, excerptLength: 24, ranking: ranking }).then(function () {
           module.init();
           return module;
         });
