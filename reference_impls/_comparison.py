@@ -174,6 +174,11 @@ def _initialised_lora(init):
     return apply
 
 
+def _kasa(model, layout):
+    lora_inits.inject_kasa(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16)
+    return model
+
+
 def _adamss(model, layout):
     adamss.inject_adamss(model, [layout.attention[0], layout.attention[2]], R=100, K=5, r=1)
     return model
@@ -392,6 +397,15 @@ METHODS = (
         True,
         False,
         "LoRA (init_lora_weights=mica)",
+    ),
+    Method(
+        "KaSA",
+        "lora_inits",
+        "r = 8, α = 16, learned singular values, the base's 8 smallest components dropped",
+        _kasa,
+        True,
+        False,
+        "LoRA (kasa_config)",
     ),
     Method(
         "DoRA",

@@ -20,7 +20,7 @@ from reference_impls.glora import GLoRALinear
 from reference_impls.ia3 import IA3Linear
 from reference_impls.lily import LilyDown, LilyExperts, LilyLinear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
-from reference_impls.lora_inits import INITIALISATIONS
+from reference_impls.lora_inits import INITIALISATIONS, KaSALinear
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.projections import SharedVector, TinyLoRALinear, UniLoRALinear, assign, tinylora_groups
@@ -95,8 +95,13 @@ def lora_layer(model, config, path, found):
         raise UnsupportedAdapter(
             "LoRA init_lora_weights = 'olora' with fan_in_fan_out: PEFT factors the untransposed W"
         )
+    kasa = config.get("kasa_config") is not None
+    if kasa and (fan_in_fan_out or config.get("use_dora") or init in INITIALISATIONS):
+        raise UnsupportedAdapter(
+            "LoRA kasa_config with fan_in_fan_out, use_dora or a PiSSA/OLoRA init is not supported"
+        )
     base = base_linear(model, path, fan_in_fan_out)
-    if init in INITIALISATIONS:  # its residual replaces the base weight: work on a copy, the model stays as it is
+    if init in INITIALISATIONS or kasa:  # the base weight is rebuilt: work on a copy, the model stays as it is
         base = copy.deepcopy(base)
     r = found["lora_A"].shape[0]
     alpha = pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
@@ -105,6 +110,9 @@ def lora_layer(model, config, path, found):
     if config.get("use_dora"):
         layer = DoRALinear(base, **options)
         layer.m.copy_(found["lora_magnitude_vector"].flatten())
+    elif kasa:  # as PEFT loads KaSA: the truncation again, on the original W; then the saved factors
+        layer = KaSALinear(base, **options)
+        layer.diag.copy_(found["lora_diag"])
     else:
         layer = LoRALinear(base, **options, bias=config.get("lora_bias", False))
         if layer.B_bias is not None:

@@ -1,7 +1,8 @@
-"""LoRA's initialisations from the frozen weight: PiSSA (its principal singular triplets), OLoRA (its
-QR decomposition) and MiCA (its minor singular directions). PiSSA and OLoRA start A and B from a
-piece of W and leave the rest as the frozen base, so the model computes W x at the start, as with
-LoRA's zero B, but training moves W's main part; MiCA trains in the directions W uses least.
+"""LoRA started from the frozen weight's decompositions: PiSSA (its principal singular triplets),
+OLoRA (its QR decomposition), MiCA (its minor singular directions) and KaSA (its minor singular
+components dropped, singular values learned). PiSSA and OLoRA start A and B from a piece of W and
+leave the rest as the frozen base, so the model computes W x at the start, as with LoRA's zero B,
+but training moves W's main part; MiCA trains in the directions W uses least; KaSA replaces them.
 
 **PiSSA.** Meng, Wang, Zhang. "PiSSA: Principal Singular Values and Singular Vectors Adaptation of
 Large Language Models." NeurIPS 2024. arXiv:2404.02948. With W = U S Vᵀ and its top r triplets,
@@ -29,9 +30,20 @@ frozen; only A trains, from 0:
 so the update writes only into the output directions the pre-trained weight barely uses. The base
 is untouched. Trained parameters: r · d_in per layer (B is fixed by W).
 
-A PiSSA or OLoRA checkpoint holds the trained A and B but not the residual base: PEFT, loading it, runs
-the initialisation again on the original weights, and `reference_impls.interop` does the same, so a
-PiSSA or OLoRA adapter loads onto the base model it was trained from. PEFT 0.21's `init_lora_weights`
+**KaSA.** Wang, Jiang, Park, et al. "KaSA: Knowledge-Aware Singular-Value Adaptation of Large
+Language Models." ICLR 2025. arXiv:2412.06071. The base keeps only its top k − r singular components
+(k = min(d_in, d_out): the r smallest, "noisy" ones are dropped once), and the update has an SVD's
+form with learned singular values δ:
+
+    W₀ ← U_{k−r} S_{k−r} V_{k−r}ᵀ,        ΔW = s·B diag(δ) A,        δ ∈ ℝ^r ~ N(0, 1),  B = 0
+
+with the paper's regulariser β‖δ‖² + γ(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F) added to the task loss (`kasa_penalty`;
+PEFT's `_get_kasa_loss`). So the model does not start at W x exactly: it starts at the truncated W₀.
+Trainable parameters: r (d_in + d_out + 1) per layer.
+
+A PiSSA, OLoRA or KaSA checkpoint holds the trained A and B but not the residual base: PEFT, loading it, runs
+the initialisation again on the original weights, and `reference_impls.interop` does the same, so such
+an adapter loads onto the base model it was trained from. PEFT 0.21's `init_lora_weights`
 "pissa", "pissa_niter_k", "olora" and "mica" are these (the randomised SVD draws from the global generator,
 so PEFT's own loading of a "pissa_niter_k" checkpoint is not reproducible; the loader refuses it).
 """
@@ -39,12 +51,21 @@ so PEFT's own loading of a "pissa_niter_k" checkpoint is not reproducible; the l
 import torch
 from torch import nn
 
-from reference_impls._plumbing import report, report_merge, toy_model, toy_task, train
+from reference_impls._plumbing import (
+    find_targets,
+    freeze_all_but,
+    replace_module,
+    report,
+    report_merge,
+    toy_model,
+    toy_task,
+    train,
+)
 from reference_impls.lora import LoRALinear, inject_lora, merge_lora
 
 FAMILY = "Low-rank updates"
 
-IMPLEMENTS = ("pissa", "olora", "mica")
+IMPLEMENTS = ("pissa", "olora", "mica", "kasa")
 
 # The frameworks that provide these methods.
 COVERED_BY = ("hf-peft",)
@@ -93,6 +114,56 @@ def _set_factors(layer: LoRALinear, A: torch.Tensor, B: torch.Tensor) -> None:
 INITIALISATIONS = {"pissa": pissa_init, "olora": olora_init}  # those that leave a residual base
 
 
+class KaSALinear(LoRALinear):
+    """LoRA with learned singular values, s·B diag(δ) A, over a base truncated to its top k − r components."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0, use_rslora=False):
+        k = min(base.weight.shape)
+        if r >= k:
+            raise ValueError(f"KaSA keeps k − r = {k} − {r} of the weight's singular components: r must be below {k}")
+        super().__init__(base, r, alpha, dropout, use_rslora)
+        self.diag = nn.Parameter(torch.randn(r, device=base.weight.device, dtype=base.weight.dtype))  # δ
+        if not base.weight.is_meta:
+            with torch.no_grad():  # drop the r smallest singular components of W, once
+                U, S, Vh = torch.linalg.svd(base.weight.float(), full_matrices=False)
+                kept = k - r
+                base.weight.copy_(((U[:, :kept] * S[:kept]) @ Vh[:kept]).to(base.weight.dtype))
+
+    def takes_kernel(self, x: torch.Tensor) -> bool:
+        return False  # the fused LoRA kernel has no diagonal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.base(x)
+        if self.merged:
+            return h
+        update = ((self.dropout(x).to(self.A.dtype) @ self.A.T) * self.diag) @ self.B.T
+        return h + (self.scale * update).to(h.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self.B * self.diag) @ self.A
+
+
+def kasa_penalty(model: nn.Module, beta: float = 1e-4, gamma: float = 1e-3) -> torch.Tensor:
+    """Σ over KaSA layers of β‖δ‖² + γ(‖BᵀB − I‖_F + ‖AAᵀ − I‖_F), in fp32 (PEFT's defaults for β, γ)."""
+    total = torch.zeros(())
+    for layer in model.modules():
+        if isinstance(layer, KaSALinear):
+            eye = torch.eye(layer.r)
+            A, B = layer.A.float(), layer.B.float()
+            orthogonality = torch.linalg.norm(B.T @ B - eye) + torch.linalg.norm(A @ A.T - eye)
+            total = total + beta * layer.diag.float().pow(2).sum() + gamma * orthogonality
+    return total
+
+
+def inject_kasa(model: nn.Module, target_names: list[str], r: int = 8, alpha: float = 16.0, dropout: float = 0.0):
+    """KaSA on the named layers: each base weight truncated, B, A and δ trained."""
+    targets = find_targets(model, target_names)
+    for name in targets:
+        replace_module(model, name, KaSALinear(model.get_submodule(name), r, alpha, dropout))
+    freeze_all_but(model, KaSALinear, ("A", "B", "diag"))
+    return targets
+
+
 def inject_initialised_lora(
     model: nn.Module, target_names: list[str], init: str = "pissa", niter: int | None = None, **lora_options
 ) -> list[str]:
@@ -113,7 +184,7 @@ def inject_initialised_lora(
 
 
 def demo() -> None:
-    """LoRA, PiSSA, OLoRA and MiCA (rank 8, the same steps) on the toy task: the same start, different paths."""
+    """LoRA, PiSSA, OLoRA, MiCA and KaSA (rank 8, the same steps) on the toy task: different starts and paths."""
     x, y = toy_task()
     for name, init in [("lora", None), ("pissa", "pissa"), ("olora", "olora"), ("mica", "mica")]:
         model = toy_model()
@@ -124,6 +195,11 @@ def demo() -> None:
         before, after = train(model, x, y, lr=1e-2)
         report(f"{name} (r = 8) on 3 layers", model, before, after)
         report_merge(model, x, merge_lora)
+    model = toy_model()
+    inject_kasa(model, ["0", "2", "4"], r=8, alpha=8)
+    before, after = train(model, x, y, lr=1e-2, penalty=kasa_penalty)
+    report("kasa (r = 8, with its regulariser) on 3 layers", model, before, after)
+    report_merge(model, x, merge_lora)
 
 
 if __name__ == "__main__":

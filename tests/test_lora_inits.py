@@ -1,13 +1,14 @@
-"""PiSSA, OLoRA and MiCA against their definitions (the truncated SVD, the QR factors, the residual
-base, the minor singular directions) and against HF PEFT: the same starting factors and residual as
-its `init_lora_weights`, and its checkpoints loading onto the original base model as PEFT loads them."""
+"""PiSSA, OLoRA, MiCA and KaSA against their definitions (the truncated SVD, the QR factors, the
+residual base, the minor singular directions, the dropped components) and against HF PEFT: the same
+starting factors and residual as its `init_lora_weights`, KaSA's loss, and its checkpoints loading
+onto the original base model as PEFT loads them."""
 
 import copy
 import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import KasaConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from test_interop import save_with_nonzero_weights, tiny_llama
 from test_lora import Tiny
@@ -16,9 +17,17 @@ from torch import nn
 from reference_impls._plumbing import count_parameters
 from reference_impls.interop import UnsupportedAdapter, load_peft_adapter
 from reference_impls.lora import LoRALinear, merge_lora, unmerge_lora
-from reference_impls.lora_inits import inject_initialised_lora, mica_init, olora_init, pissa_init
+from reference_impls.lora_inits import (
+    KaSALinear,
+    inject_initialised_lora,
+    inject_kasa,
+    kasa_penalty,
+    mica_init,
+    olora_init,
+    pissa_init,
+)
 
-from helpers import assert_merge_round_trip, demo_losses, relative_error, run_demo
+from helpers import assert_merge_round_trip, demo_losses, peft_and_ours, relative_error, run_demo
 
 
 def layer_with(init, r=3, alpha=6.0, shape=(13, 9), niter=None):
@@ -165,5 +174,58 @@ def test_a_failed_pissa_load_leaves_every_weight_as_it_was(tmp_path):
 
 def test_demo_learns():
     losses = demo_losses(run_demo("reference_impls.lora_inits"))
-    assert len(losses) == 4 and all(after < 0.1 * before for before, after in losses[:3])
+    assert len(losses) == 5 and all(after < 0.1 * before for before, after in losses[:3] + losses[4:])
     assert losses[3][1] < 0.8 * losses[3][0]  # MiCA: the toy task's shift lies mostly outside its directions
+
+
+# ---- KaSA -------------------------------------------------------------------------------------------
+
+
+def test_kasa_drops_the_smallest_singular_components_and_learns_singular_values():
+    torch.manual_seed(4)
+    base = nn.Linear(13, 9)
+    W = base.weight.detach().clone()
+    layer = KaSALinear(base, r=3, alpha=6)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    torch.testing.assert_close(layer.base.weight, (U[:, :6] * S[:6]) @ Vh[:6])  # k − r = 9 − 3 kept
+    with torch.no_grad():
+        layer.B.normal_()
+    expected = 2.0 * layer.B @ torch.diag(layer.diag) @ layer.A  # s = 6 / 3
+    torch.testing.assert_close(layer.delta_weight(), expected)
+    x = torch.randn(4, 13)
+    torch.testing.assert_close(layer(x), layer.base(x) + x @ expected.T)
+    with pytest.raises(ValueError, match="r must be below 9"):
+        KaSALinear(nn.Linear(13, 9), r=9)
+
+
+def test_kasa_counts_trains_a_b_and_the_diagonal_and_merges():
+    model = Tiny()
+    inject_kasa(model, ["up", "down"], r=3, alpha=6)
+    assert count_parameters(model)[0] == 3 * (13 + 29 + 1) + 3 * (29 + 7 + 1)
+    with torch.no_grad():
+        model.up.B.normal_()
+    (model(torch.randn(4, 13)).pow(2).sum() + kasa_penalty(model)).backward()
+    trained = {name.rsplit(".", 1)[1] for name, p in model.named_parameters() if p.grad is not None}
+    assert trained == {"A", "B", "diag"}
+    assert_merge_round_trip(model, merge_lora, unmerge_lora, torch.randn(4, 13))
+
+
+def test_kasa_penalty_is_peft_s_kasa_loss(tmp_path):
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], kasa_config=KasaConfig(beta=0.01, gamma=0.1))
+    theirs, ours = peft_and_ours(Tiny, config, tmp_path)
+    torch.testing.assert_close(kasa_penalty(ours, beta=0.01, gamma=0.1), theirs.base_model._get_kasa_loss())
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_a_kasa_checkpoint_loads_onto_the_original_base_as_peft_loads_it(dtype, tolerance, tmp_path):
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], kasa_config=KasaConfig())
+    theirs, fresh = save_with_nonzero_weights(tiny_llama, config, tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    ours = load_peft_adapter(fresh, tmp_path)
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        assert relative_error(reloaded(input_ids=ids).logits, expected) <= 1e-6
+        assert relative_error(ours(input_ids=ids).logits, expected) <= 1e-5
+        ours, theirs = ours.to(dtype), theirs.to(dtype)
+        assert relative_error(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= tolerance
