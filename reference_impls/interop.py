@@ -23,12 +23,13 @@ tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA, Uni-LoRA, TinyLoRA (with
 (its three variants), GraLoRA, PEANuT, Lily, GLoRA, AdaMSS and Poly (Polytropon and MHR: name each
 row's task with `routing.use_tasks`), which are injected into the model in place; and prompt tuning,
 P-tuning (served as prompt tuning: the checkpoint holds the encoder's output), multitask prompt
-tuning (pass each row's `task_ids`), prefix tuning / P-tuning v2 and adaption prompts
-(LLaMA-Adapter). Prompts and prefixes return a wrapper around the model (they change its inputs), so
-always use the returned module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT,
-PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS, GraLoRA and Poly is loaded
-too: in training mode, with the same seed, the loaded model draws the same masks and samples as
-PEFT's, and LoRA's and DoRA's `lora_dropout` drops as PEFT's does.
+tuning (pass each row's `task_ids`), prefix tuning / P-tuning v2, cartridges (as prefixes: the
+checkpoint holds the whole cache) and adaption prompts (LLaMA-Adapter). Prompts and prefixes return
+a wrapper around the model (they change its inputs), so always use the returned module. The
+training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA,
+TinyLoRA, Super-Tuning's Supra, MiSS, GraLoRA and Poly is loaded too: in training mode, with the
+same seed, the loaded model draws the same masks and samples as PEFT's, and LoRA's and DoRA's
+`lora_dropout` drops as PEFT's does.
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -179,6 +180,7 @@ HANDLED = {
     "num_ranks",
     "prompt_tuning_init_task",
     "prompt_tuning_init_state_dict_path",
+    "num_frozen_tokens",
     "encoder_num_layers",
     "encoder_dropout",
     "adapter_len",
@@ -329,6 +331,7 @@ SUPPORTED_TYPES = (
     "P_TUNING",
     "MULTITASK_PROMPT_TUNING",
     "PREFIX_TUNING",
+    "CARTRIDGE",
     "ADAPTION_PROMPT",
 )
 
@@ -346,7 +349,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         if field not in HANDLED and not _neutral(value):
             raise UnsupportedAdapter(f"adapter_config.json field {field!r} = {value!r} is not supported")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    if peft_type in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "PREFIX_TUNING"):
+    if peft_type in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "PREFIX_TUNING", "CARTRIDGE"):
         return _load_prompt(model, config, tensors)
     if peft_type == "ADAPTION_PROMPT":
         prompts = {

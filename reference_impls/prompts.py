@@ -35,6 +35,15 @@ n·d_kv + (d_kv·d_hidden + d_hidden) + (d_hidden·2·L·d_kv + 2·L·d_kv); kep
 P-tuning v2 (Liu, Ji, Fu, Tam, Du, Yang, Tang, ACL 2022, arXiv:2110.07602) is the same deep prompt
 trained directly, without the MLP: `PrefixTuning(..., hidden=None)`.
 
+Cartridges: "Cartridges: Lightweight and general-purpose long context representations via
+self-study." 2025. arXiv:2506.06266. A long context (a corpus) is replaced by a short trained
+key/value cache: P-tuning v2's prefix, n positions of every layer's keys and values, started from
+the model's own cache of the corpus's first n tokens (so at the start it is that text, exactly),
+its first few positions optionally frozen (the attention sink). The paper trains it by "self-study",
+distilling the model that reads the whole corpus into the model that reads only the cartridge; that
+objective is not reproduced here (nor shipped by PEFT): any loss trains the prefix. Trainable
+parameters: (n − frozen) · 2·L·d_kv.
+
 LLaMA-Adapter: Zhang, Han, Zhou, Hu, Yan, Lu, Li, Gao, Qiao. "LLaMA-Adapter: Efficient Fine-tuning
 of Language Models with Zero-init Attention." ICLR 2024. arXiv:2303.16199. In the top layers, an
 adaption prompt A^l ∈ ℝ^{n×d} is projected by the layer's own key and value projections, and the
@@ -74,6 +83,7 @@ IMPLEMENTS = (
     "multitask-prompt-tuning",
     "prefix-tuning",
     "p-tuning-v2",
+    "cartridges",
     "llama-adapter",
     "unified-view-peft",
 )
@@ -204,8 +214,8 @@ class Prefixes(nn.Module):
 
     def keys_and_values(self, dtype) -> torch.Tensor:
         """P as (L·2, heads, n, head_dim): entry 2l is layer l's keys, 2l+1 its values."""
-        n = self.prefix_input.shape[0]
-        return self.prefix().to(dtype).view(n, 2 * self.layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
+        prefix = self.prefix()
+        return prefix.to(dtype).view(len(prefix), 2 * self.layers, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)
 
     @torch.no_grad()
     def freeze_prefix(self) -> None:
@@ -236,8 +246,35 @@ class PrefixTuning(Prefixes):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         batch, length = input_ids.shape
         dtype = self.model.get_input_embeddings().weight.dtype
-        mask = _with_prompt_mask(attention_mask, batch, length, self.prefix_input.shape[0], input_ids.device)
+        mask = _with_prompt_mask(attention_mask, batch, length, len(self.prefix()), input_ids.device)
         return self.model(input_ids=input_ids, attention_mask=mask, past_key_values=self.cache(batch, dtype), **kwargs)
+
+
+class Cartridge(PrefixTuning):
+    """A trained key/value cache of n positions, the first `frozen` of them fixed."""
+
+    def __init__(self, model: nn.Module, n: int = 20, frozen: int = 0):
+        super().__init__(model, n=n, hidden=None)
+        if not 0 <= frozen <= n:
+            raise ValueError(f"a cartridge of {n} positions can freeze 0..{n} of them, got {frozen}")
+        rows = self.prefix_input.detach()
+        self.register_buffer("frozen_rows", rows[:frozen].clone())
+        self.prefix_input = nn.Parameter(rows[frozen:].clone())
+
+    def prefix(self) -> torch.Tensor:
+        return torch.cat([self.frozen_rows.to(self.prefix_input.dtype), self.prefix_input])
+
+    @torch.no_grad()
+    def start_from(self, input_ids: torch.Tensor) -> None:
+        """Set the cartridge to the model's own keys and values for the first n tokens of a text (1-D ids)."""
+        n = len(self.prefix())
+        if len(input_ids) < n:
+            raise ValueError(f"a cartridge of {n} positions starts from a text of at least {n} tokens")
+        cache = self.model(input_ids=input_ids[None, :n], use_cache=True).past_key_values
+        per_layer = [torch.stack([cache.layers[l].keys[0], cache.layers[l].values[0]]) for l in range(self.layers)]
+        rows = torch.stack(per_layer).permute(3, 0, 1, 2, 4).reshape(n, -1)  # (n, L·2·heads·head_dim)
+        self.frozen_rows.copy_(rows[: len(self.frozen_rows)])
+        self.prefix_input.copy_(rows[len(self.frozen_rows) :])
 
 
 class PrefixSelfAttention(nn.Module):
@@ -371,12 +408,19 @@ def demo() -> None:
 
     generator = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 32, (64, 8), generator=generator)
+
+    def cartridge(model):
+        started = Cartridge(model, n=8, frozen=1)
+        started.start_from(torch.randint(0, 32, (8,), generator=generator))
+        return started
+
     targets = torch.full_like(tokens, 7)  # the new task: whatever came before, predict token 7
     for name, make in [
         ("Prompt tuning n=8", lambda: PromptTuning(tiny(), n=8)),
         ("P-tuning n=8 (MLP encoder)", lambda: PTuning(tiny(), n=8, hidden=32)),
         ("Prefix tuning n=8", lambda: PrefixTuning(tiny(), n=8, hidden=64)),
         ("P-tuning v2 n=8", lambda: PrefixTuning(tiny(), n=8, hidden=None)),
+        ("Cartridge n=8 (from a text's cache, 1 position frozen)", lambda: cartridge(tiny())),
         ("LLaMA-Adapter n=8", lambda: inject_llama_adapter(tiny(), n=8, top_layers=2)),
         ("MAM (prefix n=8, parallel adapter m=16)", lambda: inject_mam(tiny(), n=8, hidden=64, m=16)),
     ]:

@@ -1,5 +1,5 @@
-"""Prompt tuning, P-tuning, multitask prompt tuning, prefix tuning / P-tuning v2 and LLaMA-Adapter
-against their equations and HF PEFT."""
+"""Prompt tuning, P-tuning, multitask prompt tuning, prefix tuning / P-tuning v2, cartridges and
+LLaMA-Adapter against their equations and HF PEFT."""
 
 import copy
 
@@ -19,6 +19,7 @@ from reference_impls._plumbing import count_parameters
 from reference_impls.interop import load_peft_adapter
 from reference_impls.prompts import (
     AdaptedAttention,
+    Cartridge,
     MultitaskPromptTuning,
     PrefixTuning,
     PromptTuning,
@@ -104,6 +105,44 @@ def test_multitask_prompt_tuning_equals_peft_per_task_and_loads_its_checkpoint(r
     assert count_parameters(MultitaskPromptTuning(tiny_llama(), n=N, tasks=3, r=ranks))[0] == N * 32 + 3 * ranks * (
         N + 32
     )
+
+
+def test_a_cartridge_started_from_a_text_is_that_text_in_the_cache():
+    """The model reading [text; rest] and the model reading rest after the cartridge of text's first
+    n tokens give the same logits for rest; the packing is PEFT's; frozen positions do not train."""
+    from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
+
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    text = torch.randint(0, 97, (12,))
+    cartridge = Cartridge(model, n=N, frozen=2).eval()
+    cartridge.start_from(text)
+    with torch.no_grad():
+        whole = model(input_ids=text[None]).logits[:, N:]
+        torch.testing.assert_close(cartridge(input_ids=text[None, N:]).logits, whole, rtol=1e-5, atol=1e-5)
+        cache = model(input_ids=text[None, :N], use_cache=True).past_key_values
+        torch.testing.assert_close(
+            cartridge.prefix(), prompt_embeddings_from_past_key_values(cache, num_virtual_tokens=N)
+        )
+    width = 2 * 2 * 2 * 8  # 2 layers × (keys, values) × 2 key-value heads × head_dim 8
+    assert count_parameters(cartridge)[0] == (N - 2) * width
+    with pytest.raises(ValueError, match="at least"):
+        cartridge.start_from(text[:3])
+
+
+def test_a_peft_cartridge_checkpoint_loads_as_a_prefix(tmp_path):
+    from peft import CartridgeConfig
+
+    theirs, base = peft_prompt_model(CartridgeConfig(task_type="CAUSAL_LM", num_virtual_tokens=N, num_frozen_tokens=1))
+    with torch.no_grad():
+        theirs.prompt_encoder["default"].trainable_embedding.normal_(0, 0.5)
+    theirs.save_pretrained(tmp_path)
+    ours = load_peft_adapter(base, tmp_path)
+    ids = IDS()
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        assert (expected - tiny_llama()(input_ids=ids).logits).abs().max() > 1e-2
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("projection", [False, True])
@@ -211,7 +250,7 @@ def test_demo_runs_and_every_method_learns(capsys):
 
     demo()
     losses = demo_losses(capsys.readouterr().out)
-    assert len(losses) == 7 and all(after < before - 0.3 for before, after in losses), losses
+    assert len(losses) == 8 and all(after < before - 0.3 for before, after in losses), losses
 
 
 def test_bf16_matches_fp32():
