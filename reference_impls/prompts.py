@@ -414,6 +414,20 @@ def demo() -> None:
         started.start_from(torch.randint(0, 32, (8,), generator=generator))
         return started
 
+    def train_and_report(name, model, targets, **inputs):
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-1)
+        losses = []
+        for _ in range(60):
+            logits = model(input_ids=tokens, **inputs).logits[:, -tokens.shape[1] :]  # drop the prompt positions
+            loss = nn.functional.cross_entropy(logits.reshape(-1, 32), targets.reshape(-1))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        trainable, total = count_parameters(model)
+        print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+        print(f"loss on the new task: {losses[0]:.4g} before, {losses[-1]:.4g} after training")
+
     targets = torch.full_like(tokens, 7)  # the new task: whatever came before, predict token 7
     for name, make in [
         ("Prompt tuning n=8", lambda: PromptTuning(tiny(), n=8)),
@@ -424,37 +438,12 @@ def demo() -> None:
         ("LLaMA-Adapter n=8", lambda: inject_llama_adapter(tiny(), n=8, top_layers=2)),
         ("MAM (prefix n=8, parallel adapter m=16)", lambda: inject_mam(tiny(), n=8, hidden=64, m=16)),
     ]:
-        model = make()
-        parameters = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.Adam(parameters, lr=1e-1)
-        losses = []
-        for _ in range(60):
-            logits = model(input_ids=tokens).logits[:, -tokens.shape[1] :]  # drop the prompt positions
-            loss = nn.functional.cross_entropy(logits.reshape(-1, 32), targets.reshape(-1))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        trainable, total = count_parameters(model)
-        print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-        print(f"loss on the new task: {losses[0]:.4g} before, {losses[-1]:.4g} after training")
-
+        train_and_report(name, make(), targets)
     # Two tasks sharing one prompt: the first half of the rows must answer 7, the second half 3.
-    model = MultitaskPromptTuning(tiny(), n=8, tasks=2, r=1)
     task_ids = torch.arange(64) // 32
-    targets = torch.where(task_ids[:, None] == 0, 7, 3).expand_as(tokens)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-1)
-    losses = []
-    for _ in range(60):
-        logits = model(input_ids=tokens, task_ids=task_ids).logits[:, -tokens.shape[1] :]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, 32), targets.reshape(-1))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    trainable, total = count_parameters(model)
-    print(f"Multitask prompt tuning n=8, 2 tasks: {trainable:,} trainable of {total:,} parameters")
-    print(f"loss on the new task: {losses[0]:.4g} before, {losses[-1]:.4g} after training")
+    two_tasks = torch.where(task_ids[:, None] == 0, 7, 3).expand_as(tokens)
+    model = MultitaskPromptTuning(tiny(), n=8, tasks=2, r=1)
+    train_and_report("Multitask prompt tuning n=8, 2 tasks", model, two_tasks, task_ids=task_ids)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,11 @@ IMPLEMENTS = ("fourierft", "waveft", "c3a")
 COVERED_BY = ("hf-peft",)
 
 
-def spectral_positions(d_out: int, d_in: int, n: int, seed: int) -> torch.Tensor:
-    """(2 × n) rows and columns of the n trained spectrum entries, drawn from the seed."""
+def spectral_positions(d_out: int, d_in: int, n: int, seed: int, meta: bool = False) -> torch.Tensor:
+    """(2 × n) rows and columns of the n trained spectrum entries, drawn from the seed (on the meta
+    device, where only parameters are counted, nothing is drawn)."""
+    if meta:
+        return torch.empty(2, n, dtype=torch.long, device="meta")
     flat = torch.randperm(d_out * d_in, generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([flat // d_in, flat % d_in])
 
@@ -87,11 +90,7 @@ class FourierFTLinear(nn.Module):
         if not 0 < n <= d_out * d_in:
             raise ValueError(f"FourierFT trains 1..{d_out * d_in} coefficients of this layer, got n = {n}")
         self.base, self.alpha = base, alpha
-        if base.weight.is_meta:  # counting parameters only: no need to draw the positions
-            positions = torch.empty(2, n, dtype=torch.long, device="meta")
-        else:
-            positions = spectral_positions(d_out, d_in, n, seed)
-        self.register_buffer("positions", positions)
+        self.register_buffer("positions", spectral_positions(d_out, d_in, n, seed, base.weight.is_meta))
         self.c = nn.Parameter(torch.zeros(n, device=base.weight.device, dtype=base.weight.dtype))
         self.merged = False
 
@@ -158,11 +157,7 @@ class WaveFTLinear(nn.Module):
         self.register_buffer("P_high", synthesise(high, P, d_out), persistent=False)
         self.register_buffer("Q_low", synthesise(low, Q, d_in), persistent=False)
         self.register_buffer("Q_high", synthesise(high, Q, d_in), persistent=False)
-        if base.weight.is_meta:  # counting parameters only: no need to draw the positions
-            positions = torch.empty(2, n, dtype=torch.long, device="meta")
-        else:
-            positions = spectral_positions(d_out, d_in, n, seed)
-        self.register_buffer("positions", positions)
+        self.register_buffer("positions", spectral_positions(d_out, d_in, n, seed, base.weight.is_meta))
         self.c = nn.Parameter(torch.zeros(n, device=base.weight.device, dtype=base.weight.dtype))
         self.merged = False
 

@@ -131,14 +131,22 @@ def test_merging_at_the_start_gives_back_the_weight(init):
 
 
 @pytest.mark.parametrize(
-    "init, dora", [("pissa", False), ("olora", False), ("pissa", True), ("mica", False), (True, False)]
+    "options",
+    [
+        {"init_lora_weights": "pissa"},
+        {"init_lora_weights": "olora"},
+        {"init_lora_weights": "pissa", "use_dora": True},
+        {"init_lora_weights": "mica"},
+        {"kasa_config": KasaConfig()},
+        {},
+    ],
+    ids=["pissa", "olora", "pissa_dora", "mica", "kasa", "plain"],
 )
-def test_a_checkpoint_loads_onto_the_original_base_as_peft_loads_it(init, dora, tmp_path):
-    """PEFT's in-memory model, PEFT's reload onto a fresh base and ours give the same logits: the
-    residual base is rebuilt from the original weights (without it, 5% and 11% off on this model)."""
-    config = LoraConfig(
-        r=4, lora_alpha=8, init_lora_weights=init, use_dora=dora, target_modules=["q_proj", "down_proj"]
-    )
+def test_a_checkpoint_loads_onto_the_original_base_as_peft_loads_it(options, tmp_path):
+    """PEFT's in-memory model, PEFT's reload onto a fresh base and ours give the same logits, in bf16
+    too: the residual (or truncated) base is rebuilt from the original weights (without it, PiSSA
+    and OLoRA were 5% and 11% off on this model)."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], **options)
     theirs, fresh = save_with_nonzero_weights(tiny_llama, config, tmp_path)
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     ours = load_peft_adapter(fresh, tmp_path)
@@ -147,6 +155,8 @@ def test_a_checkpoint_loads_onto_the_original_base_as_peft_loads_it(init, dora, 
         expected = theirs(input_ids=ids).logits
         assert relative_error(reloaded(input_ids=ids).logits, expected) <= 1e-6
         assert relative_error(ours(input_ids=ids).logits, expected) <= 1e-5
+        ours, theirs = ours.to(torch.bfloat16), theirs.to(torch.bfloat16)
+        assert relative_error(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= 3e-2
 
 
 @pytest.mark.parametrize("init", ["pissa_niter_4", "corda", "loftq", "lora_ga"])
@@ -214,18 +224,3 @@ def test_kasa_penalty_is_peft_s_kasa_loss(tmp_path):
     config = LoraConfig(r=3, lora_alpha=6, target_modules=["up", "down"], kasa_config=KasaConfig(beta=0.01, gamma=0.1))
     theirs, ours = peft_and_ours(Tiny, config, tmp_path)
     torch.testing.assert_close(kasa_penalty(ours, beta=0.01, gamma=0.1), theirs.base_model._get_kasa_loss())
-
-
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_a_kasa_checkpoint_loads_onto_the_original_base_as_peft_loads_it(dtype, tolerance, tmp_path):
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], kasa_config=KasaConfig())
-    theirs, fresh = save_with_nonzero_weights(tiny_llama, config, tmp_path)
-    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
-    ours = load_peft_adapter(fresh, tmp_path)
-    ids = torch.randint(0, 97, (2, 11))
-    with torch.no_grad():
-        expected = theirs(input_ids=ids).logits
-        assert relative_error(reloaded(input_ids=ids).logits, expected) <= 1e-6
-        assert relative_error(ours(input_ids=ids).logits, expected) <= 1e-5
-        ours, theirs = ours.to(dtype), theirs.to(dtype)
-        assert relative_error(ours(input_ids=ids).logits, theirs(input_ids=ids).logits) <= tolerance
