@@ -21,6 +21,7 @@ from reference_impls.ia3 import IA3Linear
 from reference_impls.lily import LilyDown, LilyExperts, LilyLinear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
 from reference_impls.lora_inits import INITIALISATIONS, KaSALinear
+from reference_impls.lora_serving import ActivatedLoRALinear
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.projections import SharedVector, TinyLoRALinear, UniLoRALinear, assign, tinylora_groups
@@ -96,6 +97,10 @@ def lora_layer(model, config, path, found):
             "LoRA init_lora_weights = 'olora' with fan_in_fan_out: PEFT factors the untransposed W"
         )
     kasa = config.get("kasa_config") is not None
+    if config.get("alora_invocation_tokens") and (kasa or config.get("use_dora") or config.get("lora_bias")):
+        raise UnsupportedAdapter(
+            "LoRA alora_invocation_tokens with kasa_config, use_dora or lora_bias is not supported"
+        )
     if kasa and (fan_in_fan_out or config.get("use_dora") or init in INITIALISATIONS):
         raise UnsupportedAdapter(
             "LoRA kasa_config with fan_in_fan_out, use_dora or a PiSSA/OLoRA init is not supported"
@@ -110,6 +115,8 @@ def lora_layer(model, config, path, found):
     if config.get("use_dora"):
         layer = DoRALinear(base, **options)
         layer.m.copy_(found["lora_magnitude_vector"].flatten())
+    elif config.get("alora_invocation_tokens"):  # Activated LoRA: the update from the invocation onwards
+        layer = ActivatedLoRALinear(base, **options)
     elif kasa:  # as PEFT loads KaSA: the truncation again, on the original W; then the saved factors
         layer = KaSALinear(base, **options)
         layer.diag.copy_(found["lora_diag"])
