@@ -25,6 +25,7 @@ from reference_impls import (
     lily,
     lora,
     lora_inits,
+    lora_serving,
     orthogonal,
     phm,
     products,
@@ -176,6 +177,12 @@ def _initialised_lora(init):
 
 def _kasa(model, layout):
     lora_inits.inject_kasa(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16)
+    return model
+
+
+def _block_diagonal_lora(model, layout):
+    query_and_value = [layout.attention[0], layout.attention[2]]  # column-parallel under tensor parallelism
+    lora_serving.inject_block_diagonal_lora(model, query_and_value, row_parallel=[], r=8, alpha=16, blocks=4)
     return model
 
 
@@ -370,6 +377,15 @@ METHODS = (
         True,
         False,
         "LoRA (use_rslora)",
+    ),
+    Method(
+        "Block-diagonal LoRA",
+        "lora_serving",
+        "r = 8, α = 16, B block-diagonal over 4 shards on the query and value projections (column-parallel)",
+        _block_diagonal_lora,
+        True,
+        False,
+        "LoRA (use_bdlora)",
     ),
     Method(
         "PiSSA",

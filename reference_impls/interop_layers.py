@@ -21,7 +21,7 @@ from reference_impls.ia3 import IA3Linear
 from reference_impls.lily import LilyDown, LilyExperts, LilyLinear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
 from reference_impls.lora_inits import INITIALISATIONS, KaSALinear
-from reference_impls.lora_serving import ActivatedLoRALinear
+from reference_impls.lora_serving import ActivatedLoRALinear, BlockDiagonalLoRALinear
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.projections import SharedVector, TinyLoRALinear, UniLoRALinear, assign, tinylora_groups
@@ -115,6 +115,13 @@ def lora_layer(model, config, path, found):
     if config.get("use_dora"):
         layer = DoRALinear(base, **options)
         layer.m.copy_(found["lora_magnitude_vector"].flatten())
+    elif config.get("use_bdlora"):  # one factor block-diagonal, chosen by PEFT's patterns on the module's path
+        bd = config["use_bdlora"]
+        on_a = any(pattern in path for pattern in bd.get("target_modules_bd_a") or [])
+        on_b = any(pattern in path for pattern in bd.get("target_modules_bd_b") or [])
+        if on_a == on_b:  # neither (a plain LoRA layer, match_strict=False) or both (PEFT refuses)
+            raise UnsupportedAdapter(f"use_bdlora at {path!r}: {'both' if on_a else 'neither'} block patterns match")
+        layer = BlockDiagonalLoRALinear(base, **options, blocks=bd["nblocks"], diagonal="A" if on_a else "B")
     elif config.get("alora_invocation_tokens"):  # Activated LoRA: the update from the invocation onwards
         layer = ActivatedLoRALinear(base, **options)
     elif kasa:  # as PEFT loads KaSA: the truncation again, on the original W; then the saved factors

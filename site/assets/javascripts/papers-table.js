@@ -99,10 +99,11 @@
       });
     }
 
-    // Each header holds a button, so Tab reaches it and Enter or Space sorts. The first click sorts
-    // numbers largest first and text A to Z; the next click reverses.
+    // Each header holds a button, so Tab reaches it and Enter or Space sorts; a click anywhere in the
+    // header cell sorts too (the button's click reaches the cell). The first click sorts numbers
+    // largest first and text A to Z; the next click reverses.
     root.querySelectorAll("th[data-key]").forEach(function (th) {
-      th.querySelector("button").addEventListener("click", function () {
+      th.addEventListener("click", function () {
         descending = th.dataset.key === sortKey ? !descending : Boolean(NUMERIC[th.dataset.key]);
         sortKey = th.dataset.key;
         draw();
