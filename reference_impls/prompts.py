@@ -126,8 +126,9 @@ class PromptTuning(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         x = self.model.get_input_embeddings()(input_ids)
         batch, length = input_ids.shape
-        prompt = self.prompt.to(x.dtype).expand(batch, -1, -1)
-        mask = _with_prompt_mask(attention_mask, batch, length, len(self.prompt), x.device)
+        prompt = self.prompt.to(x.dtype)  # once: for P-tuning it is the encoder's output
+        mask = _with_prompt_mask(attention_mask, batch, length, len(prompt), x.device)
+        prompt = prompt.expand(batch, -1, -1)
         return self.model(inputs_embeds=torch.cat([prompt, x], dim=1), attention_mask=mask, **kwargs)
 
 
@@ -246,8 +247,9 @@ class PrefixTuning(Prefixes):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         batch, length = input_ids.shape
         dtype = self.model.get_input_embeddings().weight.dtype
-        mask = _with_prompt_mask(attention_mask, batch, length, len(self.prefix()), input_ids.device)
-        return self.model(input_ids=input_ids, attention_mask=mask, past_key_values=self.cache(batch, dtype), **kwargs)
+        cache = self.cache(batch, dtype)  # the prefix computed once (through the MLP, if there is one)
+        mask = _with_prompt_mask(attention_mask, batch, length, cache.get_seq_length(), input_ids.device)
+        return self.model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, **kwargs)
 
 
 class Cartridge(PrefixTuning):

@@ -120,8 +120,8 @@ def synthesis(taps: torch.Tensor, n: int, size: int) -> torch.Tensor:
     filter (full length 2n + L − 2), keep the centred `size` samples."""
     L = len(taps)
     full = torch.zeros(2 * n + L - 2, n, dtype=taps.dtype)
-    for i in range(n):
-        full[2 * i : 2 * i + L, i] = taps
+    columns = torch.arange(n)
+    full[2 * columns[:, None] + torch.arange(L), columns[:, None]] = taps  # column i: the taps from row 2i
     start = (full.shape[0] - size) // 2
     return full[start : start + size]
 
