@@ -92,18 +92,17 @@ def lora_layer(model, config, path, found):
             f"LoRA init_lora_weights = {init!r} is not supported: it changes the base weight in a way the "
             f"checkpoint does not hold (supported: {', '.join(map(repr, PLAIN_INITS + tuple(INITIALISATIONS)))})"
         )
-    if init == "olora" and fan_in_fan_out:
+    # One option at a time, as ours implements them; DoRA may start from PiSSA or OLoRA.
+    features = [
+        f for f in ("use_dora", "use_bdlora", "alora_invocation_tokens", "kasa_config", "lora_bias") if config.get(f)
+    ]
+    features += [f"init_lora_weights = {init!r}"] if init in INITIALISATIONS else []
+    if len(features) > 1 and not (features[0] == "use_dora" and len(features) == 2 and init in INITIALISATIONS):
+        raise UnsupportedAdapter(f"LoRA with {' and '.join(features)} together is not supported")
+    kasa = "kasa_config" in features
+    if fan_in_fan_out and (init == "olora" or kasa):  # both factor the stored weight, which is Wᵀ here
         raise UnsupportedAdapter(
-            "LoRA init_lora_weights = 'olora' with fan_in_fan_out: PEFT factors the untransposed W"
-        )
-    kasa = config.get("kasa_config") is not None
-    if config.get("alora_invocation_tokens") and (kasa or config.get("use_dora") or config.get("lora_bias")):
-        raise UnsupportedAdapter(
-            "LoRA alora_invocation_tokens with kasa_config, use_dora or lora_bias is not supported"
-        )
-    if kasa and (fan_in_fan_out or config.get("use_dora") or init in INITIALISATIONS):
-        raise UnsupportedAdapter(
-            "LoRA kasa_config with fan_in_fan_out, use_dora or a PiSSA/OLoRA init is not supported"
+            f"LoRA {'olora' if init == 'olora' else 'kasa_config'} with fan_in_fan_out is not supported"
         )
     base = base_linear(model, path, fan_in_fan_out)
     if init in INITIALISATIONS or kasa:  # the base weight is rebuilt: work on a copy, the model stays as it is

@@ -509,3 +509,27 @@ def test_a_checkpoint_that_does_not_fit_leaves_the_model_unchanged(tmp_path, dam
         load_peft_adapter(model, tmp_path)
     assert {name: type(module) for name, module in model.named_modules()} == before
     assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "extra, named",
+    [
+        (
+            {"lora_bias": True, "use_bdlora": {"nblocks": 2, "target_modules_bd_a": ["q_proj"]}},
+            "use_bdlora and lora_bias",
+        ),
+        ({"use_dora": True, "kasa_config": {"beta": 0.1, "gamma": 0.1}}, "use_dora and kasa_config"),
+        (
+            {"init_lora_weights": "olora", "alora_invocation_tokens": [1]},
+            "alora_invocation_tokens and init_lora_weights",
+        ),
+    ],
+)
+def test_lora_options_that_ours_does_not_combine_are_refused_by_name(extra, named, tmp_path):
+    """Each LoRA variant is its own layer here: a checkpoint asking for two at once is refused, never loaded
+    with one of them silently dropped."""
+    save_with_nonzero_weights(tiny_llama, LoraConfig(r=2, target_modules=["q_proj"]), tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **extra}))
+    with pytest.raises(UnsupportedAdapter, match=f"LoRA with {named}"):
+        load_peft_adapter(tiny_llama(), tmp_path)
