@@ -175,6 +175,14 @@ def _initialised_lora(init):
     return apply
 
 
+def _started_from_data(model, layout):
+    # EVA, CorDA and LoRA-GA compute their start from batches of data, which a layout on the meta
+    # device has none of; their trained parameters are LoRA's (EVA moves rank between layers, and
+    # here both targets have the same widths, so its total is LoRA's too).
+    lora.inject_lora(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16)
+    return model
+
+
 def _kasa(model, layout):
     lora_inits.inject_kasa(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16)
     return model
@@ -413,6 +421,33 @@ METHODS = (
         True,
         False,
         "LoRA (init_lora_weights=mica)",
+    ),
+    Method(
+        "EVA",
+        "lora_data_inits",
+        "LoRA's r = 8 budget, α = 16, A from the inputs' principal directions, ranks moved by explained variance",
+        _started_from_data,
+        True,
+        False,
+        "LoRA (init_lora_weights=eva)",
+    ),
+    Method(
+        "CorDA",
+        "lora_data_inits",
+        "LoRA's r = 8, α = 16, started from the SVD of W times its inputs' covariance (the base keeps the rest)",
+        _started_from_data,
+        True,
+        False,
+        "LoRA (init_lora_weights=corda)",
+    ),
+    Method(
+        "LoRA-GA",
+        "lora_data_inits",
+        "LoRA's r = 8, α = 16, started from the full gradient's singular vectors (the base keeps the rest)",
+        _started_from_data,
+        True,
+        False,
+        "LoRA (init_lora_weights=lora_ga)",
     ),
     Method(
         "KaSA",

@@ -129,6 +129,9 @@ HANDLED = {
     "layers_to_transform",
     "layers_pattern",
     "init_lora_weights",
+    "eva_config",  # EVA's, CorDA's and LoRA-GA's settings shape the start only (and the last two
+    "corda_config",  # are refused by init_lora_weights unless the checkpoint was converted to LoRA)
+    "lora_ga_config",
     "init_weights",
     "init_ia3_weights",
     "r",

@@ -90,7 +90,8 @@ def lora_layer(model, config, path, found):
     if init not in PLAIN_INITS and init not in INITIALISATIONS:
         raise UnsupportedAdapter(
             f"LoRA init_lora_weights = {init!r} is not supported: it changes the base weight in a way the "
-            f"checkpoint does not hold (supported: {', '.join(map(repr, PLAIN_INITS + tuple(INITIALISATIONS)))})"
+            f"checkpoint does not hold (supported: {', '.join(map(repr, PLAIN_INITS + tuple(INITIALISATIONS)))}; "
+            "a CorDA, LoRA-GA or PiSSA adapter saved with path_initial_model_for_weight_conversion is plain LoRA)"
         )
     # One option at a time, as ours implements them; DoRA may start from PiSSA or OLoRA.
     features = [

@@ -83,14 +83,14 @@ def pissa_init(layer: LoRALinear, niter: int | None = None) -> None:
         U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
         Vh = V.T
     root = (S / layer.scale).sqrt()
-    _set_factors(layer, A=root[:, None] * Vh, B=U * root)
+    set_factors(layer, A=root[:, None] * Vh, B=U * root)
 
 
 @torch.no_grad()
 def olora_init(layer: LoRALinear) -> None:
     """B = Q[:, :r], A = R[:r] from W = QR, and the base weight left as W − s·BA. Computed in fp32."""
     Q, R = torch.linalg.qr(layer.base.weight.float())
-    _set_factors(layer, A=R[: layer.r], B=Q[:, : layer.r])
+    set_factors(layer, A=R[: layer.r], B=Q[:, : layer.r])
 
 
 @torch.no_grad()
@@ -105,7 +105,7 @@ def mica_init(layer: LoRALinear) -> None:
     layer.B.requires_grad_(False)
 
 
-def _set_factors(layer: LoRALinear, A: torch.Tensor, B: torch.Tensor) -> None:
+def set_factors(layer: LoRALinear, A: torch.Tensor, B: torch.Tensor) -> None:
     residual = layer.base.weight.float() - layer.scale * B @ A
     dtype = layer.base.weight.dtype
     layer.A.copy_(A.to(dtype)), layer.B.copy_(B.to(dtype)), layer.base.weight.copy_(residual.to(dtype))
