@@ -25,6 +25,7 @@ from reference_impls import (
     lily,
     lora,
     lora_inits,
+    lora_quant,
     lora_serving,
     orthogonal,
     phm,
@@ -180,6 +181,16 @@ def _started_from_data(model, layout):
     # device has none of; their trained parameters are LoRA's (EVA moves rank between layers, and
     # here both targets have the same widths, so its total is LoRA's too).
     lora.inject_lora(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16)
+    return model
+
+
+def _loftq(model, layout):
+    lora_quant.inject_loftq(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16)
+    return model
+
+
+def _qalora(model, layout):
+    lora_quant.inject_qalora(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16, group_size=16)
     return model
 
 
@@ -448,6 +459,24 @@ METHODS = (
         True,
         False,
         "LoRA (init_lora_weights=lora_ga)",
+    ),
+    Method(
+        "LoftQ",
+        "lora_quant",
+        "LoRA's r = 8, α = 16 over an NF4 base chosen with the adapter's start (Q + BA ≈ W)",
+        _loftq,
+        True,
+        False,
+        "LoRA (init_lora_weights=loftq)",
+    ),
+    Method(
+        "QA-LoRA",
+        "lora_quant",
+        "r = 8, α = 16, A over the means of groups of 16 inputs: merges into a 4-bit base's offsets",
+        _qalora,
+        True,
+        False,
+        "LoRA (use_qalora, GPTQ layers)",
     ),
     Method(
         "KaSA",

@@ -21,6 +21,7 @@ from reference_impls.ia3 import IA3Linear
 from reference_impls.lily import LilyDown, LilyExperts, LilyLinear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
 from reference_impls.lora_inits import INITIALISATIONS, KaSALinear
+from reference_impls.lora_quant import loftq_init
 from reference_impls.lora_serving import ActivatedLoRALinear, BlockDiagonalLoRALinear
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
@@ -84,29 +85,36 @@ def pattern_value(patterns: dict, path: str, default):
 PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva", "mica")
 
 
+def base_rebuilders(config) -> dict:
+    """The initialisations that leave a residual or quantised base, which PEFT runs again on the
+    original weight when it loads their checkpoint (the saved A and B then replace the factors)."""
+    loftq = config.get("loftq_config") or {}
+    bits, iterations = loftq.get("loftq_bits", 4), loftq.get("loftq_iter", 1)
+    return {**INITIALISATIONS, "loftq": lambda layer: loftq_init(layer, bits, iterations, scaled=False)}
+
+
 def lora_layer(model, config, path, found):
     init = config.get("init_lora_weights", True)
     fan_in_fan_out = config.get("fan_in_fan_out", False)
-    if init not in PLAIN_INITS and init not in INITIALISATIONS:
+    rebuilders = base_rebuilders(config)
+    if init not in PLAIN_INITS and init not in rebuilders:
         raise UnsupportedAdapter(
             f"LoRA init_lora_weights = {init!r} is not supported: it changes the base weight in a way the "
-            f"checkpoint does not hold (supported: {', '.join(map(repr, PLAIN_INITS + tuple(INITIALISATIONS)))}; "
+            f"checkpoint does not hold (supported: {', '.join(map(repr, PLAIN_INITS + tuple(rebuilders)))}; "
             "a CorDA, LoRA-GA or PiSSA adapter saved with path_initial_model_for_weight_conversion is plain LoRA)"
         )
     # One option at a time, as ours implements them; DoRA may start from PiSSA or OLoRA.
     features = [
         f for f in ("use_dora", "use_bdlora", "alora_invocation_tokens", "kasa_config", "lora_bias") if config.get(f)
     ]
-    features += [f"init_lora_weights = {init!r}"] if init in INITIALISATIONS else []
+    features += [f"init_lora_weights = {init!r}"] if init in rebuilders else []
     if len(features) > 1 and not (features[0] == "use_dora" and len(features) == 2 and init in INITIALISATIONS):
         raise UnsupportedAdapter(f"LoRA with {' and '.join(features)} together is not supported")
     kasa = "kasa_config" in features
-    if fan_in_fan_out and (init == "olora" or kasa):  # both factor the stored weight, which is Wᵀ here
-        raise UnsupportedAdapter(
-            f"LoRA {'olora' if init == 'olora' else 'kasa_config'} with fan_in_fan_out is not supported"
-        )
+    if fan_in_fan_out and (init in ("olora", "loftq") or kasa):  # they factor or quantise the stored Wᵀ
+        raise UnsupportedAdapter(f"LoRA {'kasa_config' if kasa else init} with fan_in_fan_out is not supported")
     base = base_linear(model, path, fan_in_fan_out)
-    if init in INITIALISATIONS or kasa:  # the base weight is rebuilt: work on a copy, the model stays as it is
+    if init in rebuilders or kasa:  # the base weight is rebuilt: work on a copy, the model stays as it is
         base = copy.deepcopy(base)
     r = found["lora_A"].shape[0]
     alpha = pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
@@ -131,8 +139,8 @@ def lora_layer(model, config, path, found):
         layer = LoRALinear(base, **options, bias=config.get("lora_bias", False))
         if layer.B_bias is not None:
             layer.B_bias.copy_(found["lora_B.bias"])
-    if init in INITIALISATIONS:  # as PEFT loads PiSSA and OLoRA: the initialisation again, on the original W
-        INITIALISATIONS[init](layer)
+    if init in rebuilders:  # as PEFT loads PiSSA, OLoRA and LoftQ: the initialisation again, on the original W
+        rebuilders[init](layer)
     layer.A.copy_(found["lora_A"])
     layer.B.copy_(found["lora_B"])
     return layer

@@ -137,6 +137,14 @@ def quantize_nf4(weight: torch.Tensor) -> NF4Weight:
     return NF4Weight(packed, absmax_codes.to(torch.uint8), absmax_scales, float(mean), tuple(weight.shape))
 
 
+def round_trip_nf4(weight: torch.Tensor) -> torch.Tensor:
+    """The values NF4 stores for `weight` with the block maxima kept in fp32 (no double quantisation:
+    bitsandbytes' compress_statistics=False, as LoftQ uses it), in fp32 and the weight's shape."""
+    codes, absmax = _blockwise_codes(weight, BLOCK, NF4_LEVELS.to(weight.device))
+    values = NF4_LEVELS.to(weight.device)[codes.long()] * absmax.repeat_interleave(BLOCK)[: weight.numel()]
+    return values.reshape(weight.shape)
+
+
 def reference_dequantize_nf4(q: NF4Weight, dtype=torch.float32) -> torch.Tensor:
     n = int(torch.tensor(q.shape).prod())
     absmax = (
