@@ -72,6 +72,7 @@ TAGS: dict[str, str] = {
     "Side network": "A separate small network running beside the frozen backbone.",
     "Conv adapter": "Adapters for convolutional networks.",
     "Quantisation": "Adapters trained on top of a quantised base model.",
+    "Memory-efficient training": "Cutting what training keeps (activations, optimiser moments) rather than parameters.",
     "Serving": "Systems that serve many adapters on shared hardware.",
     "Unified framework": "Frameworks that unify, combine or search over PEFT designs.",
     "Conditional computation": "Skipping or dropping computation to make adapted models faster.",

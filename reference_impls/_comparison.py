@@ -27,6 +27,7 @@ from reference_impls import (
     lora_inits,
     lora_quant,
     lora_serving,
+    low_memory,
     orthogonal,
     phm,
     products,
@@ -192,6 +193,15 @@ def _loftq(model, layout):
 def _qalora(model, layout):
     lora_quant.inject_qalora(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16, group_size=16)
     return model
+
+
+def _velora(model, layout):
+    low_memory.inject_velora(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16, groups=64)
+    return model
+
+
+def _galore(model, layout):
+    return model  # every weight trains; GaLore's saving is in the optimiser's moments, not in parameters
 
 
 def _kasa(model, layout):
@@ -477,6 +487,24 @@ METHODS = (
         True,
         False,
         "LoRA (use_qalora, GPTQ layers)",
+    ),
+    Method(
+        "VeLoRA",
+        "low_memory",
+        "LoRA's r = 8, α = 16; A's gradient from 64 sub-token projections per input token",
+        _velora,
+        True,
+        False,
+        "LoRA (velora_config)",
+    ),
+    Method(
+        "GaLore",
+        "low_memory",
+        "all weights trained; Adam's moments in a rank-r projection of each gradient",
+        _galore,
+        True,
+        False,
+        "",
     ),
     Method(
         "KaSA",

@@ -23,6 +23,7 @@ from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, 
 from reference_impls.lora_inits import INITIALISATIONS, KaSALinear
 from reference_impls.lora_quant import loftq_init
 from reference_impls.lora_serving import ActivatedLoRALinear, BlockDiagonalLoRALinear
+from reference_impls.low_memory import VeLoRALinear
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.projections import SharedVector, TinyLoRALinear, UniLoRALinear, assign, tinylora_groups
@@ -105,7 +106,9 @@ def lora_layer(model, config, path, found):
         )
     # One option at a time, as ours implements them; DoRA may start from PiSSA or OLoRA.
     features = [
-        f for f in ("use_dora", "use_bdlora", "alora_invocation_tokens", "kasa_config", "lora_bias") if config.get(f)
+        f
+        for f in ("use_dora", "use_bdlora", "alora_invocation_tokens", "kasa_config", "velora_config", "lora_bias")
+        if config.get(f)
     ]
     features += [f"init_lora_weights = {init!r}"] if init in rebuilders else []
     if len(features) > 1 and not (features[0] == "use_dora" and len(features) == 2 and init in INITIALISATIONS):
@@ -132,6 +135,11 @@ def lora_layer(model, config, path, found):
         layer = BlockDiagonalLoRALinear(base, **options, blocks=bd["nblocks"], diagonal="A" if on_a else "B")
     elif config.get("alora_invocation_tokens"):  # Activated LoRA: the update from the invocation onwards
         layer = ActivatedLoRALinear(base, **options)
+    elif config.get("velora_config"):  # VeLoRA: LoRA's forward; its projection vector, for more training
+        velora = config["velora_config"]
+        groups, scale, init = velora.get("num_groups", 64), velora.get("scale", 1.0), velora.get("init_type")
+        layer = VeLoRALinear(base, **options, groups=groups, rebuild_scale=scale, init=init or "batch_average")
+        layer.v.copy_(found["lora_velora_embed"])  # PEFT recomputes it at the next training step unless "random"
     elif kasa:  # as PEFT loads KaSA: the truncation again, on the original W; then the saved factors
         layer = KaSALinear(base, **options)
         layer.diag.copy_(found["lora_diag"])
