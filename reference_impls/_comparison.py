@@ -19,6 +19,7 @@ from reference_impls import (
     adamss,
     bottleneck,
     delora,
+    expert_mixing,
     frod,
     glora,
     ia3,
@@ -202,6 +203,22 @@ def _velora(model, layout):
 
 def _galore(model, layout):
     return model  # every weight trains; GaLore's saving is in the optimiser's moments, not in parameters
+
+
+def _lora_experts(model, layout, count=2):
+    experts = [copy.deepcopy(model) for _ in range(count)]
+    for expert in experts:
+        lora.inject_lora(expert, [layout.attention[0], layout.attention[2]], r=8, alpha=16)
+    return experts
+
+
+def _xlora(model, layout):
+    return expert_mixing.XLoRA(model, _lora_experts(model, layout), hidden_size=layout.width, depth=1)
+
+
+def _arrow(model, layout):
+    expert_mixing.inject_experts(model, _lora_experts(model, layout))  # Arrow's routing adds and trains nothing
+    return model
 
 
 def _kasa(model, layout):
@@ -505,6 +522,24 @@ METHODS = (
         True,
         False,
         "",
+    ),
+    Method(
+        "X-LoRA",
+        "expert_mixing",
+        "2 frozen LoRA experts (r = 8 on q and v), a one-layer classifier on the last hidden state",
+        _xlora,
+        False,
+        False,
+        "X-LoRA (xlora)",
+    ),
+    Method(
+        "Arrow",
+        "expert_mixing",
+        "2 frozen LoRA experts (r = 8 on q and v), routed per token by their prototypes: nothing trained",
+        _arrow,
+        False,
+        False,
+        "LoRA (arrow_config)",
     ),
     Method(
         "KaSA",

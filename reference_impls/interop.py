@@ -354,6 +354,11 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     peft_type = config.get("peft_type")
+    if peft_type == "XLORA":  # PEFT 0.21's save drops every key holding ".0.", the classifier's first layer too
+        raise UnsupportedAdapter(
+            "peft_type 'XLORA' is not supported: PEFT 0.21's X-LoRA checkpoints lack the classifier's first layer; "
+            "load each expert LoRA and build reference_impls.expert_mixing.XLoRA from them"
+        )
     if peft_type not in SUPPORTED_TYPES:
         raise UnsupportedAdapter(f"peft_type {peft_type!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
     for field, value in config.items():

@@ -26,6 +26,8 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["PiSSA"] == counts["OLoRA"] == counts["rsLoRA"] == counts["LoRA"]  # LoRA's parameters
     assert counts["EVA"] == counts["CorDA"] == counts["LoRA-GA"] == counts["LoRA"]  # r (d_in + d_out), from data
     assert counts["LoftQ"] == counts["VeLoRA"] == counts["LoRA"]
+    assert counts["X-LoRA"] == d * 2 + 2  # the classifier: hidden · E + E for E = 2 experts
+    assert counts["Arrow"] == 0
     assert counts["GaLore"] == rows["LoRA"].base_total[layout.name]  # every weight
     assert counts["QA-LoRA"] == L * 2 * 8 * (d // 16 + d)  # r (d_in / group_size + d_out) on q and v
     assert counts["MiCA"] == L * 2 * 8 * d  # r · d_in: B is frozen

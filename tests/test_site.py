@@ -1,5 +1,6 @@
 """The website: a strict build of the real catalog, every internal link resolves, data is escaped."""
 
+import datetime
 import gzip
 import json
 import re
@@ -197,8 +198,10 @@ def test_hostile_text_from_yaml_and_api_shows_as_text(tmp_path):
     root = copy_repo_inputs(tmp_path)
     papers = root / "papers.yaml"
     text = papers.read_text().replace('"LoRA: Low-Rank Adaptation of Large Language Models"', json.dumps(HOSTILE))
-    # Make it the newest entry, so that it is in the feed too.
-    text = re.sub(r"(- id: lora\n(?:  .*\n)*?  added: )\d{4}-\d{2}-\d{2}", r"\g<1>2026-12-01", text)
+    # Make it the newest entry (a day after the newest), so that it is in the feed too.
+    newest = max(datetime.date.fromisoformat(day) for day in re.findall(r"added: (\d{4}-\d{2}-\d{2})", text))
+    later = (newest + datetime.timedelta(days=1)).isoformat()
+    text = re.sub(r"(- id: lora\n(?:  .*\n)*?  added: )\d{4}-\d{2}-\d{2}", rf"\g<1>{later}", text)
     papers.write_text(text)
     store_path = root / "catalog" / "metadata.json"
     store = json.loads(store_path.read_text())
