@@ -221,6 +221,11 @@ def _arrow(model, layout):
     return model
 
 
+def _mtl_lora(model, layout):
+    routing.inject_mtl_lora(model, [layout.attention[0], layout.attention[2]], tasks=4, r=8, alpha=16, up_projections=3)
+    return model
+
+
 def _kasa(model, layout):
     lora_inits.inject_kasa(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16)
     return model
@@ -540,6 +545,15 @@ METHODS = (
         False,
         False,
         "LoRA (arrow_config)",
+    ),
+    Method(
+        "MTL-LoRA",
+        "routing",
+        "r = 8, α = 16, 3 shared up-projections, a diagonal Λ_t and mixing weights for each of 4 tasks",
+        _mtl_lora,
+        True,
+        False,
+        "",
     ),
     Method(
         "KaSA",

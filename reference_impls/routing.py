@@ -13,6 +13,18 @@ Routing for Data-Efficient Fine-Tuning." 2022. arXiv:2211.03831 (MHR): A's rows 
 cut into H heads that each mix the skills with their own weights (H = 1 is Polytropon).
 Trainable: layers · (S·r·(K + N) + T·H·S).
 
+Yang, Muhtar, Shen, et al. "MTL-LoRA: Low-Rank Adaptation for Multi-Task Learning." AAAI 2025.
+arXiv:2410.09437 (MTL-LoRA). One low-rank space for all tasks, entered through a shared A; inside it,
+each task t has its own r × r transform Λ_t (here diagonal: r numbers, AdapterHub's
+"singular_values"), and n shared up-projections B_k are mixed by task-specific weights, a softmax
+of temperature τ:
+
+    h = W₀ x + s · Σ_k softmax_k(w_t / τ) B_k Λ_t A x,        Λ_t = diag(λ_t),  λ_t = 1,  w_t = 1 at the start
+
+Trainable per layer: r·K + n·N·r + T·(r + n). Equal to AdapterHub 1.3's `MTLLoRAConfig` (one
+adapter per task, `share_parameters`, `MultiTask` with `task_ids`); its "linear" task matrix fails
+to build in 1.3 (its module skips nn.Module's constructor), so only the diagonal one is compared.
+
 Zadouri, Üstün, Ahmadian, Ermiş, Locatelli, Hooker. "Pushing Mixture of Experts to the Limit:
 Extremely Parameter Efficient MoE for Instruction Tuning." 2023. arXiv:2309.05444 (MoV). E (IA)³
 vectors l_e per layer and a router that mixes them for every token x (soft merging, no top-k):
@@ -68,10 +80,10 @@ from reference_impls.bottleneck import Adapter
 
 FAMILY = "Mixtures and routing"
 
-IMPLEMENTS = ("polytropon", "multi-head-routing", "mixture-of-vectors", "adamix", "coda")
+IMPLEMENTS = ("polytropon", "multi-head-routing", "mtl-lora", "mixture-of-vectors", "adamix", "coda")
 
 # The frameworks that provide, the surveys that describe and the studies that use these methods.
-COVERED_BY = ("hf-peft", "modular-deep-learning")
+COVERED_BY = ("hf-peft", "adapters-library", "modular-deep-learning")
 
 
 # ---- Polytropon and Multi-Head Routing ---------------------------------------------------------
@@ -125,9 +137,52 @@ def inject_poly(
     return targets
 
 
+class MTLLoRALinear(nn.Module):
+    """A frozen nn.Linear, a shared A and n shared B_k, and per task a diagonal Λ_t and mixing weights w_t."""
+
+    def __init__(
+        self, base: nn.Linear, tasks: int, r: int = 8, alpha: float = 8.0, up_projections: int = 1, sharpness=0.05
+    ):
+        super().__init__()
+        K, N = base.in_features, base.out_features
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.base, self.r, self.scale, self.sharpness = base, r, alpha / r, sharpness
+        self.A = nn.Parameter(torch.empty(r, K, **factory))
+        nn.init.kaiming_uniform_(self.A, a=5**0.5)
+        self.B = nn.Parameter(torch.zeros(up_projections, N, r, **factory))  # B = 0: the base model at first
+        self.task_values = nn.Parameter(torch.ones(tasks, r, **factory))  # λ_t, the diagonal of Λ_t
+        self.task_weights = nn.Parameter(torch.ones(tasks, up_projections, **factory))  # w_t
+        self.task_ids: torch.Tensor | None = None  # set by use_tasks() for a batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.task_ids is None:
+            raise ValueError("which task is each row? Call the model inside `with use_tasks(model, task_ids):`")
+        batch = x.shape[0]
+        values = self.task_values[self.task_ids].reshape(batch, *[1] * (x.dim() - 2), self.r)  # (batch, …, r)
+        mix = torch.softmax(self.task_weights[self.task_ids] / self.sharpness, dim=-1)  # (batch, n)
+        inner = (x.to(self.A.dtype) @ self.A.T) * values  # Λ_t A x
+        per_projection = torch.einsum("b...r,knr->bk...n", inner, self.B)  # B_k Λ_t A x, (batch, n, …, N)
+        update = torch.einsum("bk,bk...n->b...n", mix, per_projection)
+        return self.base(x) + (self.scale * update).to(x.dtype)
+
+
+def inject_mtl_lora(
+    model: nn.Module, target_names: list[str], tasks: int, r: int = 8, alpha: float = 8.0, up_projections: int = 1,
+    sharpness: float = 0.05,
+) -> list[str]:  # fmt: skip
+    """MTL-LoRA on the named nn.Linear layers for `tasks` tasks; everything else frozen."""
+    targets = find_targets(model, target_names)
+    for name in targets:
+        layer = MTLLoRALinear(model.get_submodule(name), tasks, r, alpha, up_projections, sharpness)
+        replace_module(model, name, layer)
+    freeze_all_but(model, MTLLoRALinear, ("A", "B", "task_values", "task_weights"))
+    return targets
+
+
 def use_tasks(model: nn.Module, task_ids: torch.Tensor):
-    """`with use_tasks(model, task_ids):` every PolyLoRALinear reads the task of each row of the batch."""
-    return setting(model, PolyLoRALinear, "task_ids", task_ids)
+    """`with use_tasks(model, task_ids):` every PolyLoRALinear and MTLLoRALinear reads the task of each
+    row of the batch."""
+    return setting(model, (PolyLoRALinear, MTLLoRALinear), "task_ids", task_ids)
 
 
 # ---- Mixture of (IA)³ vectors -------------------------------------------------------------------
@@ -290,6 +345,11 @@ def demo() -> None:
     with use_tasks(model, task_ids):
         before, after = train(model, inputs, targets)
     report("Polytropon, 3 skills for 2 tasks, r=4", model, before, after)
+    model = toy_model()
+    inject_mtl_lora(model, ["0", "2", "4"], tasks=2, r=4, alpha=4, up_projections=3)
+    with use_tasks(model, task_ids):
+        before, after = train(model, inputs, targets)
+    report("MTL-LoRA, 3 up-projections shared by 2 tasks, r=4", model, before, after)
 
     for name, inject in [
         ("MoV, 4 (IA)³ experts", lambda m: inject_mov(m, ["0", "2", "4"], experts=4)),

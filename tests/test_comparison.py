@@ -28,6 +28,7 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["LoftQ"] == counts["VeLoRA"] == counts["LoRA"]
     assert counts["X-LoRA"] == d * 2 + 2  # the classifier: hidden · E + E for E = 2 experts
     assert counts["Arrow"] == 0
+    assert counts["MTL-LoRA"] == L * 2 * (8 * d + 3 * d * 8 + 4 * (8 + 3))  # r·K + n·N·r + T·(r + n) on q and v
     assert counts["GaLore"] == rows["LoRA"].base_total[layout.name]  # every weight
     assert counts["QA-LoRA"] == L * 2 * 8 * (d // 16 + d)  # r (d_in / group_size + d_out) on q and v
     assert counts["MiCA"] == L * 2 * 8 * d  # r · d_in: B is frozen

@@ -12,9 +12,11 @@ from reference_impls._plumbing import count_parameters
 from reference_impls.routing import (
     AdaMixAdapter,
     MoVLinear,
+    MTLLoRALinear,
     consistency_loss,
     inject_adamix,
     inject_mov,
+    inject_mtl_lora,
     inject_poly,
     use_tasks,
 )
@@ -170,7 +172,7 @@ def test_demo_runs_and_learns(capsys):
     demo()
     out = capsys.readouterr().out
     losses = demo_losses(out)
-    assert len(losses) == 4 and all(after < 0.8 * before for before, after in losses)
+    assert len(losses) == 5 and all(after < 0.8 * before for before, after in losses)
     assert "4.0x fewer heavy FLOPs" in out  # CoDA: 4 of 16 tokens through the heavy blocks
 
 
@@ -269,3 +271,79 @@ def test_coda_runs_in_bf16():
     inject_coda(model, ["blocks.0", "blocks.1"], m=8, keep=0.25)
     x = torch.randn(4, 16, 32, dtype=torch.bfloat16)
     assert model.to(torch.bfloat16)(x).dtype == torch.bfloat16
+
+
+# ---- MTL-LoRA against AdapterHub ----------------------------------------------------------------
+
+
+def mtl_lora_pair(dtype=torch.float32, up_projections=3, tasks=("t1", "t2", "t3")):
+    """AdapterHub's MTL-LoRA (one adapter per task, A and B shared) and ours on the same tiny Llama,
+    with the same random non-zero values everywhere."""
+    import adapters
+    from adapters import MTLLoRAConfig, MultiTask
+    from test_interop import tiny_llama
+
+    theirs = tiny_llama().to(dtype)
+    ours = copy.deepcopy(theirs)
+    adapters.init(theirs)
+    config = MTLLoRAConfig(r=4, alpha=6, n_up_projection=up_projections, weights_sharpness=0.5)
+    for task in tasks:
+        theirs.add_adapter(task, config=config)
+    theirs.share_parameters(adapter_names=list(tasks))
+    theirs.set_active_adapters(MultiTask(*tasks))
+    theirs.to(dtype)
+    inject_mtl_lora(ours, ["q_proj", "v_proj"], tasks=len(tasks), r=4, alpha=6, up_projections=up_projections,
+                    sharpness=0.5)  # fmt: skip
+    shared = ",".join(tasks)
+    with torch.no_grad():
+        for name, layer in ours.named_modules():
+            if not isinstance(layer, MTLLoRALinear):
+                continue
+            their = theirs.get_submodule(name)
+            parameters = their.shared_parameters[shared]
+            parameters["lora_A"].normal_(), parameters["lora_B"].normal_()
+            layer.A.copy_(parameters["lora_A"]), layer.B.copy_(parameters["lora_B"])
+            for t, task in enumerate(tasks):
+                lora = their.loras[task]
+                lora.task_specific.values.uniform_(0.5, 1.5), lora.weights.normal_()
+                layer.task_values[t].copy_(lora.task_specific.values), layer.task_weights[t].copy_(lora.weights)
+    return ours.eval(), theirs.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mtl_lora_gives_adapterhub_s_logits_row_by_task(dtype):
+    ours, theirs = mtl_lora_pair(dtype)
+    ids, task_ids = torch.randint(0, 97, (5, 7)), torch.tensor([2, 0, 1, 1, 0])
+    with torch.no_grad():
+        expected = theirs(input_ids=ids, task_ids=task_ids).logits
+        with use_tasks(ours, task_ids):
+            got = ours(input_ids=ids).logits
+    assert relative_error(got, expected) <= (1e-5 if dtype == torch.float32 else 3e-2)
+
+
+def test_mtl_lora_counts_the_formula_starts_at_the_base_and_trains_its_own_parameters():
+    model = Net()
+    plain = copy.deepcopy(model)
+    inject_mtl_lora(model, ["q", "o"], tasks=3, r=4, up_projections=2)
+    widths = ((12, 18), (18, 6))
+    assert count_parameters(model)[0] == sum(4 * K + 2 * N * 4 + 3 * (4 + 2) for K, N in widths)  # rK + nNr + T(r+n)
+    x, task_ids = torch.randn(4, 5, 12), torch.tensor([0, 2, 1, 0])
+    with use_tasks(model, task_ids):
+        torch.testing.assert_close(model(x), plain(x))  # B = 0
+        model(x).sum().backward()
+    trained = {n.rsplit(".", 1)[1] for n, p in model.named_parameters() if p.grad is not None}
+    assert trained == {"A", "B", "task_values", "task_weights"}
+    with pytest.raises(ValueError, match="which task is each row"):
+        model(x)
+
+
+def test_adapterhub_s_linear_task_matrix_does_not_build():
+    """Why only the diagonal Λ_t is compared: AdapterHub 1.3's "linear" type fails at construction."""
+    import adapters
+    from adapters import MTLLoRAConfig
+    from test_interop import tiny_llama
+
+    model = tiny_llama()
+    adapters.init(model)
+    with pytest.raises(AttributeError, match="before Module.__init__"):
+        model.add_adapter("t1", config=MTLLoRAConfig(r=4, task_specific_matrix_type="linear"))
