@@ -349,6 +349,11 @@ def _pfeiffer(model, layout):
     return model
 
 
+def _adapter_plus(model, layout):
+    bottleneck.inject_adapters(model, _ffn_blocks(model, layout), m=layout.width // 96, **bottleneck.ADAPTER_PLUS)
+    return model
+
+
 def _parallel(model, layout):
     bottleneck.inject_adapters(model, _ffn_blocks(model, layout), m=512, placement="parallel", scale=4.0)
     return model
@@ -764,6 +769,7 @@ METHODS = (
     Method("Houlsby adapter", "bottleneck", "m = 64 after attention and after the FFN", _houlsby, False, False, ""),
     Method("Pfeiffer adapter", "bottleneck", "m = d/16 after the FFN", _pfeiffer, False, False, ""),
     Method("Scaled parallel adapter", "bottleneck", "m = 512, s = 4, beside the FFN", _parallel, False, False, ""),
+    Method("Adapter+", "bottleneck", "m = d/96 after the FFN, channel-wise s", _adapter_plus, False, False, ""),
     Method("Compacter", "phm", "n = 4, m = d/16, rank 1, Houlsby's places", _compacter, False, False, ""),
     Method("LoReFT", "reft", "r = 4 on every layer's output, first 3 positions", _loreft, False, False, ""),
     Method("LN tuning", "selective", "every LayerNorm / RMSNorm", _ln_tuning, False, False, "LN_TUNING"),

@@ -52,10 +52,11 @@ def freeze_all_but(
         if isinstance(module, trainable):
             if attribute_names is None:
                 parts = list(module.parameters(recurse=False))
-            else:  # parameters or whole submodules (a router, an adapter's projections)
+            else:  # parameters or whole submodules (a router, an adapter's projections); None: not used here
                 parts = [getattr(module, attribute) for attribute in attribute_names]
             for part in parts:
-                part.requires_grad_(True)
+                if part is not None:
+                    part.requires_grad_(True)
 
 
 class ReplacingMerge:

@@ -23,6 +23,7 @@ both, and one more placement:
 
     sequential:   LN(y + A(y) + r)                as wrapping the dense layer (Houlsby)
     parallel:     LN(y + A(r) + r)                beside the whole attention or FFN sublayer (He et al.)
+    after_block:  LN(y + r) + A(LN(y + r))        Adapter+, as AdapterHub places it (below)
     after_norm:   LN(y + A(LN(y + r)) + r)        Pfeiffer et al. (AdapterFusion, EACL 2021,
                                                   arXiv:2005.00247), after the FFN only: the adapter
                                                   reads the block's normalised output, and the block's
@@ -34,6 +35,22 @@ arXiv:1909.08478) normalise the adapter's input: A(h) = W_up ReLU(W_down LN(h)) 
 Vidoni, Vulić, Glavaš ("Orthogonal Language and Task Adapters in Zero-Shot Cross-Lingual
 Transfer", 2020, arXiv:2012.06460) add a penalty that keeps what the adapter adds orthogonal to
 what the frozen layer computes: Σ ‖A(h)ᵀ h‖²_F, summed over adapters (`orthogonality_penalty`).
+
+Steitz, Roth. "Adapters Strike Back." CVPR 2024. arXiv:2406.06820 (Adapter+). A study of the
+adapter's details for vision Transformers settles on: after the FFN (its output, before the
+residual add: `sequential` on a pre-norm block), no LayerNorm in the adapter, GELU, a learned
+channel-wise scaling s ∈ ℝ^d instead of a scalar, the Houlsby initialisation (both projections from
+a normal of std 10⁻² truncated at ±2·10⁻², biases 0: near, not exactly, the identity) and
+stochastic depth on the adapter's branch while training (each sample's branch dropped with
+probability p = 0.1, the kept ones scaled by 1/(1 − p)):
+
+    A⁺(h) = s ⊙ (W_up GELU(W_down h + b_down) + b_up) · (ξ / (1 − p)),    ξ ~ Bernoulli(1 − p) per sample
+
+On a post-norm block AdapterHub (`AdapterPlusConfig`) puts it after the block's own Add & Norm, its
+output not normalised again (`after_block`: y' = LN(y + r), y' + A⁺(y')); that is what the
+reference computes there (tested against it; AdapterHub's stochastic depth needs torchvision, which
+does not load against the pinned torch here, so that part is tested from its definition).
+Trainable per adapter: 2·d·m + m + 2·d (m = d/96 for ViT-B's d = 768: 8).
 
 AdapterDrop (Rücklé, Geigle, Glockner, Beck, Pfeiffer, Reimers, Gurevych, EMNLP 2021,
 arXiv:2010.11918) removes the adapters of the lowest layers, in training and at inference, to save
@@ -64,6 +81,7 @@ FAMILY = "Bottleneck adapters"
 # and vision-language applications).
 IMPLEMENTS = (
     "houlsby-adapter",
+    "adapter-plus",
     "unified-view-peft",
     "adaptformer",
     "nmt-adapters",
@@ -106,29 +124,47 @@ ACTIVATIONS = {
 
 
 class Adapter(nn.Module):
-    """A(h) = s · (W_up f(W_down [LN] h + b_down) + b_up)."""
+    """A(h) = s · (W_up f(W_down [LN] h + b_down) + b_up), s a number or ("channel") a trained vector;
+    `drop_path` drops the whole output of a sample while training (stochastic depth)."""
 
     def __init__(
         self,
         d: int,
         m: int,
         activation: str = "relu",
-        scale: float = 1.0,
+        scale: float | str = 1.0,
         layer_norm: bool = False,
         device=None,
         dtype=None,
+        init: str = "zero",
+        drop_path: float = 0.0,
     ):
         super().__init__()
+        if init not in ("zero", "houlsby") or not 0 <= drop_path < 1:
+            raise ValueError(f"init is 'zero' or 'houlsby' and 0 ≤ drop_path < 1, got {init!r}, {drop_path}")
         self.norm = nn.LayerNorm(d, device=device, dtype=dtype) if layer_norm else nn.Identity()
         self.down = nn.Linear(d, m, device=device, dtype=dtype)
         self.f = ACTIVATIONS[activation]()
         self.up = nn.Linear(m, d, device=device, dtype=dtype)
-        self.scale = scale
-        nn.init.zeros_(self.up.weight)  # identity at the start
+        self.channel_scale = nn.Parameter(torch.ones(d, device=device, dtype=dtype)) if scale == "channel" else None
+        self.scale = 1.0 if scale == "channel" else scale
+        self.drop_path = drop_path
+        if init == "zero":
+            nn.init.zeros_(self.up.weight)  # identity at the start
+        else:  # Houlsby's: both projections near zero
+            for linear in (self.down, self.up):
+                nn.init.trunc_normal_(linear.weight, mean=0.0, std=1e-2, a=-2e-2, b=2e-2)
+                nn.init.zeros_(linear.bias)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(self.f(self.down(self.norm(h))))
+        out = self.up(self.f(self.down(self.norm(h))))
+        if self.training and self.drop_path > 0:  # keep each sample's branch with probability 1 − p
+            keep = torch.empty((out.shape[0],) + (1,) * (out.dim() - 1), dtype=out.dtype, device=out.device)
+            out = out * keep.bernoulli_(1 - self.drop_path).div_(1 - self.drop_path)
+        if self.channel_scale is not None:
+            out = out * self.channel_scale
+        return self.scale * out
 
 
 class SequentialAdapter(nn.Module):
@@ -189,11 +225,13 @@ class AddNormAdapter(SequentialAdapter):
             read = y
         elif self.placement == "parallel":
             read = residual  # the input of the whole attention or FFN sublayer
-        else:  # after_norm
+        else:  # after_norm, after_block
             read = block.LayerNorm(y + residual)
         a = self.adapter(read)
         if self.track:
             self.last = (read, a)
+        if self.placement == "after_block":  # after the block, not normalised again
+            return read + a
         return block.LayerNorm(y + a + residual)
 
 
@@ -214,14 +252,17 @@ def inject_adapters(
     m: int = 64,
     placement: str = "sequential",
     activation: str = "relu",
-    scale: float = 1.0,
+    scale: float | str = 1.0,
     layer_norm: bool = False,
     track: bool = False,
+    init: str = "zero",
+    drop_path: float = 0.0,
 ) -> list[str]:
     """Wrap the named sublayers (any module; an Add & Norm block as AddNormAdapter) with adapters and
-    freeze all else; track=True keeps what orthogonality_penalty needs."""
-    if placement not in ("sequential", "parallel", "after_norm"):
-        raise ValueError(f"placement is 'sequential', 'parallel' or 'after_norm', not {placement!r}")
+    freeze all else; track=True keeps what orthogonality_penalty needs. On a sublayer that is not an
+    Add & Norm block, "after_block" is "sequential"."""
+    if placement not in ("sequential", "parallel", "after_norm", "after_block"):
+        raise ValueError(f"placement is 'sequential', 'parallel', 'after_norm' or 'after_block', not {placement!r}")
     targets = find_targets(model, target_names, kind=nn.Module)
     for name in targets:
         sublayer = model.get_submodule(name)
@@ -234,13 +275,13 @@ def inject_adapters(
             )
         # In an Add & Norm block the parallel adapter reads the block's residual, whose width is the output's.
         d = output_width(sublayer) if add_norm else _width(sublayer, placement)
-        adapter = Adapter(d, m, activation, scale, layer_norm, weight.device, weight.dtype)
+        adapter = Adapter(d, m, activation, scale, layer_norm, weight.device, weight.dtype, init, drop_path)
         if add_norm:
             wrapped = AddNormAdapter(sublayer, adapter, placement, track)
         else:
-            wrapped = (SequentialAdapter if placement == "sequential" else ParallelAdapter)(sublayer, adapter, track)
+            wrapped = (ParallelAdapter if placement == "parallel" else SequentialAdapter)(sublayer, adapter, track)
         replace_module(model, name, wrapped)
-    freeze_all_but(model, Adapter, ("down", "up", "norm"))
+    freeze_all_but(model, Adapter, ("down", "up", "norm", "channel_scale"))
     return targets
 
 
@@ -251,6 +292,8 @@ PARALLEL = dict(placement="parallel", activation="relu", scale=1.0)  # target: t
 SCALED_PARALLEL = dict(placement="parallel", activation="relu", scale=4.0)
 ADAPTFORMER = dict(placement="parallel", activation="relu", scale=0.1)  # target: the ViT MLP
 BAPNA_FIRAT = dict(placement="sequential", activation="relu", layer_norm=True)
+# target: the FFN (a pre-norm ViT's MLP; a post-norm block's Add & Norm, after which it goes); m = d / 96
+ADAPTER_PLUS = dict(placement="after_block", activation="gelu", scale="channel", init="houlsby", drop_path=0.1)
 
 
 def drop_adapters(model: nn.Module, lowest: int) -> list[str]:
@@ -275,11 +318,12 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
 
 
 def demo() -> None:
-    """Adapt the frozen MLP: sequential adapters after two layers, then a parallel one beside the middle."""
+    """Adapt the frozen MLP: sequential adapters after two layers, a parallel one beside the middle, then Adapter+."""
     x, y = toy_task()
     for name, targets, config in [
         ("Sequential (Houlsby-style) m=8", ["2", "4"], HOULSBY),
         ("Scaled parallel m=8", ["2"], SCALED_PARALLEL),
+        ("Adapter+ m=8 (channel scale, stochastic depth 0.1)", ["2", "4"], ADAPTER_PLUS),
     ]:
         model = toy_model()
         inject_adapters(model, targets, m=8, **config)

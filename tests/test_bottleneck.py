@@ -9,6 +9,7 @@ from torch import nn
 
 from reference_impls._plumbing import count_parameters
 from reference_impls.bottleneck import (
+    ADAPTER_PLUS,
     BAPNA_FIRAT,
     HOULSBY,
     PARALLEL,
@@ -192,7 +193,7 @@ def test_demo_runs_and_learns(capsys):
 
     demo()
     losses = demo_losses(capsys.readouterr().out)
-    assert len(losses) == 2 and all(after < before for before, after in losses)
+    assert len(losses) == 3 and all(after < before for before, after in losses)
 
 
 def test_adapter_drop_switches_off_the_lowest_adapters():
@@ -208,3 +209,90 @@ def test_adapter_drop_switches_off_the_lowest_adapters():
     torch.testing.assert_close(model(x), model.out(model.ffn.sublayer(x)))  # the lowest adapter is gone
     drop_adapters(model, 0)
     torch.testing.assert_close(model(x), full)
+
+
+# ---- Adapter+ -----------------------------------------------------------------------------------
+
+
+def test_adapter_plus_equals_adapterhub_on_a_tiny_bert():
+    """AdapterHub's AdapterPlusConfig after each FFN Add & Norm: the same encodings, channel scales included
+    (its stochastic depth off: it needs torchvision, see below)."""
+    import adapters
+    from adapters import AdapterPlusConfig
+
+    base = tiny_bert()
+    ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
+    adapters.init(theirs)
+    theirs.add_adapter("task", config=AdapterPlusConfig(reduction_factor=4, stochastic_depth=0.0))
+    theirs.set_active_adapters("task")
+    targets = [f"encoder.layer.{i}.output" for i in range(2)]
+    inject_adapters(ours, targets, m=8, **{**ADAPTER_PLUS, "drop_path": 0.0})
+    assert count_parameters(ours)[0] == len(targets) * (2 * 32 * 8 + 8 + 2 * 32)  # 2dm + m + 2d
+    with torch.no_grad():
+        for target in targets:
+            hub, mine = theirs.get_submodule(target).adapters["task"], ours.get_submodule(target).adapter
+            for source, destination in ((hub.adapter_down[0], mine.down), (hub.adapter_up, mine.up)):
+                source.weight.normal_(0, 0.2), source.bias.normal_(0, 0.2)
+                destination.weight.copy_(source.weight), destination.bias.copy_(source.bias)
+            hub.scaling.uniform_(0.5, 1.5)
+            mine.channel_scale.copy_(hub.scaling)
+    assert_same_encoding(ours, theirs, base)
+
+
+def test_adapterhub_s_stochastic_depth_needs_torchvision():
+    import importlib.util
+
+    import adapters
+    from adapters import AdapterPlusConfig
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here")
+    model = tiny_bert()
+    adapters.init(model)
+    with pytest.raises(ImportError, match="torchvision"):
+        model.add_adapter("task", config=AdapterPlusConfig(reduction_factor=4))
+
+
+def test_adapter_plus_starts_near_the_identity_with_houlsby_s_initialisation():
+    torch.manual_seed(0)
+    adapter = Adapter(64, 8, "gelu", scale="channel", init="houlsby").eval()
+    for linear in (adapter.down, adapter.up):
+        assert linear.weight.abs().max() <= 2e-2 and linear.weight.std().item() == pytest.approx(1e-2, rel=0.3)
+        assert not linear.bias.any()
+    with torch.no_grad():
+        assert 0 < adapter(torch.randn(16, 64)).abs().max() < 1e-2  # near, not exactly, zero (inputs of size 1)
+    assert torch.equal(adapter.channel_scale, torch.ones(64))
+
+
+def test_stochastic_depth_drops_whole_samples_and_keeps_the_mean():
+    adapter = Adapter(6, 3, "gelu", init="houlsby", drop_path=0.25)
+    with torch.no_grad():
+        adapter.up.bias.fill_(1.0)  # a constant branch output: 1 everywhere
+        adapter.up.weight.zero_()
+    h = torch.randn(4000, 5, 6)
+    with torch.no_grad():
+        out = adapter.train()(h)
+    per_sample = out.reshape(4000, -1)
+    kept = per_sample[:, 0] != 0
+    torch.testing.assert_close(per_sample[kept], torch.full_like(per_sample[kept], 1 / 0.75))  # all or nothing
+    assert not per_sample[~kept].any()
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.03)
+    assert out.mean().item() == pytest.approx(1.0, abs=0.05)  # E[ξ / (1 − p)] = 1
+    with torch.no_grad():
+        assert torch.equal(adapter.eval()(h), torch.ones_like(h))  # no dropping at inference
+    with pytest.raises(ValueError, match="drop_path"):
+        Adapter(6, 3, drop_path=1.0)
+
+
+def test_adapter_plus_on_a_pre_norm_sublayer_is_sequential():
+    """Outside an Add & Norm block it reads and corrects the sublayer's output: F(x) + A⁺(F(x))."""
+    model = Net()
+    plain = copy.deepcopy(model)
+    inject_adapters(model, ["ffn"], m=4, **{**ADAPTER_PLUS, "drop_path": 0.0})
+    adapter = model.ffn.adapter
+    with torch.no_grad():
+        adapter.channel_scale.normal_()
+    x = torch.randn(3, 5, 21)
+    h = plain.ffn(x)
+    expected = plain.out(h + adapter.channel_scale * adapter.up(adapter.f(adapter.down(h))))
+    torch.testing.assert_close(model(x), expected)

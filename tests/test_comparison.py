@@ -73,6 +73,7 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["LoKr"] == L * 2 * (a * a + (8 * (b + b) if 8 < b / 2 else b * b))  # C (a × a), W₂ = B A
     assert counts["(IA)³"] == L * (d + d + ffn)  # keys, values, the FFN's inner width
     assert counts["Houlsby adapter"] == L * 2 * (2 * d * 64 + 64 + d)
+    assert counts["Adapter+"] == L * (2 * d * (d // 96) + d // 96 + 2 * d)  # 2dm + m + 2d after each FFN
     assert counts["Pfeiffer adapter"] == L * (2 * d * (d // 16) + d // 16 + d)
     assert counts["LoReFT"] == L * (2 * 4 * d + 4)  # R and W (r × d), b (r)
     assert counts["Prompt tuning"] == 20 * d
