@@ -38,6 +38,7 @@ from reference_impls import (
     road,
     routing,
     selective,
+    shadow,
     shared_bases,
     sparse,
     spectral,
@@ -224,6 +225,12 @@ def _arrow(model, layout):
 def _mtl_lora(model, layout):
     routing.inject_mtl_lora(model, [layout.attention[0], layout.attention[2]], tasks=4, r=8, alpha=16, up_projections=3)
     return model
+
+
+def _shadow(model, layout):
+    if layout.add_norm:
+        return None  # PEFT's ShadowPEFT is for decoder-only language models
+    return shadow.ShadowPEFT(model, r=8)
 
 
 def _kasa(model, layout):
@@ -559,6 +566,15 @@ METHODS = (
         True,
         False,
         "",
+    ),
+    Method(
+        "ShadowPEFT",
+        "shadow",
+        "r = 8, a one-layer shadow backbone beside the decoder, gated state updates per block",
+        _shadow,
+        False,
+        False,
+        "SHADOW",
     ),
     Method(
         "KaSA",

@@ -27,12 +27,13 @@ tying), MiSS (its three variants), GraLoRA, PEANuT, Lily, GLoRA, AdaMSS and Poly
 MHR: name each row's task with `routing.use_tasks`), which are injected into the model in place; and
 prompt tuning, P-tuning (served as prompt tuning: the checkpoint holds the encoder's output),
 multitask prompt tuning (pass each row's `task_ids`), prefix tuning / P-tuning v2, cartridges (as
-prefixes: the checkpoint holds the whole cache) and adaption prompts (LLaMA-Adapter). Prompts and
-prefixes return a wrapper around the model (they change its inputs), so always use the returned
-module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA,
-RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS, GraLoRA and Poly is loaded too: in training mode,
-with the same seed, the loaded model draws the same masks and samples as PEFT's, and LoRA's and
-DoRA's `lora_dropout` drops as PEFT's does.
+prefixes: the checkpoint holds the whole cache) and adaption prompts (LLaMA-Adapter); and ShadowPEFT
+(`shadow`, "mirror" backbones of causal language models), returned as a `shadow.ShadowPEFT` wrapper.
+Prompts and prefixes return a wrapper around the model (they change its inputs), so always use the
+returned module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD,
+PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS, GraLoRA and Poly is loaded too: in training
+mode, with the same seed, the loaded model draws the same masks and samples as PEFT's, and LoRA's
+and DoRA's `lora_dropout` drops as PEFT's does.
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -82,6 +83,7 @@ from reference_impls.interop_layers import (
     pvera_layer,
     randlora_layer,
     road_layer,
+    shadow_model,
     shira_layer,
     supertuning_layer,
     tinylora_layers,
@@ -303,6 +305,7 @@ def _neutral(value) -> bool:
 
 SUPPORTED_TYPES = (
     "LORA",
+    "SHADOW",
     "VERA",
     "IA3",
     "ADALORA",
@@ -359,6 +362,8 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             "peft_type 'XLORA' is not supported: PEFT 0.21's X-LoRA checkpoints lack the classifier's first layer; "
             "load each expert LoRA and build reference_impls.expert_mixing.XLoRA from them"
         )
+    if peft_type == "SHADOW":  # a model-level side network: its own fields, its own keys
+        return shadow_model(model, config, load_file(str(adapter_dir / "adapter_model.safetensors")))
     if peft_type not in SUPPORTED_TYPES:
         raise UnsupportedAdapter(f"peft_type {peft_type!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
     for field, value in config.items():

@@ -31,6 +31,7 @@ from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
 from reference_impls.routing import PolyLoRALinear
 from reference_impls.selective import BiasTunedLinear, SHiRALinear, TrainableTokens, TunedNorm, is_norm, tied_to
+from reference_impls.shadow import ShadowBlock, ShadowPEFT
 from reference_impls.shared_bases import (
     PVeRALinear,
     PVeRAShared,
@@ -709,3 +710,57 @@ def adaption_prompt_layer(model, path, key, tensors):
     adapted.prompt.copy_(prompt)
     adapted.gate.copy_(gate.reshape(-1, 1, 1).expand_as(adapted.gate[0]).unsqueeze(0))  # one gate, every head
     return adapted
+
+
+# ShadowPEFT's fields: the ones the wrapper takes, the ones that must keep their defaults, bookkeeping.
+SHADOW_OPTIONS = {
+    "r": "r",
+    "shadow_alpha": "alpha",
+    "shadow_dropout": "dropout",
+    "shadow_num_hidden_layers": "shadow_layers",
+    "shadow_hidden_size": "shadow_hidden",
+    "shadow_intermediate_size": "shadow_intermediate",
+    "shadow_num_attention_heads": "shadow_heads",
+    "update_hidden_size": "update_hidden",
+    "auxiliary_loss_weight": "auxiliary_weight",
+    "share_embeddings": "share_embeddings",
+}
+SHADOW_FIXED = {"shadow_model": "mirror", "task_type": "CAUSAL_LM"}
+SHADOW_IGNORED = {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+                  "init_weights", "target_modules", "exclude_modules"}  # fmt: skip
+
+
+def shadow_model(model, config, tensors) -> ShadowPEFT:
+    """PEFT's ShadowPEFT checkpoint as a ShadowPEFT wrapper around the model (every decoder block wrapped)."""
+    for field, value in config.items():
+        if field in SHADOW_FIXED and value != SHADOW_FIXED[field]:
+            raise UnsupportedAdapter(f"ShadowPEFT {field} = {value!r} is not supported (only {SHADOW_FIXED[field]!r})")
+        if field not in SHADOW_OPTIONS and field not in SHADOW_FIXED and field not in SHADOW_IGNORED and value:
+            raise UnsupportedAdapter(f"adapter_config.json field {field!r} = {value!r} is not supported")
+    options = {ours: config[field] for field, ours in SHADOW_OPTIONS.items() if config.get(field) is not None}
+    blocks = [key.removeprefix("base_model.model.").split(".shadow_")[0] for key in tensors if ".shadow_down." in key]
+    layers = model.get_submodule("model.layers")
+    if sorted(blocks) != sorted(f"model.layers.{i}" for i in range(len(layers))):
+        raise UnsupportedAdapter("ShadowPEFT on some decoder blocks only is not supported: it must wrap them all")
+    wrapped = ShadowPEFT(model, **options)
+    state = {}
+    for key, tensor in tensors.items():
+        name = key.removeprefix("base_model.").replace(".default.", ".").replace(".default", "")
+        name = name.removeprefix("model.")  # the decoder blocks' parameters live under the wrapped model
+        name = re.sub(r"\.shadow_(down|up)\.", r".\1.", name)
+        name = re.sub(r"\.shadow_update_(gate|transform)\.", r".\1.", name)
+        name = name.replace("shadow_backbone.", "backbone.", 1).replace("shadow_projection.", "projection.", 1)
+        state[name if name.startswith(("backbone.", "projection.")) else f"model.{name}"] = tensor
+    trained = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    if set(state) != trained or any(wrapped.get_parameter(n).shape != t.shape for n, t in state.items()):
+        for index, block in enumerate(list(layers)):  # leave the model as it was
+            layers[index] = block.block if isinstance(block, ShadowBlock) else block
+        missing, unexpected = sorted(trained - set(state)), sorted(set(state) - trained)
+        raise UnsupportedAdapter(
+            f"ShadowPEFT checkpoint does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"{'' if missing or unexpected else ', or shapes differ'}; the model was left unchanged"
+        )
+    wrapped.load_state_dict(state, strict=False)
+    for parameter in wrapped.parameters():  # loaded for use, as the other adapters
+        parameter.requires_grad_(False)
+    return wrapped.eval() if not model.training else wrapped

@@ -28,6 +28,11 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["LoftQ"] == counts["VeLoRA"] == counts["LoRA"]
     assert counts["X-LoRA"] == d * 2 + 2  # the classifier: hidden · E + E for E = 2 experts
     assert counts["Arrow"] == 0
+    if not layout.add_norm:  # one Llama layer (attention, MLP, two norms) and the final norm, then the blocks' parts
+        backbone = 4 * d * d + 3 * d * ffn + 3 * d
+        assert counts["ShadowPEFT"] == backbone + L * (2 * d * 8 + 2 * (2 * d * 8 + 8 + d))
+    else:
+        assert counts["ShadowPEFT"] is None
     assert counts["MTL-LoRA"] == L * 2 * (8 * d + 3 * d * 8 + 4 * (8 + 3))  # r·K + n·N·r + T·(r + n) on q and v
     assert counts["GaLore"] == rows["LoRA"].base_total[layout.name]  # every weight
     assert counts["QA-LoRA"] == L * 2 * 8 * (d // 16 + d)  # r (d_in / group_size + d_out) on q and v
