@@ -18,6 +18,7 @@ from torch import nn
 from reference_impls import (
     adamss,
     bottleneck,
+    context_prompts,
     delora,
     expert_mixing,
     frod,
@@ -392,6 +393,13 @@ def _supertuning(model, layout):
 
 def _prompt_tuning(model, layout):
     return prompts.PromptTuning(model, n=20)
+
+
+def _cpt(model, layout):
+    if layout.add_norm:
+        return None  # a context of examples for a causal language model
+    examples = context_prompts.example_types([(4, 8, 2, 2)] * 4)  # 4 examples of 16 tokens
+    return context_prompts.CPT(model, [0] * len(examples), examples)
 
 
 def _prefix_tuning(model, layout):
@@ -839,6 +847,7 @@ METHODS = (
         "",
     ),
     Method("Prompt tuning", "prompts", "20 virtual tokens", _prompt_tuning, False, True, "PROMPT_TUNING"),
+    Method("CPT", "context_prompts", "4 examples of 16 tokens in context, refined", _cpt, False, True, "CPT"),
     Method(
         "Prefix tuning",
         "prompts",

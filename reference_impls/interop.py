@@ -27,13 +27,13 @@ tying), MiSS (its three variants), GraLoRA, PEANuT, Lily, GLoRA, AdaMSS and Poly
 MHR: name each row's task with `routing.use_tasks`), which are injected into the model in place; and
 prompt tuning, P-tuning (served as prompt tuning: the checkpoint holds the encoder's output),
 multitask prompt tuning (pass each row's `task_ids`), prefix tuning / P-tuning v2, cartridges (as
-prefixes: the checkpoint holds the whole cache) and adaption prompts (LLaMA-Adapter); and ShadowPEFT
-(`shadow`, "mirror" backbones of causal language models), returned as a `shadow.ShadowPEFT` wrapper.
-Prompts and prefixes return a wrapper around the model (they change its inputs), so always use the
-returned module. The training-time randomness of LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD,
-PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS, GraLoRA and Poly is loaded too: in training
-mode, with the same seed, the loaded model draws the same masks and samples as PEFT's, and LoRA's
-and DoRA's `lora_dropout` drops as PEFT's does.
+prefixes: the checkpoint holds the whole cache), CPT (its refined prompt, with its loss) and
+adaption prompts (LLaMA-Adapter); and ShadowPEFT (`shadow`, "mirror" backbones of causal language
+models), returned as a `shadow.ShadowPEFT` wrapper. Prompts and prefixes return a wrapper around the
+model (they change its inputs), so always use the returned module. The training-time randomness of
+LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra,
+MiSS, GraLoRA and Poly is loaded too: in training mode, with the same seed, the loaded model draws
+the same masks and samples as PEFT's, and LoRA's and DoRA's `lora_dropout` drops as PEFT's does.
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -51,6 +51,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from reference_impls._plumbing import replace_module
+from reference_impls.context_prompts import CPT
 from reference_impls.ia3 import IA3Linear
 from reference_impls.interop_layers import (
     UnsupportedAdapter,
@@ -136,6 +137,13 @@ HANDLED = {
     "corda_config",  # are refused by init_lora_weights unless the checkpoint was converted to LoRA)
     "lora_ga_config",
     "loftq_config",  # read by the LoftQ rebuild of the quantised base
+    "cpt_token_ids",  # CPT's context and its loss settings, read by the CPT wrapper
+    "cpt_mask",
+    "cpt_tokens_type_mask",
+    "opt_weighted_loss_type",
+    "opt_loss_decay_factor",
+    "opt_projection_epsilon",
+    "opt_projection_format_epsilon",
     "velora_config",  # read by the VeLoRA layers (training only)
     "init_weights",
     "init_ia3_weights",
@@ -342,6 +350,7 @@ SUPPORTED_TYPES = (
     "ADAMSS",
     "POLY",
     "PROMPT_TUNING",
+    "CPT",
     "P_TUNING",
     "MULTITASK_PROMPT_TUNING",
     "PREFIX_TUNING",
@@ -370,7 +379,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         if field not in HANDLED and not _neutral(value):
             raise UnsupportedAdapter(f"adapter_config.json field {field!r} = {value!r} is not supported")
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
-    if peft_type in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "PREFIX_TUNING", "CARTRIDGE"):
+    if peft_type in ("PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "PREFIX_TUNING", "CARTRIDGE", "CPT"):
         return _load_prompt(model, config, tensors)
     if peft_type == "ADAPTION_PROMPT":
         prompts = {
@@ -472,8 +481,8 @@ def _plan(by_module: dict, build) -> dict[str, nn.Module]:
 
 
 def _load_prompt(model, config, tensors):
-    """Prompt tuning, P-tuning and prefix tuning save the final vectors (a prompt or prefix after its
-    encoder or MLP) as one tensor: a P-tuning checkpoint is served as prompt tuning."""
+    """Prompt tuning, P-tuning, CPT and prefix tuning save the final vectors (a prompt or prefix after its
+    encoder or MLP, CPT's E₀ + Δ) as one tensor: a P-tuning checkpoint is served as prompt tuning."""
     if config.get("num_transformer_submodules", 1) != 1:
         raise UnsupportedAdapter(
             f"num_transformer_submodules = {config['num_transformer_submodules']} "
@@ -491,6 +500,19 @@ def _load_prompt(model, config, tensors):
                 if getattr(wrapper, name).shape != value.shape:
                     raise UnsupportedAdapter(f"{name} of shape {tuple(value.shape)} does not fit this model")
                 getattr(wrapper, name).copy_(value)
+        elif config["peft_type"] == "CPT":  # as PEFT loads it: E₀ the saved prompt, Δ = 0; its loss settings kept
+            decay = config.get("opt_loss_decay_factor") if config.get("opt_weighted_loss_type") == "decay" else None
+            wrapper = CPT(
+                model,
+                config["cpt_token_ids"],
+                config["cpt_tokens_type_mask"],
+                epsilon=config.get("opt_projection_epsilon", 0.1),
+                format_epsilon=config.get("opt_projection_format_epsilon", 0.1),
+                decay=decay,
+            )
+            if wrapper.prompt.E0.shape != prompt.shape:
+                raise UnsupportedAdapter(f"CPT prompt of shape {tuple(prompt.shape)} does not fit this model")
+            wrapper.prompt.E0.copy_(prompt)
         elif config["peft_type"] in ("PROMPT_TUNING", "P_TUNING"):
             wrapper = PromptTuning(model, n=n)
             wrapper.prompt.copy_(prompt)

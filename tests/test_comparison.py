@@ -82,6 +82,7 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["Pfeiffer adapter"] == L * (2 * d * (d // 16) + d // 16 + d)
     assert counts["LoReFT"] == L * (2 * 4 * d + 4)  # R and W (r × d), b (r)
     assert counts["Prompt tuning"] == 20 * d
+    assert counts["CPT"] == (None if layout.add_norm else 64 * d)  # n · d offsets (the labels' rows stay 0)
     kv = 2 * L * d
     assert counts["Prefix tuning"] == 10 * d + (d * 512 + 512) + (512 * kv + kv)
     assert counts["MoV"] == L * 2 * (d * 10 + 10 * d)  # a router and 10 vectors on keys and values
@@ -106,6 +107,7 @@ def test_every_row_links_to_a_module_and_says_what_it_costs(rows):
         assert row.method.impl in modules, row.method.name
     assert {name for name, row in rows.items() if row.method.longer_sequence} == {
         "Prompt tuning",
+        "CPT",
         "Prefix tuning",
         "LLaMA-Adapter",
         "UniPELT",
