@@ -26,6 +26,7 @@ from reference_impls import (
     ia3,
     lily,
     lora,
+    lora_bayesian,
     lora_inits,
     lora_quant,
     lora_serving,
@@ -232,6 +233,11 @@ def _shadow(model, layout):
     if layout.add_norm:
         return None  # PEFT's ShadowPEFT is for decoder-only language models
     return shadow.ShadowPEFT(model, r=8)
+
+
+def _monteclora(model, layout):
+    lora_bayesian.inject_monteclora(model, [layout.attention[0], layout.attention[2]], r=8, alpha=16, samples=8)
+    return model
 
 
 def _kasa(model, layout):
@@ -583,6 +589,15 @@ METHODS = (
         False,
         False,
         "SHADOW",
+    ),
+    Method(
+        "MonteCLoRA",
+        "lora_bayesian",
+        "LoRA's r = 8, α = 16; A perturbed by a mixture of 8 Gaussian samples while training",
+        _monteclora,
+        True,
+        False,
+        "LoRA (monteclora_config)",
     ),
     Method(
         "KaSA",

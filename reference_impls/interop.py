@@ -17,23 +17,24 @@ the PiSSA, OLoRA, MiCA, EVA and LoftQ initialisations and KaSA: the residual, qu
 base of PiSSA, OLoRA, LoftQ and KaSA is rebuilt from the original weights, as PEFT rebuilds it;
 CorDA and LoRA-GA once converted to plain LoRA; and Activated LoRA, `alora_invocation_tokens`,
 returned as a wrapper that finds each input's invocation; and Block-diagonal LoRA, `use_bdlora`; and
-VeLoRA, `velora_config`, whose compressed backward the loaded layers keep), DoRA (`use_dora`), VeRA,
-(IA)³, AdaLoRA, LoHa and LoKr (on Linear, Conv1d and Conv2d layers, flattened or in CP form), HiRA,
-DeLoRA, OFT (with COFT, block sharing and the Cayley–Neumann series), BOFT, HRA (with Gram–Schmidt),
-RoAd (its three variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, WaveFT (db1, db2, sym2;
-with or without the inverse transform), C3A, LN tuning, BEFT, SHiRA, Super-Tuning (with Supra),
-trainable tokens, PVeRA, VB-LoRA (also its top-k form), RandLoRA, Uni-LoRA, TinyLoRA (with weight
-tying), MiSS (its three variants), GraLoRA, PEANuT, Lily, GLoRA, AdaMSS and Poly (Polytropon and
-MHR: name each row's task with `routing.use_tasks`), which are injected into the model in place; and
-prompt tuning, P-tuning (served as prompt tuning: the checkpoint holds the encoder's output),
-multitask prompt tuning (pass each row's `task_ids`), prefix tuning / P-tuning v2, cartridges (as
-prefixes: the checkpoint holds the whole cache), CPT (its refined prompt, with its loss) and
-adaption prompts (LLaMA-Adapter); and ShadowPEFT (`shadow`, "mirror" backbones of causal language
-models), returned as a `shadow.ShadowPEFT` wrapper. Prompts and prefixes return a wrapper around the
-model (they change its inputs), so always use the returned module. The training-time randomness of
-LoHa, LoKr, HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra,
-MiSS, GraLoRA and Poly is loaded too: in training mode, with the same seed, the loaded model draws
-the same masks and samples as PEFT's, and LoRA's and DoRA's `lora_dropout` drops as PEFT's does.
+VeLoRA, `velora_config`, whose compressed backward the loaded layers keep; and MonteCLoRA,
+`monteclora_config`, with its variational parameters), DoRA (`use_dora`), VeRA, (IA)³, AdaLoRA, LoHa
+and LoKr (on Linear, Conv1d and Conv2d layers, flattened or in CP form), HiRA, DeLoRA, OFT (with
+COFT, block sharing and the Cayley–Neumann series), BOFT, HRA (with Gram–Schmidt), RoAd (its three
+variants), OSF, PSOFT, DEFT (with PaRa), FRoD, FourierFT, WaveFT (db1, db2, sym2; with or without
+the inverse transform), C3A, LN tuning, BEFT, SHiRA, Super-Tuning (with Supra), trainable tokens,
+PVeRA, VB-LoRA (also its top-k form), RandLoRA, Uni-LoRA, TinyLoRA (with weight tying), MiSS (its
+three variants), GraLoRA, PEANuT, Lily, GLoRA, AdaMSS and Poly (Polytropon and MHR: name each row's
+task with `routing.use_tasks`), which are injected into the model in place; and prompt tuning,
+P-tuning (served as prompt tuning: the checkpoint holds the encoder's output), multitask prompt
+tuning (pass each row's `task_ids`), prefix tuning / P-tuning v2, cartridges (as prefixes: the
+checkpoint holds the whole cache), CPT (its refined prompt, with its loss) and adaption prompts
+(LLaMA-Adapter); and ShadowPEFT (`shadow`, "mirror" backbones of causal language models), returned
+as a `shadow.ShadowPEFT` wrapper. Prompts and prefixes return a wrapper around the model (they
+change its inputs), so always use the returned module. The training-time randomness of LoHa, LoKr,
+HiRA, DeLoRA, BOFT, PSOFT, DEFT, FRoD, PVeRA, RandLoRA, TinyLoRA, Super-Tuning's Supra, MiSS,
+GraLoRA and Poly is loaded too: in training mode, with the same seed, the loaded model draws the
+same masks and samples as PEFT's, and LoRA's and DoRA's `lora_dropout` drops as PEFT's does.
 
 The other way, `save_peft_adapter(model, adapter_dir)` writes the LoRA or DoRA layers of a model
 (ours, injected into nn.Linear layers) as PEFT saves them, so that `PeftModel.from_pretrained`
@@ -145,6 +146,7 @@ HANDLED = {
     "opt_projection_epsilon",
     "opt_projection_format_epsilon",
     "velora_config",  # read by the VeLoRA layers (training only)
+    "monteclora_config",  # read by the MonteCLoRA layers (training only)
     "init_weights",
     "init_ia3_weights",
     "r",

@@ -20,6 +20,7 @@ from reference_impls.glora import GLoRALinear
 from reference_impls.ia3 import IA3Linear
 from reference_impls.lily import LilyDown, LilyExperts, LilyLinear
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear, VeRAShared
+from reference_impls.lora_bayesian import MonteCLoRALinear
 from reference_impls.lora_inits import INITIALISATIONS, KaSALinear
 from reference_impls.lora_quant import loftq_init
 from reference_impls.lora_serving import ActivatedLoRALinear, BlockDiagonalLoRALinear
@@ -108,7 +109,15 @@ def lora_layer(model, config, path, found):
     # One option at a time, as ours implements them; DoRA may start from PiSSA or OLoRA.
     features = [
         f
-        for f in ("use_dora", "use_bdlora", "alora_invocation_tokens", "kasa_config", "velora_config", "lora_bias")
+        for f in (
+            "use_dora",
+            "use_bdlora",
+            "alora_invocation_tokens",
+            "kasa_config",
+            "velora_config",
+            "monteclora_config",
+            "lora_bias",
+        )
         if config.get(f)
     ]
     features += [f"init_lora_weights = {init!r}"] if init in rebuilders else []
@@ -141,6 +150,22 @@ def lora_layer(model, config, path, found):
         groups, scale, init = velora.get("num_groups", 64), velora.get("scale", 1.0), velora.get("init_type")
         layer = VeLoRALinear(base, **options, groups=groups, rebuild_scale=scale, init=init or "batch_average")
         layer.v.copy_(found["lora_velora_embed"])  # PEFT recomputes it at the next training step unless "random"
+    elif config.get("monteclora_config"):  # MonteCLoRA: LoRA at evaluation; its variational parameters too
+        monte = config["monteclora_config"]
+        layer = MonteCLoRALinear(
+            base,
+            **options,
+            samples=monte.get("num_samples", 8),
+            dirichlet_prior=monte.get("dirichlet_prior", 0.1),
+            sample_scale=monte.get("sample_scaler", 1e-4),
+            kl_weight=monte.get("kl_loss_weight", 1e-5),
+            entropy=monte.get("use_entropy", False),
+            buffer_size=monte.get("buffer_size", 150),
+        )
+        prefix = "lora_monteclora_sampler."
+        for ours, theirs in (("log_std", "std_prior"), ("log_concentration", "expert_weights_prior"),
+                             ("variance", "gaussian_var_prior"), ("mixture", "expert_weights")):  # fmt: skip
+            getattr(layer, ours).copy_(found[prefix + theirs])
     elif kasa:  # as PEFT loads KaSA: the truncation again, on the original W; then the saved factors
         layer = KaSALinear(base, **options)
         layer.diag.copy_(found["lora_diag"])

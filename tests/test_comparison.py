@@ -26,6 +26,7 @@ def test_counts_equal_the_parameter_formulas(rows, layout):
     assert counts["PiSSA"] == counts["OLoRA"] == counts["rsLoRA"] == counts["LoRA"]  # LoRA's parameters
     assert counts["EVA"] == counts["CorDA"] == counts["LoRA-GA"] == counts["LoRA"]  # r (d_in + d_out), from data
     assert counts["LoftQ"] == counts["VeLoRA"] == counts["LoRA"]
+    assert counts["MonteCLoRA"] == counts["LoRA"] + L * 2 * (8 + 8)  # LoRA's + r + N per layer
     assert counts["X-LoRA"] == d * 2 + 2  # the classifier: hidden · E + E for E = 2 experts
     assert counts["Arrow"] == 0
     if not layout.add_norm:  # one Llama layer (attention, MLP, two norms) and the final norm, then the blocks' parts
