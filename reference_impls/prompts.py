@@ -39,10 +39,14 @@ Cartridges: "Cartridges: Lightweight and general-purpose long context representa
 self-study." 2025. arXiv:2506.06266. A long context (a corpus) is replaced by a short trained
 key/value cache: P-tuning v2's prefix, n positions of every layer's keys and values, started from
 the model's own cache of the corpus's first n tokens (so at the start it is that text, exactly),
-its first few positions optionally frozen (the attention sink). The paper trains it by "self-study",
-distilling the model that reads the whole corpus into the model that reads only the cartridge; that
-objective is not reproduced here (nor shipped by PEFT): any loss trains the prefix. Trainable
-parameters: (n − frozen) · 2·L·d_kv.
+its first few positions optionally frozen (the attention sink). The paper trains it by "self-study":
+the model, reading the whole corpus, is distilled into the model reading only the cartridge, on
+queries about the corpus (`Cartridge.self_study_loss`, not shipped by PEFT):
+
+    L = mean over query tokens t of  KL(p(· | corpus, q_{<t}) ‖ p(· | cartridge, q_{<t}))
+
+The paper's generation of those queries (the model quizzing itself about chunks of the corpus) is
+not reproduced: the loss takes them as given. Trainable parameters: (n − frozen) · 2·L·d_kv.
 
 LLaMA-Adapter: Zhang, Han, Zhou, Hu, Yan, Lu, Li, Gao, Qiao. "LLaMA-Adapter: Efficient Fine-tuning
 of Language Models with Zero-init Attention." ICLR 2024. arXiv:2303.16199. In the top layers, an
@@ -277,6 +281,16 @@ class Cartridge(PrefixTuning):
         rows = torch.stack(per_layer).permute(3, 0, 1, 2, 4).reshape(n, -1)  # (n, L·2·heads·head_dim)
         self.frozen_rows.copy_(rows[: len(self.frozen_rows)])
         self.prefix_input.copy_(rows[len(self.frozen_rows) :])
+
+    def self_study_loss(self, corpus_ids: torch.Tensor, query_ids: torch.Tensor) -> torch.Tensor:
+        """Context distillation: KL(model(corpus, query) ‖ cartridge(query)) per query token, the
+        teacher (the frozen model reading the whole corpus, 1-D ids) without gradients."""
+        batch, length = query_ids.shape
+        with torch.no_grad():
+            teacher = self.model(input_ids=torch.cat([corpus_ids.expand(batch, -1), query_ids], dim=1)).logits
+        teacher = teacher[:, -length:].float().log_softmax(-1)
+        student = self(query_ids).logits.float().log_softmax(-1)
+        return nn.functional.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()
 
 
 class PrefixSelfAttention(nn.Module):
