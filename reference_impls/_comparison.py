@@ -33,6 +33,7 @@ from reference_impls import (
     low_memory,
     orthogonal,
     phm,
+    prefixes,
     products,
     projections,
     prompts,
@@ -410,21 +411,21 @@ def _cpt(model, layout):
 
 def _prefix_tuning(model, layout):
     if layout.add_norm:
-        return prompts.inject_encoder_prefix(model, n=10, hidden=512)  # the prefixes hold the trainable part
-    return prompts.PrefixTuning(model, n=10, hidden=512)
+        return prefixes.inject_encoder_prefix(model, n=10, hidden=512)  # the prefixes hold the trainable part
+    return prefixes.PrefixTuning(model, n=10, hidden=512)
 
 
 def _llama_adapter(model, layout):
     if layout.add_norm:
         return None  # adaption prompts are written for LLaMA's attention
-    prompts.inject_llama_adapter(model, n=10, top_layers=30)
+    prefixes.inject_llama_adapter(model, n=10, top_layers=30)
     return model
 
 
 def _mam(model, layout):
     if layout.add_norm:
         return None  # its prefixes go into a causal LM's key/value cache
-    return prompts.inject_mam(model, (layout.ffn[0],), n=30, hidden=512, m=512)
+    return prefixes.inject_mam(model, (layout.ffn[0],), n=30, hidden=512, m=512)
 
 
 def _unipelt(model, layout):
@@ -854,7 +855,7 @@ METHODS = (
     ),
     Method(
         "MAM adapter",
-        "prompts",
+        "prefixes",
         "prefix of 30 (MLP 512) and a scaled parallel adapter m = 512 beside the FFN",
         _mam,
         False,
@@ -865,7 +866,7 @@ METHODS = (
     Method("CPT", "context_prompts", "4 examples of 16 tokens in context, refined", _cpt, False, True, "CPT"),
     Method(
         "Prefix tuning",
-        "prompts",
+        "prefixes",
         "10 prefix positions, MLP width 512 (trained; only the prefix is kept)",
         _prefix_tuning,
         False,
@@ -874,7 +875,7 @@ METHODS = (
     ),
     Method(
         "LLaMA-Adapter",
-        "prompts",
+        "prefixes",
         "10 adaption prompts in the top 30 layers, zero-init gates",
         _llama_adapter,
         False,

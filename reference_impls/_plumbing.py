@@ -119,6 +119,19 @@ def setting(model: nn.Module, kind: type, attribute: str, value):
             setattr(module, attribute, None)
 
 
+def freeze_model(model: nn.Module) -> None:
+    """Every parameter of the model frozen (for methods that add modules beside it, not inside)."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+
+
+def with_prompt_mask(attention_mask, batch: int, length: int, n: int, device) -> torch.Tensor:
+    """The attention mask with n always-visible positions in front (a prompt or a prefix)."""
+    if attention_mask is None:
+        attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    return torch.cat([torch.ones(batch, n, dtype=attention_mask.dtype, device=device), attention_mask], dim=1)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(parameter.numel() for parameter in model.parameters())
@@ -240,3 +253,33 @@ def train_classifier(
         optimizer.step()
     with torch.no_grad():
         return before, loss_of().item(), head
+
+
+# ---- the prompt and prefix demos' tiny language model and task ------------------------------------
+
+
+def tiny_causal_lm(seed: int = 0):
+    """A tiny random LLaMA (vocabulary 32, width 48, two layers) for the prompt and prefix demos."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+def train_next_tokens(name: str, model: nn.Module, tokens, targets, steps: int = 60, lr: float = 0.1, **inputs):
+    """Adam on the model's trainable parameters so that every position of `tokens` predicts `targets`
+    (the logits of added prompt positions dropped); prints the counts and the loss before and after."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = model(input_ids=tokens, **inputs).logits[:, -tokens.shape[1] :]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    trainable, total = count_parameters(model)
+    print(f"{name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    print(f"loss on the new task: {losses[0]:.4g} before, {losses[-1]:.4g} after training")

@@ -34,7 +34,7 @@ from torch import nn
 
 from reference_impls._plumbing import count_parameters, tiny_encoder, toy_sequence_task, train_classifier
 from reference_impls.bottleneck import Adapter, is_add_norm_block
-from reference_impls.prompts import inject_encoder_prefix
+from reference_impls.prefixes import inject_encoder_prefix
 
 FAMILY = "Unified designs and search"
 

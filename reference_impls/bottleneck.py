@@ -13,7 +13,7 @@ Placements (the module a layer wraps is its "sublayer" F, with input x and outpu
     parallel:     F(x) + A(x)       He, Zhou, Ma, Berg-Kirkpatrick, Neubig, "Towards a Unified View of
                                     Parameter-Efficient Transfer Learning", ICLR 2022, arXiv:2110.04366:
                                     beside the FFN, with s = 1 or s = 4 ("scaled parallel"); their
-                                    MAM adapter adds prefix tuning on attention (prompts.inject_mam).
+                                    MAM adapter adds prefix tuning on attention (prefixes.inject_mam).
                                     Chen et al., "AdaptFormer", NeurIPS 2022, arXiv:2205.13535: beside a
                                     ViT's MLP, f = ReLU, s = 0.1.
 

@@ -97,7 +97,8 @@ from reference_impls.interop_layers import (
 )
 from reference_impls.lora import DoRALinear, LoRALinear, SVDLinear, VeRALinear
 from reference_impls.lora_serving import ActivatedLoRA
-from reference_impls.prompts import MultitaskPromptTuning, PrefixTuning, PromptTuning
+from reference_impls.prefixes import PrefixTuning
+from reference_impls.prompts import MultitaskPromptTuning, PromptTuning
 
 FAMILY = "Interoperability with PEFT"
 

@@ -26,9 +26,9 @@ from reference_impls.lora_quant import loftq_init
 from reference_impls.lora_serving import ActivatedLoRALinear, BlockDiagonalLoRALinear
 from reference_impls.low_memory import VeLoRALinear
 from reference_impls.orthogonal import BOFTLinear, HRALinear, OFTLinear
+from reference_impls.prefixes import AdaptedAttention
 from reference_impls.products import HiRALayer, LoHaLayer, LoKrLayer
 from reference_impls.projections import SharedVector, TinyLoRALinear, UniLoRALinear, assign, tinylora_groups
-from reference_impls.prompts import AdaptedAttention
 from reference_impls.road import RoAdLinear
 from reference_impls.routing import PolyLoRALinear
 from reference_impls.selective import BiasTunedLinear, SHiRALinear, TrainableTokens, TunedNorm, is_norm, tied_to

@@ -53,7 +53,7 @@ from reference_impls._plumbing import (
     train_classifier,
 )
 from reference_impls.bottleneck import Adapter, AddNormAdapter, is_add_norm_block
-from reference_impls.prompts import PrefixSelfAttention, inject_encoder_prefix
+from reference_impls.prefixes import PrefixSelfAttention, inject_encoder_prefix
 
 FAMILY = "Unified designs and search"
 

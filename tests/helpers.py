@@ -122,7 +122,7 @@ def run_demo(module: str) -> str:
 
 
 def copy_adapterhub_prefix(prefixes, hub_prefix) -> None:
-    """Our prefixes (prompts.Prefixes) from AdapterHub's prefix-tuning module: its table and MLP."""
+    """Our prefixes (prefixes.Prefixes) from AdapterHub's prefix-tuning module: its table and MLP."""
     with torch.no_grad():
         prefixes.prefix_input.copy_(hub_prefix.wte.weight)
         prefixes.mlp[0].load_state_dict(hub_prefix.control_trans[0].state_dict())
