@@ -8,6 +8,7 @@
   var root = new URL("../../", script.src);
   var pagefind = null;
   var shown = 8;
+  var considered = 24;  // results read to find the paper named exactly as the query (a few KB each)
 
   function load() {
     if (!pagefind) {
@@ -15,7 +16,9 @@
         // Rank by where a word stands (a paper's title and method name weigh most), not by how often
         // it recurs or how short the page is: otherwise the pages that repeat "LoRA" most (its
         // relatives, the implementation pages) push the LoRA paper itself off the first results.
-        var ranking = { termFrequency: 0.0, pageLength: 0.0 };
+        // A paper's method name (its `name` meta) outweighs page titles, which for the implementation
+        // pages hold module names ("lora_serving") that every prefix of the query matches.
+        var ranking = { termFrequency: 0.0, pageLength: 0.0, metaWeights: { title: 1.0, name: 20.0 } };
         return module.options({ baseUrl: root.pathname, excerptLength: 24, ranking: ranking }).then(function () {
           module.init();
           return module;
@@ -23,6 +26,14 @@
       });
     }
     return pagefind;
+  }
+
+  // The paper whose method name is exactly the query ("LoRA") first, then Pagefind's order; `shown` of them.
+  function namedFirst(pages, query) {
+    var wanted = query.toLowerCase();
+    var named = pages.filter(function (p) { return (p.meta.name || "").toLowerCase() === wanted; });
+    var others = pages.filter(function (p) { return named.indexOf(p) < 0; });
+    return named.concat(others).slice(0, shown);
   }
 
   // Pagefind's excerpt is text with <mark> around the matches: keep exactly those two things.
@@ -67,8 +78,8 @@
         .then(function (module) { return module.debouncedSearch(query, {}, 120); })
         .then(function (search) {
           if (search === null || ticket !== latest) return null;  // a newer query is on its way
-          return Promise.all(search.results.slice(0, shown).map(function (r) { return r.data(); }))
-            .then(function (pages) { return { total: search.results.length, pages: pages }; });
+          return Promise.all(search.results.slice(0, considered).map(function (r) { return r.data(); }))
+            .then(function (pages) { return { total: search.results.length, pages: namedFirst(pages, query) }; });
         })
         .then(function (found) {
           if (!found || ticket !== latest) return;
