@@ -32,9 +32,9 @@ makes the update constant within each group by pooling the input per group befor
 
 so ΔW_{o,j} = s · (L / group_size) · (BA)_{o,g(j)} is one number per (o, g), and merging only moves the
 offsets, β ← β + ΔW_{o,g}, leaving the 4-bit codes and scales as they were. The factor L on the
-means is PEFT's (its GPTQ variant; the paper's pseudo-code sums each group, i.e. the means times the
-group size): a constant that A's learning absorbs; the reference follows PEFT, whose forward it
-equals (tested). Trained parameters: r (d_in / group_size + d_out) per layer.
+means is PEFT's choice (its GPTQ variant); any constant there is absorbed by A's learning (a sum
+over each group would be the means times the group size). The reference follows PEFT, whose forward
+it equals (tested). Trained parameters: r (d_in / group_size + d_out) per layer.
 """
 
 import torch
