@@ -119,6 +119,25 @@ def create_riemannian_optimizer(
     return Preconditioned([p for p in model.parameters() if p.requires_grad], lr=lr, **options)
 
 
+def adamw_direction(state: dict, grad: torch.Tensor, group: dict) -> tuple[torch.Tensor, float]:
+    """One step of Hugging Face's AdamW moments, kept in `state` at the gradient's shape: returns the
+    direction m / (√v + ε) and the bias-corrected step size lr · √(1 − β₂ᵗ) / (1 − β₁ᵗ)."""
+    beta1, beta2 = group["betas"]
+    if "m" not in state:
+        state["m"], state["v"] = torch.zeros_like(grad), torch.zeros_like(grad)
+    state["step"] = state.get("step", 0) + 1
+    state["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
+    state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    t = state["step"]
+    return state["m"] / state["v"].sqrt().add_(group["eps"]), group["lr"] * (1 - beta2**t) ** 0.5 / (1 - beta1**t)
+
+
+def decay_weight(parameter: torch.Tensor, group: dict) -> None:
+    """Decoupled weight decay, applied after the step (Hugging Face's AdamW): w ← w − lr · λ · w."""
+    if group["weight_decay"] > 0:
+        parameter.add_(parameter, alpha=-group["lr"] * group["weight_decay"])
+
+
 class LoRAFA(torch.optim.Optimizer):
     """Hugging Face's AdamW over the trained parameters, each frozen-A LoRA layer's B gradient projected first."""
 
@@ -133,7 +152,6 @@ class LoRAFA(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for parameter in group["params"]:
                 if parameter.grad is None:
                     continue
@@ -143,16 +161,9 @@ class LoRAFA(torch.optim.Optimizer):
                     A = layer.A.detach()
                     gram = A @ A.T + 1e-8 * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
                     grad = (grad @ torch.linalg.pinv(gram) / layer.scale**2).to(parameter.grad.dtype)
-                state = self.state[parameter]
-                if not state:
-                    state["step"], state["m"], state["v"] = 0, torch.zeros_like(parameter), torch.zeros_like(parameter)
-                state["step"] += 1
-                state["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step = group["lr"] * (1 - beta2 ** state["step"]) ** 0.5 / (1 - beta1 ** state["step"])
-                parameter.addcdiv_(state["m"], state["v"].sqrt().add_(group["eps"]), value=-step)
-                if group["weight_decay"] > 0:
-                    parameter.add_(parameter, alpha=-group["lr"] * group["weight_decay"])
+                direction, step_size = adamw_direction(self.state[parameter], grad, group)
+                parameter.add_(direction, alpha=-step_size)
+                decay_weight(parameter, group)
         return loss
 
 

@@ -32,7 +32,6 @@ model. Equal to the `galore-torch` package's `GaLoreAdamW` (the paper's code): t
 after the same steps, including a refresh of P (tested).
 """
 
-import math
 
 import torch
 from torch import nn
@@ -48,6 +47,7 @@ from reference_impls._plumbing import (
     train,
 )
 from reference_impls.lora import LoRALinear, inject_lora
+from reference_impls.lora_optim import adamw_direction, decay_weight
 
 FAMILY = "Low-rank updates"
 
@@ -179,7 +179,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for parameter in group["params"]:
                 if parameter.grad is None:
                     continue
@@ -192,19 +191,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         state["P"] = self.projection(grad, group["rank"])
                     P = state["P"]
                     grad = grad @ P.T if tall else P.T @ grad  # R = G V_r (m × r) or U_rᵀ G (r × n)
-                if "m" not in state:
-                    state["m"], state["v"] = torch.zeros_like(grad), torch.zeros_like(grad)
-                state["step"] += 1
-                state["m"].mul_(beta1).add_(grad, alpha=1 - beta1)
-                state["v"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                t = state["step"]
-                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
-                direction = state["m"] / state["v"].sqrt().add_(group["eps"])
+                direction, step_size = adamw_direction(state, grad, group)  # moments at R's shape
                 if low_rank:  # back to m × n, scaled by α
                     direction = group["scale"] * (direction @ P if tall else P @ direction)
                 parameter.add_(direction, alpha=-step_size)
-                if group["weight_decay"] > 0:
-                    parameter.add_(parameter, alpha=-group["lr"] * group["weight_decay"])
+                decay_weight(parameter, group)
         return loss
 
 
