@@ -46,8 +46,7 @@ def freeze_all_but(
 ) -> None:
     """Freeze every parameter except the named attributes of the method's own modules (with no
     names: all of those modules' own parameters, not those of the base layers they wrap)."""
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    freeze_model(model)
     for module in model.modules():
         if isinstance(module, trainable):
             if attribute_names is None:

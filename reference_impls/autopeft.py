@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from reference_impls._plumbing import count_parameters, tiny_encoder, toy_sequence_task, train_classifier
+from reference_impls._plumbing import count_parameters, freeze_model, tiny_encoder, toy_sequence_task, train_classifier
 from reference_impls.bottleneck import Adapter, is_add_norm_block
 from reference_impls.prefixes import inject_encoder_prefix
 
@@ -95,8 +95,7 @@ def inject_autopeft(model: nn.Module, config: Configuration) -> list[str]:
         inject_encoder_prefix(model, n=config.prefix, hidden=None, layers=active)
         adapted += [f"encoder.layer.{index}.attention.self" for index in active]
     trainable = [model.prefixes] if config.prefix and active else []
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    freeze_model(model)
     make = lambda m, scale, weight: (
         Adapter(d, m, "relu", scale, device=weight.device, dtype=weight.dtype) if m else None
     )

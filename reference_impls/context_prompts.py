@@ -27,7 +27,7 @@ training steps on the same batches (tested). PEFT saves the prompt E₀ + Δ, an
 import torch
 from torch import nn
 
-from reference_impls._plumbing import report
+from reference_impls._plumbing import freeze_model, report
 
 FAMILY = "Prompts and prefixes"
 
@@ -89,8 +89,7 @@ class CPT(nn.Module):
                  decay: float | None = None):  # fmt: skip
         super().__init__()
         self.model = model
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+        freeze_model(model)
         self.prompt = CPTPrompt(model.get_input_embeddings(), token_ids, types, epsilon, format_epsilon)
         self.register_buffer("token_ids", torch.tensor(token_ids))
         self.decay = decay  # γ: None (or 1) weighs every label alike

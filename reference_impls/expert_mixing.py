@@ -51,7 +51,7 @@ import copy
 import torch
 from torch import nn
 
-from reference_impls._plumbing import replace_module, report, toy_model, train
+from reference_impls._plumbing import freeze_model, replace_module, report, toy_model, train
 from reference_impls.lora import LoRALinear, inject_lora
 
 FAMILY = "Mixtures and routing"
@@ -96,8 +96,7 @@ def inject_experts(model: nn.Module, experts: list[nn.Module]) -> list[str]:
         raise ValueError("the experts must carry LoRA on the same layers")
     for name in names:
         replace_module(model, name, ExpertLoRALinear(model.get_submodule(name), [m[name] for m in per_model]))
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    freeze_model(model)
     return names
 
 

@@ -51,7 +51,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from reference_impls._plumbing import replace_module
+from reference_impls._plumbing import freeze_model, replace_module
 from reference_impls.context_prompts import CPT
 from reference_impls.ia3 import IA3Linear
 from reference_impls.interop_layers import (
@@ -458,8 +458,7 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     for path, layer in planned.items():  # only now, with every layer built, is the model changed
         layer.train(model.get_submodule(path).training)  # a new module is in training mode: take the model's
         replace_module(model, path, layer)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
+    freeze_model(model)
     if config.get("alora_invocation_tokens"):  # the layers act from each input's invocation on: find it
         return ActivatedLoRA(model, config["alora_invocation_tokens"])
     return model
@@ -527,8 +526,7 @@ def _load_prompt(model, config, tensors):
                     f"(expected {tuple(wrapper.prefix_input.shape)})"
                 )
             wrapper.prefix_input.copy_(prompt)
-    for parameter in wrapper.parameters():
-        parameter.requires_grad_(False)
+    freeze_model(wrapper)
     return wrapper
 
 

@@ -13,6 +13,7 @@ import re
 import torch
 from torch import nn
 
+from reference_impls._plumbing import freeze_model
 from reference_impls.adamss import AdaMSSLinear
 from reference_impls.delora import DeLoRALinear
 from reference_impls.frod import FRoDLinear, layer_role
@@ -786,6 +787,5 @@ def shadow_model(model, config, tensors) -> ShadowPEFT:
             f"{'' if missing or unexpected else ', or shapes differ'}; the model was left unchanged"
         )
     wrapped.load_state_dict(state, strict=False)
-    for parameter in wrapped.parameters():  # loaded for use, as the other adapters
-        parameter.requires_grad_(False)
+    freeze_model(wrapped)  # loaded for use, as the other adapters
     return wrapped.eval() if not model.training else wrapped

@@ -32,7 +32,6 @@ model. Equal to the `galore-torch` package's `GaLoreAdamW` (the paper's code): t
 after the same steps, including a refresh of P (tested).
 """
 
-
 import torch
 from torch import nn
 

@@ -24,7 +24,7 @@ import copy
 import torch
 from torch import nn
 
-from reference_impls._plumbing import report
+from reference_impls._plumbing import freeze_model, report
 
 FAMILY = "Side networks"
 
@@ -109,8 +109,7 @@ class ShadowPEFT(nn.Module):
         if self.share_embeddings:  # it reads the base model's (frozen) embeddings instead of its own
             del self.backbone.embed_tokens
         self.projection = nn.Linear(width, d, bias=False) if width != d else nn.Identity()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+        freeze_model(model)
         self.track = ShadowTrack()
         layers = model.get_submodule(blocks)
         for index, block in enumerate(list(layers)):
