@@ -32,12 +32,21 @@ def no_cache_llama():
 
 @pytest.fixture
 def expert_dirs(tmp_path):
-    """Three LoRA experts (and one general LoRA) on the tiny Llama, saved by PEFT with non-zero weights."""
+    """Three LoRA experts (and one general LoRA) on the tiny Llama, saved by PEFT with non-zero weights,
+    each its own (the model's construction reseeds the generator: the seed is set after it)."""
+
+    def reseeded(seed):
+        def make():
+            model = no_cache_llama()
+            torch.manual_seed(seed)
+            return model
+
+        return make
+
     dirs = []
     for i in range(4):
-        torch.manual_seed(10 + i)
         config = LoraConfig(r=4, lora_alpha=8 + 4 * i, target_modules=TARGETS)
-        save_with_nonzero_weights(no_cache_llama, config, tmp_path / f"expert{i}")
+        save_with_nonzero_weights(reseeded(10 + i), config, tmp_path / f"expert{i}")
         dirs.append(tmp_path / f"expert{i}")
     return dirs
 
