@@ -257,13 +257,15 @@ def train_classifier(
 # ---- the prompt and prefix demos' tiny language model and task ------------------------------------
 
 
-def tiny_causal_lm(seed: int = 0):
-    """A tiny random LLaMA (vocabulary 32, width 48, two layers) for the prompt and prefix demos."""
+def tiny_causal_lm(seed: int = 0, vocab: int = 32, width: int = 48, initializer_range: float = 0.02):
+    """A tiny random LLaMA (two layers, the FFN twice as wide) for the demos of methods on language
+    models; a larger `initializer_range` gives its frozen head weights that can be sure of a token."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=32, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = LlamaConfig(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         initializer_range=initializer_range)  # fmt: skip
     return LlamaForCausalLM(config)
 
 

@@ -27,7 +27,7 @@ training steps on the same batches (tested). PEFT saves the prompt E₀ + Δ, an
 import torch
 from torch import nn
 
-from reference_impls._plumbing import freeze_model, report
+from reference_impls._plumbing import freeze_model, report, tiny_causal_lm
 
 FAMILY = "Prompts and prefixes"
 
@@ -132,12 +132,7 @@ class CPT(nn.Module):
 def demo() -> None:
     """A random two-layer Llama taught a "which token comes next" task in context: three examples
     in the prompt, CPT's bounded refinement of their embeddings, and the loss on held-out queries."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = tiny_causal_lm(vocab=40, width=32, initializer_range=0.3)
     template_in, template_out = [1], [2]  # "Input:", "Label:"
     examples = [(5, 6), (17, 18), (30, 31)]  # input → label: the next token
     token_ids = [t for x, y in examples for t in (*template_in, x, *template_out, y)]

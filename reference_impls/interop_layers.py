@@ -148,8 +148,13 @@ def lora_layer(model, config, path, found):
         layer = ActivatedLoRALinear(base, **options)
     elif config.get("velora_config"):  # VeLoRA: LoRA's forward; its projection vector, for more training
         velora = config["velora_config"]
-        groups, scale, init = velora.get("num_groups", 64), velora.get("scale", 1.0), velora.get("init_type")
-        layer = VeLoRALinear(base, **options, groups=groups, rebuild_scale=scale, init=init or "batch_average")
+        layer = VeLoRALinear(
+            base,
+            **options,
+            groups=velora.get("num_groups", 64),
+            rebuild_scale=velora.get("scale", 1.0),
+            init=velora.get("init_type") or "batch_average",  # not `init`: that name is init_lora_weights here
+        )
         layer.v.copy_(found["lora_velora_embed"])  # PEFT recomputes it at the next training step unless "random"
     elif config.get("monteclora_config"):  # MonteCLoRA: LoRA at evaluation; its variational parameters too
         monte = config["monteclora_config"]

@@ -123,7 +123,7 @@ class MonteCLoRALinear(LoRALinear):
             torch.distributions.Dirichlet(a), torch.distributions.Dirichlet(prior)
         )
         p = self.r
-        scale = torch.diag(torch.diag(self.log_std.exp()) @ torch.diag(self.log_std.exp()).T)  # S² on the diagonal
+        scale = self.log_std.exp().square()  # the diagonal of S Sᵀ
         wishart = 0.5 * (-scale.log().sum() * p + scale.sum() * p - p**2)
         variance = self.variance.clamp(min=1e-6)
         gaussian = self.samples * 0.5 * (variance.trace() - variance.diagonal().log().sum() - p)

@@ -120,9 +120,9 @@ class IncrementalPCA:
             mean, total_variance = batch_mean, batch_variance
         else:
             m = self.seen
-            shift = self.mean - X.mean(0)
-            correction = (m * n / (m + n)) ** 0.5 * shift
-            stacked = torch.vstack([self.singular_values[:, None] * self.components, X - X.mean(0), correction])
+            float_mean = X.mean(0)  # the batch centred by its fp32 mean (the running sums stay in fp64)
+            correction = (m * n / (m + n)) ** 0.5 * (self.mean - float_mean)
+            stacked = torch.vstack([self.singular_values[:, None] * self.components, X - float_mean, correction])
             mean = (m * self.mean + n * batch_mean) / (m + n)
             between = m * n / (m + n) * (self.mean - batch_mean).square().sum()  # the two means' spread
             total_variance = self.total_variance + batch_variance + between

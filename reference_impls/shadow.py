@@ -24,7 +24,7 @@ import copy
 import torch
 from torch import nn
 
-from reference_impls._plumbing import freeze_model, report
+from reference_impls._plumbing import freeze_model, report, tiny_causal_lm
 
 FAMILY = "Side networks"
 
@@ -115,7 +115,8 @@ class ShadowPEFT(nn.Module):
         for index, block in enumerate(list(layers)):
             layers[index] = ShadowBlock(block, self.track, d, r, alpha, dropout, update_hidden)
         dtype = next(model.parameters()).dtype
-        self.backbone.to(dtype), self.projection.to(dtype), layers.to(dtype)
+        for module in (self.backbone, self.projection, layers):  # the new parts in the base model's dtype
+            module.to(dtype)
         self.initial_state = None
 
     def shadow_state(self, input_ids=None, attention_mask=None, inputs_embeds=None) -> torch.Tensor:
@@ -150,19 +151,7 @@ class ShadowPEFT(nn.Module):
 def demo() -> None:
     """A two-layer random Llama made to predict each token's successor in a cyclic vocabulary: the
     frozen model, then ShadowPEFT's shadow trained beside it."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=32,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.3,
-    )  # fmt: skip  (large enough weights that its frozen head can be sure)
-    model = ShadowPEFT(LlamaForCausalLM(config), r=8, dropout=0.0)
+    model = ShadowPEFT(tiny_causal_lm(width=32, initializer_range=0.3), r=8, dropout=0.0)
     start = torch.randint(0, 32, (64, 1))
     ids = (start + torch.arange(12)) % 32  # every next token is this one + 1
     trained = [p for p in model.parameters() if p.requires_grad]
