@@ -492,6 +492,12 @@ def _load_prompt(model, config, tensors):
         )
     if config.get("task_type") not in ("CAUSAL_LM", None):
         raise UnsupportedAdapter(f"task_type {config['task_type']!r} is not supported for prompts (only CAUSAL_LM)")
+    wanted = ["prompt_embeddings"] + (
+        ["prefix_task_cols", "prefix_task_rows"] if "MULTITASK" in config["peft_type"] else []
+    )
+    missing = [name for name in wanted if name not in tensors]
+    if missing:
+        raise UnsupportedAdapter(f"adapter_model.safetensors lacks {', '.join(missing)}: not a complete checkpoint")
     prompt = tensors["prompt_embeddings"]
     n = config["num_virtual_tokens"]
     with torch.no_grad():

@@ -7,10 +7,11 @@ import copy
 import pytest
 import torch
 from peft import CPTConfig, get_peft_model
+from safetensors.torch import save_file
 from test_interop import tiny_llama
 
 from reference_impls.context_prompts import CPT, CPTPrompt, example_types
-from reference_impls.interop import load_peft_adapter
+from reference_impls.interop import UnsupportedAdapter, load_peft_adapter
 
 from helpers import demo_losses, relative_error, run_demo
 
@@ -118,6 +119,14 @@ def test_a_cpt_checkpoint_loads_as_its_refined_prompt(tmp_path):
         expected = theirs(input_ids=ids, attention_mask=mask).logits
         assert relative_error(loaded(input_ids=ids, attention_mask=mask).logits, expected) <= 1e-5
         assert not loaded.prompt.delta.any()  # as PEFT loads it: E₀ is the saved prompt, Δ = 0
+
+
+def test_a_checkpoint_without_its_prompt_is_refused_in_one_line(tmp_path):
+    _, theirs = pair()
+    theirs.save_pretrained(tmp_path)
+    save_file({}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(UnsupportedAdapter, match="lacks prompt_embeddings"):
+        load_peft_adapter(tiny_llama(), tmp_path)
 
 
 def test_demo_learns():
