@@ -187,15 +187,18 @@ class XLoRA(nn.Module):
 # ---- Arrow and GenKnowSub -----------------------------------------------------------------------
 
 
-class ArrowRouter:
-    """Per token: a softmax over the top-k |⟨x, vₑ⟩| / T, the others 0."""
+class ArrowRouter(nn.Module):
+    """Per token: a softmax over the top-k |⟨x, vₑ⟩| / T, the others 0 (the prototypes a buffer, so
+    that they move with the model)."""
 
     def __init__(self, layer: ExpertLoRALinear, top_k: int, temperature: float):
+        super().__init__()
         deltas = layer.B.float() @ layer.A.float()  # (E, d_out, d_in)
-        self.prototypes = torch.linalg.svd(deltas, full_matrices=False)[2][:, 0].to(layer.A.dtype)  # (E, d_in)
+        prototypes = torch.linalg.svd(deltas, full_matrices=False)[2][:, 0].to(layer.A.dtype)  # (E, d_in)
+        self.register_buffer("prototypes", prototypes)
         self.top_k, self.temperature = min(top_k, len(deltas)), temperature
 
-    def __call__(self, layer: ExpertLoRALinear, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: ExpertLoRALinear, x: torch.Tensor) -> torch.Tensor:
         similarity = (x.to(self.prototypes.dtype) @ self.prototypes.T).abs()
         best, index = similarity.topk(self.top_k, dim=-1)
         scores = torch.full_like(similarity, float("-inf")).scatter_(-1, index, best)

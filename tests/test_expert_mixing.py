@@ -197,6 +197,17 @@ def test_arrow_s_prototype_is_the_direction_an_expert_amplifies_most():
     )
 
 
+def test_arrow_s_prototypes_move_with_the_model():
+    plain = nn.Sequential(nn.Linear(6, 5))
+    expert = copy.deepcopy(plain)
+    inject_lora(expert, ["0"], r=2)
+    model = copy.deepcopy(plain)
+    inject_arrow(model, [expert], top_k=1)
+    model.to(torch.float64)
+    assert model[0].router.prototypes.dtype == torch.float64
+    assert model(torch.randn(2, 6, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_experts_must_cover_the_same_layers():
     plain = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     first, second, third = (copy.deepcopy(plain) for _ in range(3))
